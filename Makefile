@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Torch for compiling the CUDA ops on machines without a GPU (the CPU wheel disables CUDA builds).
+CUDA_VENV := .venv-cuda
+TORCH_CPU := torch==2.13.0
+TORCH_CUDA := torch==2.14.1
+
+.PHONY: demo test venv cuda-venv clean
+
+venv: $(BIN)/.installed
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+cuda-venv: $(CUDA_VENV)/.installed
+$(CUDA_VENV)/.installed:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q $(TORCH_CUDA) ninja numpy
+	touch $@
+
+demo: venv
+	bash scripts/demo.sh
+
+test: venv cuda-venv
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf build runs data/demo

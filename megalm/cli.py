@@ -1,0 +1,52 @@
+"""`megalm <verb>`: a thin dispatcher; each verb's parser lives next to its code."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from megalm.errors import UserError
+
+# verb -> (module with main(argv) -> int, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "prep": ("data_prep.cli", "tokenize raw corpora into Arrow shards + manifest"),
+    "train": ("megalm.train.cli", "train a model from a YAML config (DeepSpeed)"),
+    "sample": ("megalm.train.sample", "generate text from a checkpoint"),
+    "launch": ("launcher.cli", "start N local ranks of a command (torchrun-compatible env)"),
+    "ops": ("megalm.ops.cli", "build fused CUDA ops ahead of time / report what runs here"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: megalm <verb> [args...]", "", "verbs:"]
+    lines += [f"  {verb:<8} {help_}" for verb, (_, help_) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb in ("-V", "--version"):
+        from megalm import __version__
+
+        print(__version__)
+        return 0
+    if verb not in VERBS:
+        print(f"error: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
