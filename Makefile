@@ -32,3 +32,10 @@ test: venv cuda-venv
 
 clean:
 	rm -rf build runs data/demo
+
+# GPU-only checks (kernels vs references, ops benchmark); run on a machine with a CUDA GPU.
+.PHONY: test-gpu
+# Uses the machine's own CUDA torch (python3), not the CPU .venv.
+test-gpu:
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m megalm.ops.build
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -p no:cacheprovider gpu_tests

@@ -1,0 +1,59 @@
+"""The typed, validated settings of one `megalm prep` run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from megalm.errors import UserError
+
+from .tokenizer import TokenizerSpec
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    inputs: tuple[str, ...]
+    output: str
+    text_key: str = "text"
+    tokenizer: str | None = None  # an existing .model; None = train one with tokenizer_spec
+    tokenizer_spec: TokenizerSpec = field(default_factory=TokenizerSpec)
+    tokenizer_sample_mb: float = 32.0  # text sampled (by document hash) to train the tokenizer
+    workers: int = 1
+    valid_fraction: float = 0.005
+    shard_size_mb: float = 64.0
+    dedup: bool = False
+    min_chars: int = 1
+    min_tokens: int = 0
+    skip_bad: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise UserError("inputs: expected at least one input")
+        if not self.output:
+            raise UserError("--output: expected a directory")
+        if not self.text_key:
+            raise UserError("--text-key: expected a non-empty key")
+        if self.workers < 1:
+            raise UserError(f"--workers: expected >= 1, got {self.workers}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise UserError(f"--valid-fraction: expected 0 <= f < 1, got {self.valid_fraction}")
+        if not self.shard_size_mb > 0:
+            raise UserError(f"--shard-size-mb: expected > 0, got {self.shard_size_mb}")
+        if not self.tokenizer_sample_mb > 0:
+            raise UserError(f"--tokenizer-sample-mb: expected > 0, got {self.tokenizer_sample_mb}")
+        if self.min_chars < 0 or self.min_tokens < 0:
+            raise UserError("--min-chars/--min-tokens: expected >= 0")
+        if self.tokenizer is None:
+            self.tokenizer_spec.validate()
+
+    def output_settings(self) -> dict:
+        """Everything that determines the output bytes (not workers/ranks/overwrite)."""
+        d = asdict(self)
+        for key in ("output", "workers", "overwrite", "tokenizer"):
+            d.pop(key)
+        d["inputs"] = list(self.inputs)
+        d["tokenizer_spec"]["special_tokens"] = list(self.tokenizer_spec.special_tokens)
+        if self.tokenizer is not None:  # a given model: its sha256 stands for it
+            d.pop("tokenizer_spec")
+            d.pop("tokenizer_sample_mb")
+        return d

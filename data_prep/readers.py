@@ -1,0 +1,189 @@
+"""Input sources -> a stream of documents (str), in a fixed order, never loading a whole file.
+
+Supported: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON object per line, text under
+`text_key`), `.parquet` (column `text_key`), `.txt` (the whole file is one document),
+directories (searched recursively for those suffixes, sorted by relative path), globs
+(sorted), and `builtin:python-docs`. A JSON `null` / Parquet null is an empty document.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megalm.errors import UserError
+
+from . import builtin
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "jsonl" | "parquet" | "txt" | "builtin"
+    path: str
+    size: int  # bytes on disk (0 for builtin); used for sampling rates and progress
+
+
+@dataclass
+class ReadCounters:
+    bad_lines: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+
+def _kind(path: str) -> str | None:
+    name = path.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".txt"):
+        return "txt"
+    return None
+
+
+def resolve(specs: list[str]) -> list[Source]:
+    """Expand inputs (files, directories, globs, builtin names) into an ordered source list."""
+    if not specs:
+        raise UserError("inputs: expected at least one file, directory, glob or "
+                        f"{builtin.NAME}")
+    sources: list[Source] = []
+    for spec in specs:
+        if spec.startswith("builtin:"):
+            if spec != builtin.NAME:
+                raise UserError(f"input {spec!r}: unknown builtin corpus (known: {builtin.NAME})")
+            sources.append(Source("builtin", spec, 0))
+            continue
+        if os.path.isdir(spec):
+            found = sorted((p for p in Path(spec).rglob("*") if p.is_file() and _kind(str(p))),
+                           key=lambda p: p.relative_to(spec).as_posix())
+            if not found:
+                raise UserError(f"input {spec}: directory holds no {', '.join(SUFFIXES)} files")
+            paths = [str(p) for p in found]
+        elif os.path.isfile(spec):
+            if _kind(spec) is None:
+                raise UserError(f"input {spec}: unsupported file type (expected "
+                                f"{', '.join(SUFFIXES)})")
+            paths = [spec]
+        else:
+            paths = sorted(p for p in glob.glob(spec, recursive=True)
+                           if os.path.isfile(p) and _kind(p))
+            if not paths:
+                raise UserError(f"input {spec}: no such file, directory, or matching "
+                                f"{'/'.join(SUFFIXES)} files")
+        sources += [Source(_kind(p), p, os.path.getsize(p)) for p in paths]
+    return sources
+
+
+def iter_documents(sources: list[Source], text_key: str, skip_bad: bool = False,
+                   counters: ReadCounters | None = None) -> Iterator[str]:
+    counters = counters if counters is not None else ReadCounters()
+    for src in sources:
+        if src.kind == "builtin":
+            yield from builtin.iter_python_docs()
+        elif src.kind == "jsonl":
+            yield from _jsonl(src.path, text_key, skip_bad, counters)
+        elif src.kind == "parquet":
+            yield from _parquet(src.path, text_key)
+        else:
+            yield _txt(src.path)
+
+
+def _open_binary(path: str) -> io.BufferedIOBase:
+    if path.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.lower().endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"),
+                                                                            closefd=True))
+    return open(path, "rb")
+
+
+def _jsonl(path: str, key: str, skip_bad: bool, counters: ReadCounters) -> Iterator[str]:
+    offset = 0
+    try:
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                start, offset = offset, offset + len(raw)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    problem = (f"{path}:{lineno}: invalid UTF-8 at byte offset "
+                               f"{start + exc.start} (expected UTF-8 text)")
+                    if skip_bad:
+                        _count_bad(counters, problem)
+                        continue
+                    raise UserError(problem) from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    problem = (f"{path}:{lineno}: malformed JSON ({exc.msg} at column "
+                               f"{exc.colno}); use --skip-bad to skip such lines")
+                    if skip_bad:
+                        _count_bad(counters, problem)
+                        continue
+                    raise UserError(problem) from None
+                if not isinstance(record, dict) or key not in record:
+                    seen = ", ".join(map(str, record)) if isinstance(record, dict) else \
+                        f"a JSON {type(record).__name__}, not an object"
+                    raise UserError(f"{path}:{lineno}: no key {key!r} (keys seen: {seen or 'none'});"
+                                    " choose one with --text-key")
+                text = record[key]
+                if text is None:
+                    text = ""
+                if not isinstance(text, str):
+                    raise UserError(f"{path}:{lineno}: key {key!r} holds a "
+                                    f"{type(text).__name__}, expected a string")
+                yield text
+    except (OSError, EOFError) as exc:  # truncated .gz, unreadable file
+        raise UserError(f"{path}: cannot read ({exc}) after byte {offset} of decompressed "
+                        "data") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("zstd"):
+            raise UserError(f"{path}: corrupt zstd stream ({exc})") from None
+        raise
+
+
+def _count_bad(counters: ReadCounters, problem: str) -> None:
+    counters.bad_lines += 1
+    if len(counters.bad_examples) < 5:
+        counters.bad_examples.append(problem)
+
+
+def _parquet(path: str, key: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    if key not in names:
+        raise UserError(f"{path}: no column {key!r} (columns seen: {', '.join(names)}); "
+                        "choose one with --text-key")
+    col_type = pf.schema_arrow.field(key).type
+    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+        raise UserError(f"{path}: column {key!r} is {col_type}, expected string")
+    for batch in pf.iter_batches(batch_size=1024, columns=[key]):
+        for text in batch.column(0).to_pylist():
+            yield "" if text is None else text
+
+
+def _txt(path: str) -> str:
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: invalid UTF-8 at byte offset {exc.start} "
+                        "(expected UTF-8 text)") from None

@@ -1,0 +1,98 @@
+"""`megalm launch --nproc N [--master-port P] -- CMD...`: N local ranks with torchrun's env.
+
+Signals are forwarded to every rank; when one rank exits non-zero the others are terminated
+(then killed) and the launcher exits with that rank's status, so a dead rank never leaves its
+peers hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from launcher.env import DistEnv, free_port
+from megalm.errors import UserError
+
+GRACE_S = 10.0
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    if "--" not in argv:
+        raise UserError("megalm launch: expected `--` before the command, e.g. megalm launch --nproc 2 -- python x.py")
+    cut = argv.index("--")
+    p = argparse.ArgumentParser(prog="megalm launch")
+    p.add_argument("--nproc", type=int, required=True, help="ranks to start on this machine")
+    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
+    p.add_argument("--master-addr", default="127.0.0.1")
+    args = p.parse_args(argv[:cut])
+    cmd = argv[cut + 1 :]
+    if args.nproc < 1:
+        raise UserError(f"megalm launch: --nproc: expected >= 1, got {args.nproc}")
+    if not cmd:
+        raise UserError("megalm launch: expected a command after `--`")
+    return args, cmd
+
+
+def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def main(argv: list[str]) -> int:
+    args, cmd = _parse(argv)
+    port = args.master_port or free_port()
+    procs: list[subprocess.Popen] = []
+    for rank in range(args.nproc):
+        env = dict(os.environ)
+        DistEnv(rank, args.nproc, rank, args.nproc, args.master_addr, port, "torchrun").export(env)
+        # Each rank in its own process group so we can signal its children too.
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                rank, code = failed[0]
+                if not received:
+                    print(f"megalm launch: rank {rank} exited with status {code}; stopping the other ranks",
+                          file=sys.stderr)
+                _stop(procs)
+                return 128 + received[0] if received else (code if code > 0 else 128 - code)
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.1)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _stop(procs, signal.SIGKILL)

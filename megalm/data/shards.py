@@ -1,0 +1,146 @@
+"""Memory-map one split's Arrow shards and index its documents without reading token data.
+
+Start-up cost is the Arrow list offsets only (4-8 bytes per document), never the tokens: the
+token values stay in the page cache / on disk until a sample touches them. The shards are
+checked against the manifest at open (file size, rows, tokens, Arrow type); a full sha256 of
+the data is opt-in (`verify=True`) because it reads every byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from megalm.data.manifest import Manifest, ShardInfo
+from megalm.errors import UserError
+
+_ARROW_TYPES = {"uint16": pa.uint16(), "uint32": pa.uint32()}
+
+
+@dataclass
+class DocIndex:
+    """Where every document of a split lives.
+
+    Document g (manifest order) is `chunks[doc_chunk[g]][doc_begin[g] : doc_begin[g] + doc_len[g]]`;
+    a chunk is the flat token buffer of one Arrow record batch, a zero-copy view of the mmap.
+    """
+
+    chunks: list[np.ndarray]
+    doc_chunk: np.ndarray  # int32 [documents]
+    doc_begin: np.ndarray  # int64 [documents]
+    doc_len: np.ndarray  # int64 [documents]
+    files: list[pa.MemoryMappedFile]  # kept open: the chunks point into these maps
+
+    @property
+    def documents(self) -> int:
+        return int(self.doc_len.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.doc_len.sum())
+
+    def doc(self, g: int) -> np.ndarray:
+        b = int(self.doc_begin[g])
+        return self.chunks[int(self.doc_chunk[g])][b : b + int(self.doc_len[g])]
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _open_shard(shard: ShardInfo, dtype: str, vocab_size: int, verify: bool):
+    name = shard.file
+    try:
+        size = os.path.getsize(name)
+    except FileNotFoundError:
+        raise UserError(f"{name}: shard listed in the manifest is missing") from None
+    if size != shard.bytes:
+        raise UserError(f"{name}: file is {size} bytes, manifest says {shard.bytes} (truncated or replaced?)")
+    if verify:
+        digest = _sha256_file(name)
+        if digest != shard.sha256:
+            raise UserError(f"{name}: sha256 is {digest}, manifest says {shard.sha256} (corrupted)")
+    mm = pa.memory_map(name, "r")
+    try:
+        reader = pa.ipc.open_file(mm)
+    except (pa.ArrowInvalid, OSError) as exc:
+        mm.close()
+        raise UserError(f"{name}: not a readable Arrow IPC file ({exc})") from None
+
+    want = pa.list_(_ARROW_TYPES[dtype])
+    schema = reader.schema
+    if schema.names != ["tokens"] or schema.field("tokens").type not in (want, pa.large_list(_ARROW_TYPES[dtype])):
+        mm.close()
+        raise UserError(f"{name}: schema is {schema.to_string(show_schema_metadata=False)!r}, expected tokens: {want}")
+
+    chunks, begins, lens = [], [], []
+    for b in range(reader.num_record_batches):
+        try:
+            col = reader.get_batch(b).column(0)
+        except (pa.ArrowInvalid, OSError) as exc:
+            mm.close()
+            raise UserError(f"{name}: record batch {b} unreadable ({exc})") from None
+        if col.null_count:
+            mm.close()
+            raise UserError(f"{name}: record batch {b} has {col.null_count} null rows; expected none")
+        offsets = col.offsets.to_numpy()
+        values = col.values
+        if offsets.size and (offsets[-1] > len(values) or offsets[0] < 0 or np.any(offsets[1:] < offsets[:-1])):
+            mm.close()
+            raise UserError(f"{name}: record batch {b} has list offsets outside its values (corrupted)")
+        arr = values.to_numpy(zero_copy_only=True)
+        if verify and arr.size and int(arr.max()) >= vocab_size:
+            mm.close()
+            raise UserError(f"{name}: record batch {b} holds token id {int(arr.max())} >= vocab_size {vocab_size}")
+        chunks.append(arr)
+        begins.append(offsets[:-1].astype(np.int64))
+        lens.append(np.diff(offsets).astype(np.int64))
+
+    rows = sum(x.size for x in lens)
+    tokens = int(sum(int(x.sum()) for x in lens))
+    if rows != shard.rows:
+        mm.close()
+        raise UserError(f"{name}: has {rows} rows, manifest says {shard.rows}")
+    if tokens != shard.tokens:
+        mm.close()
+        raise UserError(f"{name}: has {tokens} tokens, manifest says {shard.tokens}")
+    return mm, chunks, begins, lens
+
+
+def open_split(manifest: Manifest, split: str, verify: bool = False) -> DocIndex:
+    """Open every shard of `split`, check it against the manifest, and index its documents."""
+    info = manifest.split(split)
+    files: list[pa.MemoryMappedFile] = []
+    chunks: list[np.ndarray] = []
+    begins: list[np.ndarray] = []
+    lens: list[np.ndarray] = []
+    chunk_ids: list[np.ndarray] = []
+    try:
+        for shard in info.shards:
+            mm, c, b, n = _open_shard(shard, manifest.dtype, manifest.tokenizer.vocab_size, verify)
+            files.append(mm)
+            for arr, beg, ln in zip(c, b, n):
+                chunk_ids.append(np.full(ln.size, len(chunks), dtype=np.int32))
+                chunks.append(arr)
+                begins.append(beg)
+                lens.append(ln)
+    except BaseException:
+        for mm in files:
+            mm.close()
+        raise
+    empty = np.zeros(0, dtype=np.int64)
+    return DocIndex(
+        chunks=chunks,
+        doc_chunk=np.concatenate(chunk_ids) if chunk_ids else np.zeros(0, dtype=np.int32),
+        doc_begin=np.concatenate(begins) if begins else empty,
+        doc_len=np.concatenate(lens) if lens else empty,
+        files=files,
+    )

@@ -1,0 +1,141 @@
+"""`DataConfig` and the blended set of packed sources it opens.
+
+A run's data is one global, deterministic sequence of samples: sample n comes from source k at
+index i (blend.py), which is window i of that source's packed split (packed.py). Everything a
+resumed run needs to find its place again is (fingerprint, seed, samples consumed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from megalm.data.blend import BlendIndex
+from megalm.data.manifest import Manifest, load_manifest
+from megalm.data.packed import PackedDataset, Window
+from megalm.data.shards import open_split
+from megalm.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """The `data:` section of a run config; `validate()` names the key at fault."""
+
+    paths: list[str]
+    weights: list[float] | None = None  # None: in proportion to each source's samples per epoch
+    seq_len: int = 2048
+    seed: int = 1234
+    split: str = "train"
+    eval_split: str = "valid"
+    verify: bool = False  # sha256 every shard at start-up (reads all data; off by default)
+    prefix: str = field(default="data", repr=False)  # where this section sits in the config
+
+    def validate(self) -> None:
+        p = self.prefix
+        if not isinstance(self.paths, list) or not self.paths or not all(isinstance(x, str) and x for x in self.paths):
+            raise UserError(f"{p}.paths: expected a non-empty list of shard directories, got {self.paths!r}")
+        if self.weights is not None:
+            if not isinstance(self.weights, list) or len(self.weights) != len(self.paths):
+                raise UserError(f"{p}.weights: expected {len(self.paths)} numbers (one per path), got {self.weights!r}")
+            for i, w in enumerate(self.weights):
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+                    raise UserError(f"{p}.weights[{i}]: expected a finite number > 0, got {w!r}")
+        for key in ("seq_len", "seed"):
+            val = getattr(self, key)
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise UserError(f"{p}.{key}: expected an integer, got {val!r}")
+        if self.seq_len < 1:
+            raise UserError(f"{p}.seq_len: expected >= 1, got {self.seq_len}")
+        if self.seed < 0:
+            raise UserError(f"{p}.seed: expected >= 0, got {self.seed}")
+        for key in ("split", "eval_split"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise UserError(f"{p}.{key}: expected a split name such as 'train', got {getattr(self, key)!r}")
+
+
+@dataclass(frozen=True)
+class TokenizerFacts:
+    path: str
+    sha256: str
+    vocab_size: int
+    eos_id: int
+
+
+def _shared_tokenizer(manifests: list[Manifest]) -> TokenizerFacts:
+    first = manifests[0]
+    t0 = first.tokenizer
+    for m in manifests[1:]:
+        t = m.tokenizer
+        if (t.sha256, t.vocab_size, t.eos_id) != (t0.sha256, t0.vocab_size, t0.eos_id):
+            raise UserError(
+                f"{m.path}: tokenizer (sha256 {t.sha256[:12]}, vocab_size {t.vocab_size}, eos_id {t.eos_id}) "
+                f"differs from {first.path} (sha256 {t0.sha256[:12]}, vocab_size {t0.vocab_size}, eos_id {t0.eos_id}); "
+                "blended data must share one tokenizer"
+            )
+    for m in manifests:
+        if not os.path.isfile(m.tokenizer.path):
+            raise UserError(f"{m.path}: tokenizer.path: {m.tokenizer.path} does not exist")
+    return TokenizerFacts(t0.path, t0.sha256, t0.vocab_size, t0.eos_id)
+
+
+class Sources:
+    """The packed datasets of one split of every configured manifest, blended by weight."""
+
+    def __init__(self, cfg: DataConfig, split: str, shuffle: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.split = split
+        self.manifests = [load_manifest(p) for p in cfg.paths]
+        self.tokenizer = _shared_tokenizer(self.manifests)
+        if cfg.verify:
+            for m in self.manifests:
+                _verify_tokenizer(m)
+        self.datasets: list[PackedDataset] = []
+        for k, m in enumerate(self.manifests):
+            docs = open_split(m, split, verify=cfg.verify)
+            ds = PackedDataset(docs, cfg.seq_len, m.tokenizer.eos_id, cfg.seed, shuffle=shuffle, stream_id=k)
+            if len(ds) == 0:
+                raise UserError(
+                    f"{m.path}: splits.{split}: {ds.stream_tokens} tokens (with EOS) cannot fill one sample of "
+                    f"seq_len + 1 = {cfg.seq_len + 1} tokens"
+                )
+            self.datasets.append(ds)
+        weights = cfg.weights if cfg.weights is not None else [float(len(d)) for d in self.datasets]
+        self.blend = BlendIndex(weights)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the sample sequence apart from the seed: data, split, weights, seq_len."""
+        desc = {
+            "manifests": [m.sha256 for m in self.manifests],
+            "split": self.split,
+            "blend": self.blend.counts,
+            "seq_len": self.cfg.seq_len,
+        }
+        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+    def window(self, n: int) -> Window:
+        src, idx = self.blend.locate(n)
+        return self.datasets[int(src)].window(int(idx))
+
+    def windows(self, start: int, count: int) -> list[Window]:
+        src, idx = self.blend.locate(range(start, start + count))
+        return [self.datasets[int(k)].window(int(i)) for k, i in zip(src, idx)]
+
+    def consumed_per_source(self, n: int) -> list[int]:
+        """How many samples of each source the first n global samples take."""
+        period, counts = self.blend.period, self.blend.counts
+        p, o = divmod(n, period)
+        head = self.blend.locate(range(n - o, n))[0] if o else []
+        return [p * c + int((head == k).sum()) if o else p * c for k, c in enumerate(counts)]
+
+
+def _verify_tokenizer(m: Manifest) -> None:
+    h = hashlib.sha256()
+    with open(m.tokenizer.path, "rb") as f:
+        h.update(f.read())
+    if h.hexdigest() != m.tokenizer.sha256:
+        raise UserError(f"{m.path}: tokenizer.sha256: {m.tokenizer.path} hashes to {h.hexdigest()}, not {m.tokenizer.sha256}")

@@ -1,0 +1,137 @@
+"""`LLMConfig`: every architectural choice of the decoder LM, validated when constructed.
+
+YAML presets (configs/models/*.yaml) map one-to-one onto these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from megalm.errors import UserError
+
+MLPS = ("swiglu", "gelu")
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned")
+INITS = ("normal", "scaled_normal")
+_FLOAT_KEYS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "dropout", "init_std")
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    # None = n_heads (multi-head); 1 = MQA; in between = GQA.
+    n_kv_heads: int | None = None
+    mlp: str = "swiglu"
+    # Explicit MLP width; None derives it with Llama's rule (see `ffn_hidden`).
+    mlp_hidden: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    positions: str = "rope"
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    # Biases in the attention/MLP linears and in LayerNorm (GPT-2 style); RMSNorm never has one.
+    bias: bool = False
+    dropout: float = 0.0
+    # "normal": every weight N(0, init_std); "scaled_normal": plus GPT-2's residual scaling,
+    # output projections of attention and MLP get init_std / sqrt(2 * n_layers).
+    init: str = "scaled_normal"
+    init_std: float = 0.02
+    # Recompute every k-th block (blocks 0, k, 2k, ...) in backward; 0 = off, 1 = every block.
+    activation_checkpointing: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
+            _check_int(key, getattr(self, key), minimum=1)
+        _check_int("activation_checkpointing", self.activation_checkpointing, minimum=0)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _check_int("n_kv_heads", self.n_kv_heads, minimum=1)
+        if self.mlp_hidden is not None:
+            _check_int("mlp_hidden", self.mlp_hidden, minimum=1)
+        for key, choices in (("mlp", MLPS), ("norm", NORMS), ("positions", POSITIONS), ("init", INITS)):
+            if getattr(self, key) not in choices:
+                raise UserError(f"{key}: expected one of {', '.join(choices)}, got {getattr(self, key)!r}")
+        for key in ("tie_embeddings", "bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise UserError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+        for key in ("norm_eps", "rope_theta", "init_std"):
+            _check_positive_float(key, getattr(self, key))
+        if self.ffn_dim_multiplier is not None:
+            _check_positive_float("ffn_dim_multiplier", self.ffn_dim_multiplier)
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        if self.dim % self.n_heads:
+            raise UserError(f"n_heads: must divide dim={self.dim}, got {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"n_kv_heads: must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise UserError(f"n_heads: RoPE needs an even head_dim, got dim/n_heads={self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """MLP width: explicit `mlp_hidden`, else Llama's rule.
+
+        SwiGLU has three matrices, so its base width is 2/3 of 4*dim to keep the parameter count of
+        a 4*dim GELU MLP; then `ffn_dim_multiplier` scales it and it rounds up to `multiple_of`.
+        """
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        hidden = 4 * self.dim
+        if self.mlp == "swiglu":
+            hidden = int(2 * hidden / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "model config") -> "LLMConfig":
+        """Build from a mapping (parsed YAML); errors name `source` and the offending key."""
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: expected a mapping of LLMConfig fields, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise UserError(f"{source}: unknown key {key!r}; expected one of {', '.join(sorted(known))}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise UserError(f"{source}: missing required key(s) {', '.join(missing)}")
+        values = dict(values)
+        for key in _FLOAT_KEYS:
+            # PyYAML reads exponent floats without a dot ("1e-5") as strings.
+            if isinstance(values.get(key), str):
+                try:
+                    values[key] = float(values[key])
+                except ValueError:
+                    raise UserError(f"{source}: {key}: expected a number, got {values[key]!r}") from None
+        try:
+            return cls(**values)
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _check_positive_float(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise UserError(f"{key}: expected a positive number, got {value!r}")

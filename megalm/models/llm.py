@@ -1,0 +1,258 @@
+"""A decoder-only transformer LM covering the GPT-2 and Llama families, readable top to bottom.
+
+    LLM(config)(input_ids, position_ids=None, doc_ids=None, labels=None)
+        -> logits [B, T, V], or the mean cross-entropy over labels != -100 when labels are given.
+
+Packed batches: `position_ids` restart at each document start (RoPE / learned positions read
+them) and `doc_ids` keep attention inside a document (causal AND same-document mask). Without
+`doc_ids` attention takes the plain causal fast path.
+
+Parallelism, precision and optimizer live outside this file; the only training concern here is
+per-block activation checkpointing, because only the model knows where its blocks are.
+Parameter names follow torchtitan's Llama (tok_embeddings, layers.N.attention.wq, ...,
+feed_forward.w1/w2/w3, norm, output) so conversion adapters map them one-to-one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megalm.models.config import LLMConfig
+from megalm.ops import apply_rope, fused_linear_cross_entropy, layer_norm, rms_norm, rope_cos_sin, swiglu
+
+__all__ = ["LLM", "LLMConfig", "Block", "default_position_ids", "document_mask"]
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [B or 1, T, head_dim // 2]
+
+
+def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """[1, T] positions 0..T-1 (one document per row); broadcasts over the batch."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask, True where query i may attend key j: j <= i and same document."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal).unsqueeze(1)
+
+
+def rope_for(config: LLMConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope | None:
+    if config.positions != "rope":
+        return None
+    # At least fp32 tables: the op rotates in fp32 (fp64 for fp64 activations) whatever the
+    # activation dtype, and bf16 angles would lose the phase at long positions.
+    table_dtype = torch.promote_types(dtype, torch.float32)
+    return rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype=table_dtype)
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the last dim (LayerNorm has a bias when config.bias)."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.kind, self.eps = config.norm, config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.dim))
+        has_bias = config.norm == "layernorm" and config.bias
+        self.bias = nn.Parameter(torch.zeros(config.dim)) if has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return rms_norm(x, self.weight, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads (n_kv_heads < n_heads: GQA; == 1: MQA)."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.bias)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
+                cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if cache is not None:
+            k, v = cache.update(k, v)  # the whole prefix so far, [B, Hk, S, D]
+        S = k.shape[2]
+        if mask is None and 1 < T < S:
+            # New queries appended to a cached prefix: causal aligned to the end of the keys
+            # (SDPA's is_causal would align to the start).
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and mask is not None:
+            # SDPA's enable_gqa with a mask falls back to the O(T^2)-memory math kernel; copying
+            # the KV heads keeps the memory-efficient kernel eligible.
+            rep = self.n_heads // self.n_kv_heads
+            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T == S and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU (w2(silu(w1 x) * w3 x), Llama) or GELU (w2(gelu(w1 x)), GPT-2's tanh approximation)."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.kind, hidden = config.mlp, config.ffn_hidden
+        self.w1 = nn.Linear(config.dim, hidden, bias=config.bias)
+        self.w2 = nn.Linear(hidden, config.dim, bias=config.bias)
+        self.w3 = nn.Linear(config.dim, hidden, bias=config.bias) if config.mlp == "swiglu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is not None:
+            return self.w2(swiglu(self.w1(x), self.w3(x)))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LLMConfig, checkpointed: bool = False):
+        super().__init__()
+        self.attention_norm = Norm(config)
+        self.attention = Attention(config)
+        self.ffn_norm = Norm(config)
+        self.feed_forward = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
+                cache=None) -> torch.Tensor:
+        if self.checkpointed and self.training and torch.is_grad_enabled() and cache is None:
+            # Non-reentrant: works with inputs that need no grad and restores the dropout RNG.
+            return checkpoint(self._forward, x, rope, mask, None, use_reentrant=False)
+        return self._forward(x, rope, mask, cache)
+
+    def _forward(self, x, rope, mask, cache):
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), rope, mask, cache))
+        return x + self.resid_dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class LLM(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_embeddings = (nn.Embedding(config.max_seq_len, config.dim)
+                               if config.positions == "learned" else None)
+        self.dropout = nn.Dropout(config.dropout)
+        every = config.activation_checkpointing
+        self.layers = nn.ModuleList(Block(config, checkpointed=every > 0 and i % every == 0)
+                                    for i in range(config.n_layers))
+        self.norm = Norm(config)
+        # Tied: the token embedding matrix [V, D] doubles as the output projection.
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.init_weights()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; call after `to_empty()` when built on the meta device."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, Norm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.config.init == "scaled_normal":
+            # GPT-2: each block adds two residual branches, so their output projections shrink
+            # by sqrt(2 * n_layers) to keep the residual stream's variance independent of depth.
+            resid_std = std / math.sqrt(2 * self.config.n_layers)
+            for block in self.layers:
+                nn.init.normal_(block.attention.wo.weight, mean=0.0, std=resid_std)
+                nn.init.normal_(block.feed_forward.w2.weight, mean=0.0, std=resid_std)
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(input_ids)
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(position_ids)
+        return self.dropout(h)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        h = self.embed(input_ids, position_ids)
+        rope = rope_for(self.config, position_ids, h.dtype)
+        mask = document_mask(doc_ids) if doc_ids is not None else None
+        for block in self.layers:
+            h = block(h, rope, mask)
+        h = self.norm(h)
+        if labels is None:
+            return F.linear(h, self.head_weight)
+        # Chunked over tokens: the [N, V] logits never exist in full.
+        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head_weight, labels.reshape(-1))
+
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: list) -> torch.Tensor:
+        """Run new tokens against a KV cache (one entry per block); logits [B, V] of the last token."""
+        h = self.embed(input_ids, position_ids)
+        rope = rope_for(self.config, position_ids, h.dtype)
+        for block, layer_cache in zip(self.layers, cache):
+            h = block(h, rope, None, layer_cache)
+        return F.linear(self.norm(h[:, -1]), self.head_weight)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue `idx` [B, T]; greedy when temperature == 0. See megalm.models.generate."""
+        from megalm.models.generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_id=eos_id, generator=generator)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        """[embedding, block_0..block_{L-1}, final norm + head] sharing this model's parameters.
+
+        See megalm.models.pipeline for the tuple each layer maps and how tied embeddings are shared.
+        """
+        from megalm.models.pipeline import pipeline_layers
+
+        return pipeline_layers(self)
+
+    def num_params(self) -> int:
+        """Unique parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token, PaLM appendix B: 6N + 12 * n_layers * dim * seq_len.
+
+        N counts the parameters used in matmuls: all but the position table and, when untied,
+        the input embedding (lookups cost no FLOPs); the output projection is included. The
+        attention term counts the full T x T scores (no causal discount), as PaLM and Megatron do,
+        so MFU figures compare with theirs.
+        """
+        n = self.num_params()
+        if self.pos_embeddings is not None:
+            n -= self.pos_embeddings.weight.numel()
+        if self.output is not None:
+            n -= self.tok_embeddings.weight.numel()
+        cfg = self.config
+        return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

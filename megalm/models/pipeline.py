@@ -1,0 +1,90 @@
+"""The LLM as an ordered list of layers for DeepSpeed's `PipelineModule`, sharing the model's parameters.
+
+    layers = model.pipeline_layers()   # [EmbeddingPipe, BlockPipe x n_layers, HeadPipe]
+    PipelineModule(layers=layers, loss_fn=pipeline_loss, num_stages=...)
+
+Every layer maps a tuple to a tuple so activations cross stage boundaries as plain tensors:
+    EmbeddingPipe: (input_ids[, position_ids[, doc_ids]]) -> (hidden, position_ids[, doc_ids])
+    BlockPipe:     (hidden, position_ids[, doc_ids])      -> (hidden, position_ids[, doc_ids])
+    HeadPipe:      (hidden, position_ids[, doc_ids])      -> logits [B, T, V]
+Each block rebuilds its RoPE tables and document mask from position_ids/doc_ids rather than
+receiving them: a [B, 1, T, T] mask is far more to send between stages than the ids.
+Running the list front to back computes exactly `model(input_ids, position_ids, doc_ids)`.
+
+Tied embeddings: `HeadPipe.proj` IS the model's `tok_embeddings` module (same Parameter), so
+within one process the tie holds by construction. When the first and last layers land on
+different pipeline stages, each stage holds its own copy of that weight; the trainer must keep
+the copies equal by summing `tied_weight(layers).grad` across the first and last stage after
+backward (what DeepSpeed does for a `TiedLayerSpec`). `tied_weight` returns None when untied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalm.models.config import LLMConfig
+from megalm.models.llm import LLM, Block, default_position_ids, document_mask, rope_for
+from megalm.ops import cross_entropy
+
+Activations = tuple[torch.Tensor, ...]
+
+
+def _as_tuple(inputs) -> Activations:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+class EmbeddingPipe(nn.Module):
+    def __init__(self, model: LLM):
+        super().__init__()
+        self.tok_embeddings = model.tok_embeddings
+        self.pos_embeddings = model.pos_embeddings
+        self.dropout = model.dropout
+
+    def forward(self, inputs) -> Activations:
+        inputs = _as_tuple(inputs)
+        input_ids, rest = inputs[0], inputs[1:]
+        position_ids = rest[0] if rest else default_position_ids(input_ids)
+        # The model's own embed code, run on this module's (shared) submodules.
+        return (LLM.embed(self, input_ids, position_ids), position_ids, *rest[1:])
+
+
+class BlockPipe(nn.Module):
+    def __init__(self, block: Block, config: LLMConfig):
+        super().__init__()
+        self.block = block
+        self.config = config
+
+    def forward(self, inputs) -> Activations:
+        hidden, position_ids, *rest = _as_tuple(inputs)
+        mask = document_mask(rest[0]) if rest else None
+        return (self.block(hidden, rope_for(self.config, position_ids, hidden.dtype), mask), position_ids, *rest)
+
+
+class HeadPipe(nn.Module):
+    def __init__(self, model: LLM):
+        super().__init__()
+        self.norm = model.norm
+        # nn.Linear [V, D] or, tied, the nn.Embedding [V, D] itself.
+        self.proj = model.tok_embeddings if model.output is None else model.output
+        self.tied = model.output is None
+
+    def forward(self, inputs) -> torch.Tensor:
+        hidden = _as_tuple(inputs)[0]
+        return F.linear(self.norm(hidden), self.proj.weight)
+
+
+def pipeline_layers(model: LLM) -> list[nn.Module]:
+    return [EmbeddingPipe(model), *(BlockPipe(b, model.config) for b in model.layers), HeadPipe(model)]
+
+
+def tied_weight(layers: list[nn.Module]) -> nn.Parameter | None:
+    """The embedding/head Parameter shared by the first and last layer, or None when untied."""
+    head = layers[-1]
+    return head.proj.weight if isinstance(head, HeadPipe) and head.tied else None
+
+
+def pipeline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`loss_fn` for PipelineModule: mean CE over labels != -100 (the op avoids an fp32 logits copy)."""
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))

@@ -1,0 +1,83 @@
+"""Which implementation an op runs: the CUDA kernel or the pure-PyTorch reference.
+
+The choice is per call (`backend=` kwarg), defaulting to the `MEGALM_OPS` env var, defaulting to
+"auto": the kernel for CUDA tensors (fp32/fp16/bf16) when a built extension matches the current
+sources, else the reference. Nothing here is process-wide mutable state except the memoised extension load.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+from megalm.errors import UserError
+
+BACKENDS = ("auto", "reference", "cuda")
+ENV_VAR = "MEGALM_OPS"
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """The effective backend name: the kwarg unless "auto", then the env var, then "auto"."""
+    if backend not in BACKENDS:
+        raise UserError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise UserError(f"{ENV_VAR}={backend!r}: expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ModuleType | None, str]:
+    # Imported lazily: a CPU run never touches the build cache.
+    from megalm.ops import build
+
+    return build.load_extension()
+
+
+def extension() -> ModuleType | None:
+    """The loaded kernels module, or None when no build matches the current sources."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str:
+    return _load()[1]
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_fallback_once(reason: str) -> None:
+    warnings.warn(f"megalm.ops: CUDA kernels not available ({reason}); using PyTorch reference ops",
+                  RuntimeWarning, stacklevel=4)
+
+
+def use_cuda(backend: str, *tensors: torch.Tensor | None) -> bool:
+    """True when this call should run the CUDA kernel; raises when "cuda" is forced but impossible."""
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if backend == "cuda":
+        if not on_cuda:
+            raise UserError(f"backend='cuda' ({ENV_VAR}): the CUDA kernels need CUDA tensors, got "
+                            f"{sorted({str(t.device) for t in tensors if t is not None})}")
+        if extension() is None:
+            raise UserError(f"backend='cuda' ({ENV_VAR}): CUDA kernels not available: "
+                            f"{unavailable_reason()}; run `megalm ops build`")
+        return True
+    if not on_cuda:
+        return False
+    if any(t.dtype == torch.float64 for t in tensors if t is not None):
+        return False  # kernels compute in fp32; float64 (tests, oracles) keeps the exact reference
+    if extension() is None:
+        _warn_fallback_once(unavailable_reason())
+        return False
+    return True
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for accumulation; fp32/fp64 stay as they are (fp64 oracles stay exact)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

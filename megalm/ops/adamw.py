@@ -1,0 +1,124 @@
+"""AdamW with decoupled weight decay; one multi-tensor kernel launch per dtype group on CUDA.
+
+The reference is a per-tensor loop with exactly torch.optim.AdamW's (foreach=False) arithmetic.
+With `master_weights=True`, bf16/fp16 params get an fp32 master copy and fp32 moments; the update
+happens on the master, which is then rounded into the param.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+
+from megalm.ops._backend import extension, use_cuda
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _adamw_tensor_reference(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                            step: float, lr: float, beta1: float, beta2: float, eps: float,
+                            weight_decay: float) -> None:
+    """One torch.optim.AdamW step on one tensor, same operation order (bit-exact in fp32)."""
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
+    p.addcdiv_(m, denom, value=-step_size)
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias correction) with a multi-tensor CUDA kernel.
+
+    State per param: "step" (fp32 0-d tensor, like torch), "exp_avg", "exp_avg_sq", and
+    "master" (fp32 copy) when master_weights=True and the param is bf16/fp16.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.0, master_weights: bool = False,
+                 backend: str = "auto") -> None:
+        if lr < 0:
+            raise ValueError(f"FusedAdamW: lr={lr}: expected >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"FusedAdamW: betas={betas}: expected each in [0, 1)")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"FusedAdamW: eps={eps}, weight_decay={weight_decay}: expected >= 0")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        master_weights=master_weights)
+        super().__init__(params, defaults)
+        self.backend = backend
+
+    def _state_for(self, p: torch.Tensor, master_weights: bool) -> dict:
+        state = self.state[p]
+        if not state:
+            use_master = master_weights and p.dtype in (torch.bfloat16, torch.float16)
+            state["step"] = torch.tensor(0.0)
+            if use_master:
+                state["master"] = p.detach().float().clone(memory_format=torch.contiguous_format)
+            sdtype = torch.float32 if use_master else p.dtype
+            state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype,
+                                                   memory_format=torch.contiguous_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("FusedAdamW does not support sparse gradients")
+            beta1, beta2 = group["betas"]
+            hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+            kernel_dtypes = all(p.dtype in _KERNEL_DTYPES for p in params)
+            if kernel_dtypes and use_cuda(self.backend, *params):
+                self._step_cuda(params, group["master_weights"], hyper)
+            else:
+                self._step_reference(params, group["master_weights"], hyper)
+        return loss
+
+    def _step_reference(self, params: list[torch.Tensor], master_weights: bool, hyper: tuple) -> None:
+        for p in params:
+            state = self._state_for(p, master_weights)
+            state["step"] += 1
+            step = state["step"].item()
+            if "master" in state:
+                master = state["master"]
+                _adamw_tensor_reference(master, p.grad.float(), state["exp_avg"],
+                                        state["exp_avg_sq"], step, *hyper)
+                p.copy_(master)
+            else:
+                _adamw_tensor_reference(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step,
+                                        *hyper)
+
+    def _step_cuda(self, params: list[torch.Tensor], master_weights: bool, hyper: tuple) -> None:
+        # One launch per (device, param dtype, has master, step): the kernel takes scalar
+        # bias corrections, so tensors at different step counts go in different launches.
+        groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            if not p.is_contiguous() or not p.grad.is_contiguous() or p.grad.dtype != p.dtype:
+                raise RuntimeError("FusedAdamW(cuda): params and grads must be contiguous and "
+                                   f"share a dtype, got {p.dtype}/{p.grad.dtype}")
+            state = self._state_for(p, master_weights)
+            state["step"] += 1
+            key = (p.device, p.dtype, "master" in state, state["step"].item())
+            groups[key].append(p)
+        lr, beta1, beta2, eps, wd = hyper
+        for (_, _, has_master, step), ps in groups.items():
+            st = [self.state[p] for p in ps]
+            extension().multi_tensor_adamw(
+                ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                [s["master"] for s in st] if has_master else [],
+                lr, beta1, beta2, eps, wd, 1 - beta1**step, 1 - beta2**step)

@@ -1,0 +1,218 @@
+// Python bindings of the fused ops; every argument is checked here, before any kernel runs.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+namespace {
+
+using at::Tensor;
+
+void check_cuda(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_float_like(const Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, name,
+              " must be float64/float32/float16/bfloat16, got ", s);
+}
+
+void check_same(const Tensor& a, const Tensor& b, const char* an, const char* bn) {
+  TORCH_CHECK(a.sizes() == b.sizes(), an, " and ", bn, " must have the same shape, got ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), an, " and ", bn, " must share a dtype");
+  TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " must be on the same device");
+}
+
+// An optional fp32 [C] (or [B, C]) affine parameter on x's device.
+void check_affine(const c10::optional<Tensor>& t, const Tensor& x, at::IntArrayRef shape,
+                  const char* name) {
+  if (!t.has_value()) return;
+  check_cuda(*t, name);
+  TORCH_CHECK(t->scalar_type() == at::kFloat, name, " must be float32 (convert on the host)");
+  TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
+  TORCH_CHECK(t->device() == x.device(), name, " must be on the device of x");
+}
+
+void check_rows(const Tensor& x, const char* name) {
+  check_cuda(x, name);
+  check_float_like(x, name);
+  TORCH_CHECK(x.dim() == 2, name, " must be 2-D [rows, cols], got ", x.dim(), "-D");
+}
+
+void check_row_stats(const Tensor& s, const Tensor& x, const char* name) {
+  check_cuda(s, name);
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == x.numel() / std::max<int64_t>(1, x.size(-1)),
+              name, " must be float32 with one value per row");
+}
+
+Tensor opt(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x, const c10::optional<Tensor>& w,
+                                        double eps) {
+  check_rows(x, "x");
+  check_affine(w, x, {x.size(1)}, "weight");
+  return megalm::rms_norm_fwd(x, opt(w), eps);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
+                                        const c10::optional<Tensor>& w, const Tensor& rstd) {
+  check_rows(x, "x");
+  check_cuda(dy, "dy");
+  check_same(dy, x, "dy", "x");
+  check_affine(w, x, {x.size(1)}, "weight");
+  check_row_stats(rstd, x, "rstd");
+  return megalm::rms_norm_bwd(dy, x, opt(w), rstd);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const c10::optional<Tensor>& w,
+                                                  const c10::optional<Tensor>& b, double eps) {
+  check_rows(x, "x");
+  check_affine(w, x, {x.size(1)}, "weight");
+  check_affine(b, x, {x.size(1)}, "bias");
+  return megalm::layer_norm_fwd(x, opt(w), opt(b), eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x,
+                                                  const c10::optional<Tensor>& w,
+                                                  const Tensor& mean, const Tensor& rstd,
+                                                  bool has_bias) {
+  check_rows(x, "x");
+  check_cuda(dy, "dy");
+  check_same(dy, x, "dy", "x");
+  check_affine(w, x, {x.size(1)}, "weight");
+  check_row_stats(mean, x, "mean");
+  check_row_stats(rstd, x, "rstd");
+  return megalm::layer_norm_bwd(dy, x, opt(w), mean, rstd, has_bias);
+}
+
+void check_adaln(const Tensor& x, const Tensor& scale) {
+  check_cuda(x, "x");
+  check_float_like(x, "x");
+  TORCH_CHECK(x.dim() == 3, "x must be [B, T, D], got ", x.dim(), "-D");
+  TORCH_CHECK(x.size(0) <= 65535, "adaln: batch size above 65535 is not supported");
+  check_affine(scale, x, {x.size(0), x.size(2)}, "scale");
+}
+
+std::tuple<Tensor, Tensor, Tensor> adaln_fwd(const Tensor& x, const Tensor& shift,
+                                             const Tensor& scale, double eps) {
+  check_adaln(x, scale);
+  check_affine(shift, x, {x.size(0), x.size(2)}, "shift");
+  return megalm::adaln_fwd(x, shift, scale, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> adaln_bwd(const Tensor& dy, const Tensor& x,
+                                             const Tensor& scale, const Tensor& mean,
+                                             const Tensor& rstd) {
+  check_adaln(x, scale);
+  check_cuda(dy, "dy");
+  check_same(dy, x, "dy", "x");
+  check_row_stats(mean, x, "mean");
+  check_row_stats(rstd, x, "rstd");
+  return megalm::adaln_bwd(dy, x, scale, mean, rstd);
+}
+
+Tensor rope_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse) {
+  check_cuda(x, "x");
+  check_float_like(x, "x");
+  TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, "x must be [B, T, H, D] with even D");
+  for (const auto* t : {&cos, &sin}) {
+    check_cuda(*t, "cos/sin");
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "cos/sin must be float32 (convert on the host)");
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == x.size(0) && t->size(1) == x.size(1) &&
+                    t->size(2) == x.size(3) / 2,
+                "cos/sin must be [B, T, D/2] matching x, got ", t->sizes());
+    TORCH_CHECK(t->device() == x.device(), "cos/sin must be on the device of x");
+  }
+  return megalm::rope_fwd(x, cos, sin, inverse);
+}
+
+Tensor swiglu_fwd(const Tensor& gate, const Tensor& up) {
+  check_cuda(gate, "gate");
+  check_cuda(up, "up");
+  check_float_like(gate, "gate");
+  check_same(gate, up, "gate", "up");
+  return megalm::swiglu_fwd(gate, up);
+}
+
+std::tuple<Tensor, Tensor> swiglu_bwd(const Tensor& dy, const Tensor& gate, const Tensor& up) {
+  check_cuda(dy, "dy");
+  check_cuda(gate, "gate");
+  check_cuda(up, "up");
+  check_same(gate, up, "gate", "up");
+  check_same(dy, gate, "dy", "gate");
+  return megalm::swiglu_bwd(dy, gate, up);
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor& labels,
+                                             const Tensor& grad_scale, int64_t ignore_index,
+                                             bool inplace) {
+  check_rows(logits, "logits");
+  check_cuda(labels, "labels");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0),
+              "labels must be [N] matching logits [N, V]");
+  TORCH_CHECK(grad_scale.is_cuda() && grad_scale.scalar_type() == at::kFloat &&
+                  grad_scale.numel() == 1,
+              "grad_scale must be a one-element float32 CUDA tensor");
+  TORCH_CHECK(labels.device() == logits.device() && grad_scale.device() == logits.device(),
+              "logits, labels and grad_scale must be on one device");
+  return megalm::cross_entropy_fwd(logits, labels, grad_scale, ignore_index, inplace);
+}
+
+void multi_tensor_adamw(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                        const std::vector<Tensor>& exp_avgs,
+                        const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& masters,
+                        double lr, double beta1, double beta2, double eps, double weight_decay,
+                        double bias_correction1, double bias_correction2) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
+              "params, grads, exp_avgs, exp_avg_sqs must have the same length");
+  TORCH_CHECK(masters.empty() || masters.size() == n, "masters must be empty or match params");
+  const bool has_master = !masters.empty();
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    check_cuda(p, "param");
+    const auto pt = p.scalar_type();
+    TORCH_CHECK(pt == at::kFloat || pt == at::kHalf || pt == at::kBFloat16,
+                "param must be float32/float16/bfloat16, got ", pt);
+    TORCH_CHECK(pt == params[0].scalar_type() && p.device() == params[0].device(),
+                "all params of one launch must share dtype and device");
+    check_cuda(grads[i], "grad");
+    check_same(p, grads[i], "param", "grad");
+    const auto st = has_master ? at::kFloat : pt;
+    for (const auto* s : {&exp_avgs[i], &exp_avg_sqs[i]}) {
+      check_cuda(*s, "exp_avg/exp_avg_sq");
+      TORCH_CHECK(s->scalar_type() == st && s->sizes() == p.sizes() && s->device() == p.device(),
+                  "optimizer state must match the param's shape/device, dtype ", st);
+    }
+    if (has_master) {
+      check_cuda(masters[i], "master");
+      TORCH_CHECK(masters[i].scalar_type() == at::kFloat && masters[i].sizes() == p.sizes() &&
+                      masters[i].device() == p.device(),
+                  "master weights must be float32 with the param's shape/device");
+      TORCH_CHECK(pt != at::kFloat, "master weights only for float16/bfloat16 params");
+    }
+  }
+  TORCH_CHECK(bias_correction1 > 0 && bias_correction2 > 0, "bias corrections must be > 0");
+  megalm::multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, masters, lr, beta1, beta2, eps,
+                             weight_decay, bias_correction1, bias_correction2);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "megalm fused CUDA ops";
+  m.def("rms_norm_fwd", &rms_norm_fwd);
+  m.def("rms_norm_bwd", &rms_norm_bwd);
+  m.def("layer_norm_fwd", &layer_norm_fwd);
+  m.def("layer_norm_bwd", &layer_norm_bwd);
+  m.def("adaln_fwd", &adaln_fwd);
+  m.def("adaln_bwd", &adaln_bwd);
+  m.def("rope_fwd", &rope_fwd);
+  m.def("swiglu_fwd", &swiglu_fwd);
+  m.def("swiglu_bwd", &swiglu_bwd);
+  m.def("cross_entropy_fwd", &cross_entropy_fwd);
+  m.def("multi_tensor_adamw", &multi_tensor_adamw);
+}

@@ -1,0 +1,96 @@
+// Softmax cross-entropy rows: one block per row, online (max, sum-exp) in fp32, then one more
+// pass writing grad = (softmax - onehot) * grad_scale in the logits dtype (optionally in place).
+#include <cmath>
+
+#include "common.cuh"
+#include "ops.h"
+
+namespace megalm {
+namespace {
+
+struct MaxSum {
+  float m;  // running max
+  float s;  // sum of exp(x - m)
+};
+
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+  // An empty side has m = -inf; exp(-inf - -inf) would be NaN, so handle it explicitly.
+  if (a.m == -INFINITY) return b;
+  if (b.m == -INFINITY) return a;
+  const float m = fmaxf(a.m, b.m);
+  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
+__device__ __forceinline__ MaxSum block_max_sum(MaxSum v, float* sm_m, float* sm_s) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    MaxSum other{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
+    v = merge(v, other);
+  }
+  if (lane == 0) {
+    sm_m[warp] = v.m;
+    sm_s[warp] = v.s;
+  }
+  __syncthreads();
+  MaxSum total{-INFINITY, 0.f};
+  for (int w = 0; w < (int)(blockDim.x / kWarp); ++w) total = merge(total, {sm_m[w], sm_s[w]});
+  __syncthreads();
+  return total;
+}
+
+template <typename T>
+__global__ void ce_kernel(const T* logits, const int64_t* __restrict__ labels,
+                          const float* __restrict__ grad_scale, T* grad, float* __restrict__ loss,
+                          int64_t V, int64_t ignore_index) {
+  // `grad` may alias `logits` (in place): each element is read then written by the same thread,
+  // and the target logit is read before the writing pass starts (barrier in block_max_sum).
+  __shared__ float sm_m[kMaxThreads / kWarp], sm_s[kMaxThreads / kWarp];
+  const int64_t row = blockIdx.x;
+  const T* xr = logits + row * V;  // no __restrict__: may alias gr
+  T* gr = grad + row * V;
+  const int64_t label = labels[row];
+  const bool valid = label != ignore_index;
+  const bool in_range = label >= 0 && label < V;
+  MaxSum acc{-INFINITY, 0.f};
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const float x = static_cast<float>(xr[j]);
+    if (x > acc.m) {
+      acc.s = (acc.m == -INFINITY ? 0.f : acc.s * expf(acc.m - x)) + 1.f;
+      acc.m = x;
+    } else if (acc.m != -INFINITY) {  // all -inf so far: nothing to add yet
+      acc.s += expf(x - acc.m);
+    }
+  }
+  const float target = (valid && in_range) ? static_cast<float>(xr[label]) : 0.f;
+  acc = block_max_sum(acc, sm_m, sm_s);
+  const float lse = acc.m + logf(acc.s);
+  if (threadIdx.x == 0) loss[row] = !valid ? 0.f : (in_range ? lse - target : NAN);
+  const float scale = valid ? *grad_scale : 0.f;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const float p = expf(static_cast<float>(xr[j]) - lse);
+    gr[j] = static_cast<T>((p - (j == label ? 1.f : 0.f)) * scale);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
+                                                     const at::Tensor& labels,
+                                                     const at::Tensor& grad_scale,
+                                                     int64_t ignore_index, bool inplace) {
+  const c10::cuda::OptionalCUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto grad = inplace ? logits : at::empty_like(logits);
+  auto loss = at::empty({N}, logits.options().dtype(at::kFloat));
+  if (N == 0) return {loss, grad};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_fwd", [&] {
+    ce_kernel<scalar_t><<<(unsigned)N, row_threads(V), 0, stream()>>>(
+        logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), grad_scale.data_ptr<float>(),
+        grad.data_ptr<scalar_t>(), loss.data_ptr<float>(), V, ignore_index);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, grad};
+}
+
+}  // namespace megalm

@@ -1,0 +1,41 @@
+"""RMSNorm over the last dim: y = x / sqrt(mean(x^2) + eps) * weight, fp32 accumulation."""
+
+from __future__ import annotations
+
+import torch
+
+from megalm.ops._backend import extension, upcast, use_cuda
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+    xf = upcast(x)
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * upcast(weight)
+    return y.to(x.dtype)
+
+
+class _RMSNormCUDA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        w32 = weight.float().contiguous() if weight is not None else None  # kernels take fp32 [C]
+        y, rstd = extension().rms_norm_fwd(x2, w32, eps)
+        ctx.save_for_backward(x2, w32, rstd)
+        ctx.shape, ctx.w_dtype = shape, (weight.dtype if weight is not None else None)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = extension().rms_norm_bwd(dy.reshape(x2.shape).contiguous(), x2, weight, rstd)
+        return dx.view(ctx.shape), (dw.to(ctx.w_dtype) if weight is not None else None), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5,
+             backend: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dim; output dtype = x.dtype; weight may be fp32 with bf16 x."""
+    if use_cuda(backend, x, weight):
+        return _RMSNormCUDA.apply(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)

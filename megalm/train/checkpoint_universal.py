@@ -1,0 +1,91 @@
+"""Loading a checkpoint on a different data-parallel size: automatic universal conversion.
+
+ZeRO-1/2/3 (and DeepSpeed's bf16 optimizer) shard the optimizer state into one file per DP rank;
+DeepSpeed refuses to load those on another DP size. DeepSpeed's `ds_to_universal` turns them into
+per-parameter files any DP size can load (with `checkpoint.load_universal`). We run it on rank 0,
+into `<checkpoint dir>/.universal/<tag>` (written under a .tmp- name, manifest + marker like a
+checkpoint, then renamed), and reuse that cache on later loads. ZeRO-0 keeps the whole optimizer
+state in one file, loadable on any DP size, so it never needs conversion.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+from megalm.train.checkpoint_files import (
+    MARKER, complete_directory, fsync_dir, read_manifest, remove_tree, verify_directory)
+
+CACHE = ".universal"
+UNIVERSAL_INFO_KEY = "universal_checkpoint_info"  # ds_to_universal asserts it is in client state
+UNIVERSAL_INFO = {"universal_checkpoint_version": 0.2}
+
+
+def has_partitioned_optimizer(manifest: dict[str, Any]) -> bool:
+    return any(f["path"].endswith("optim_states.pt") for f in manifest["files"])
+
+
+def conversion_needed(manifest: dict[str, Any], dp_world_size: int) -> bool:
+    return has_partitioned_optimizer(manifest) and int(manifest["dp_world_size"]) != dp_world_size
+
+
+def needs_universal(ckpt_dir: str, dp_world_size: int, tag: str | None = None) -> bool:
+    """Would loading `tag` (default: the newest complete checkpoint) on `dp_world_size`
+    data-parallel ranks go through universal conversion? Cheap: reads manifests only.
+
+    CheckpointManager.load sets DeepSpeed's `load_universal` flag itself when needed, so engine
+    builders only need this to report/plan (e.g. log that a conversion will happen).
+    """
+    from megalm.train.checkpoint import published_tags  # local: checkpoint imports this module
+
+    tags = [tag] if tag else list(reversed(published_tags(ckpt_dir)))
+    for name in tags:
+        try:
+            manifest = verify_directory(os.path.join(ckpt_dir, name), full=False)
+        except ValueError:
+            continue
+        return conversion_needed(manifest, dp_world_size)
+    return False
+
+
+def _marker_of(path: str) -> str:
+    with open(os.path.join(path, MARKER)) as f:
+        return f.read().strip()
+
+
+def ensure_universal(ckpt_dir: str, tag: str) -> str:
+    """Return the directory to pass to load_checkpoint (with `tag`) for the universal form of
+    `ckpt_dir/tag`, converting it first unless a valid cached conversion of it exists."""
+    source = os.path.join(ckpt_dir, tag)
+    source_marker = _marker_of(source)
+    cache = os.path.join(ckpt_dir, CACHE)
+    final = os.path.join(cache, tag)
+    if os.path.isdir(final):
+        try:
+            if read_manifest(final).get("source_marker") == source_marker:
+                verify_directory(final, full=True)
+                return cache
+        except ValueError:
+            pass
+        remove_tree(final)  # stale (source re-saved) or damaged: convert again
+    os.makedirs(cache, exist_ok=True)
+    work = os.path.join(cache, f".tmp-{tag}")
+    remove_tree(work)
+    os.makedirs(work)
+    # ds_to_universal also writes `latest_universal` next to its output: keep that inside `work`.
+    out = os.path.join(work, tag)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
+           "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    print(f"converting checkpoint {source} to a universal checkpoint (DP size changed)", file=sys.stderr,
+          flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        raise RuntimeError(f"universal conversion of {source} failed: " + " | ".join(tail))
+    complete_directory(out, [], {"source_tag": tag, "source_marker": source_marker})
+    os.rename(out, final)
+    fsync_dir(cache)
+    remove_tree(work)
+    return cache

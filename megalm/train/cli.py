@@ -1,0 +1,52 @@
+"""`megalm train CONFIG.yaml [key=value ...] [--resume auto|none|PATH]`.
+
+Run it under any launcher (`megalm launch --nproc N --`, torchrun, mpirun, srun); with none it
+trains as a single rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megalm.train.config import load_config
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="megalm train", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="YAML config (see configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.micro_batch=2 data.paths=[d]")
+    p.add_argument("--resume", default="auto",
+                   help="auto: newest valid checkpoint in checkpoint.dir if any; none: start fresh; "
+                        "PATH: that checkpoint directory")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    from launcher.env import discover
+
+    # Validate everything we can before any process group exists (errors are one line).
+    cfg = load_config(args.config, args.overrides, world_size=discover().world_size)
+
+    from megalm.train.engine import init_distributed
+    from megalm.train.loop import Trainer
+    from megalm.train.task import LMTask
+
+    task = LMTask(cfg)
+    rank, world = init_distributed()
+    trainer = Trainer(cfg, task, rank=rank, world_size=world)
+    trainer.resume(args.resume)
+    summary = trainer.run()
+    if rank == 0:
+        print(json.dumps(summary), flush=True)
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,376 @@
+"""Training config: YAML -> typed dataclasses, validated before any process group or model exists.
+
+The DeepSpeed config is generated from this (`to_deepspeed_config`), so a setting is written once.
+Errors are one `UserError` line naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megalm.errors import UserError
+
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class DataSection:
+    paths: list[str] = field(default_factory=list)  # shard dirs (data_prep output)
+    weights: list[float] | None = None  # blend weights, one per path
+    seq_len: int = 256
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | wsd | constant
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class BatchSection:
+    micro_batch: int = 4  # sequences per rank per forward
+    global_batch: int = 32  # sequences per optimizer step, all ranks
+
+
+@dataclass
+class ParallelSection:
+    zero_stage: int = 1
+    pipeline_stages: int = 1
+    activation_checkpointing: bool = False
+    offload_optimizer: bool = False
+
+
+@dataclass
+class PrecisionSection:
+    dtype: str = "bf16"  # bf16 | fp16 | fp32
+    loss_scale: float = 0.0  # fp16 only; 0 = dynamic loss scaling
+    initial_scale_power: int = 16  # fp16 dynamic scaling starts at 2**this
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = ""  # default: runs/<name>/checkpoints
+    interval: int = 1000  # optimizer steps between saves (and always at the end)
+    keep_last: int = 3
+    async_save: bool = False
+
+
+@dataclass
+class LoggingSection:
+    interval: int = 10
+    tensorboard_dir: str = ""  # default: runs/<name>/tb
+    peak_flops: float = 0.0  # per device; 0 = 989e12 on CUDA (H100 bf16 dense), MFU blank on CPU
+    progress: bool = True  # tqdm bar on rank 0 (plain lines otherwise)
+
+
+@dataclass
+class EvalSection:
+    interval: int = 0  # 0 disables periodic eval (still runs at the end when batches > 0)
+    batches: int = 8
+
+
+@dataclass
+class TrainSection:
+    steps: int = 0  # optimizer steps; or set tokens
+    tokens: int = 0
+    seed: int = 1234
+
+
+@dataclass
+class BadStepsSection:
+    spike_factor: float = 0.0  # step is bad when loss > k x running mean; 0 = only NaN/inf
+    window: int = 20  # steps in the running mean
+    max_consecutive: int = 5  # this many bad steps in a row -> roll back and skip the data
+
+
+@dataclass
+class DebugSection:
+    # Test hooks that act on the data/loss, never inside the model.
+    nan_at_data_steps: list[int] = field(default_factory=list)  # 1-based global batch number
+    trace_batches: str = ""  # dir: each rank appends (step, sample fingerprints) JSON lines
+    max_steps_this_run: int = 0  # stop (after checkpointing) once this many steps ran in this process
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    data: DataSection = field(default_factory=DataSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    bad_steps: BadStepsSection = field(default_factory=BadStepsSection)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
+    debug: DebugSection = field(default_factory=DebugSection)
+    source: str = "config"  # file name used in error messages (not a YAML key)
+
+    # ---- derived -------------------------------------------------------------------------
+    def dp_size(self, world_size: int) -> int:
+        return world_size // self.parallel.pipeline_stages
+
+    def grad_accum(self, world_size: int) -> int:
+        return self.batch.global_batch // (self.batch.micro_batch * self.dp_size(world_size))
+
+    def total_steps(self) -> int:
+        if self.train.steps:
+            return self.train.steps
+        per_step = self.batch.global_batch * self.data.seq_len
+        return -(-self.train.tokens // per_step)
+
+    def run_dir(self) -> Path:
+        return Path("runs") / self.name
+
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or str(self.run_dir() / "checkpoints")
+
+    def tensorboard_dir(self) -> str:
+        return self.logging.tensorboard_dir or str(self.run_dir() / "tb")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    # ---- validation ----------------------------------------------------------------------
+    def _err(self, key: str, what: str) -> UserError:
+        return UserError(f"{self.source}: {key}: {what}")
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Reject impossible settings up front; `world_size` adds the batch/parallel checks."""
+        b, p, o = self.batch, self.parallel, self.optimizer
+        if not self.data.paths:
+            raise self._err("data.paths", "expected at least one shard directory")
+        if self.data.weights is not None and len(self.data.weights) != len(self.data.paths):
+            raise self._err("data.weights", f"expected {len(self.data.paths)} weights (one per path)")
+        if self.data.weights is not None and any(w <= 0 for w in self.data.weights):
+            raise self._err("data.weights", "expected positive weights")
+        _positive(self, "data.seq_len", self.data.seq_len)
+        _positive(self, "batch.micro_batch", b.micro_batch)
+        _positive(self, "batch.global_batch", b.global_batch)
+        if p.zero_stage not in (0, 1, 2, 3):
+            raise self._err("parallel.zero_stage", f"expected 0, 1, 2 or 3, got {p.zero_stage}")
+        _positive(self, "parallel.pipeline_stages", p.pipeline_stages)
+        if p.pipeline_stages > 1 and p.zero_stage > 1:
+            raise self._err(
+                "parallel.zero_stage",
+                f"ZeRO-{p.zero_stage} cannot be combined with pipeline parallelism "
+                f"(pipeline_stages={p.pipeline_stages}); DeepSpeed allows ZeRO 0 or 1 with pipelines",
+            )
+        if p.offload_optimizer and p.zero_stage == 0:
+            raise self._err("parallel.offload_optimizer", "needs parallel.zero_stage >= 1")
+        if o.schedule not in SCHEDULES:
+            raise self._err("optimizer.schedule", f"expected one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            raise self._err("optimizer.min_lr", f"expected 0 <= min_lr <= lr (lr={o.lr}, min_lr={o.min_lr})")
+        if o.warmup_steps < 0:
+            raise self._err("optimizer.warmup_steps", "expected >= 0")
+        if not 0.0 < o.decay_fraction <= 1.0:
+            raise self._err("optimizer.decay_fraction", "expected 0 < decay_fraction <= 1")
+        if len(o.betas) != 2 or not all(0.0 <= x < 1.0 for x in o.betas):
+            raise self._err("optimizer.betas", f"expected two numbers in [0, 1), got {o.betas}")
+        if o.grad_clip < 0 or o.weight_decay < 0:
+            raise self._err("optimizer.grad_clip", "expected grad_clip >= 0 and weight_decay >= 0")
+        if self.precision.dtype not in DTYPES:
+            raise self._err("precision.dtype", f"expected one of {', '.join(DTYPES)}, got {self.precision.dtype!r}")
+        if (self.train.steps > 0) == (self.train.tokens > 0):
+            raise self._err("train.steps", "set exactly one of train.steps or train.tokens (> 0)")
+        _positive(self, "checkpoint.interval", self.checkpoint.interval)
+        _positive(self, "checkpoint.keep_last", self.checkpoint.keep_last)
+        _positive(self, "logging.interval", self.logging.interval)
+        if self.eval.interval < 0 or self.eval.batches < 0:
+            raise self._err("eval.interval", "expected interval >= 0 and batches >= 0")
+        bs = self.bad_steps
+        if bs.spike_factor < 0 or (0 < bs.spike_factor <= 1):
+            raise self._err("bad_steps.spike_factor", "expected 0 (off) or a factor > 1")
+        _positive(self, "bad_steps.window", bs.window)
+        _positive(self, "bad_steps.max_consecutive", bs.max_consecutive)
+        if world_size is not None:
+            self.validate_world(world_size)
+
+    def validate_world(self, world_size: int) -> None:
+        pp = self.parallel.pipeline_stages
+        if world_size % pp:
+            raise self._err(
+                "parallel.pipeline_stages",
+                f"world size {world_size} is not a multiple of pipeline_stages={pp}",
+            )
+        dp, mb = self.dp_size(world_size), self.batch.micro_batch
+        if self.batch.global_batch % (mb * dp):
+            raise self._err(
+                "batch.global_batch",
+                f"must be a multiple of micro_batch × data-parallel size ({mb} × {dp}), "
+                f"got {self.batch.global_batch}",
+            )
+
+
+def _positive(cfg: TrainConfig, key: str, value: int) -> None:
+    if value <= 0:
+        raise cfg._err(key, f"expected a positive number, got {value}")
+
+
+# ---- generic dict -> dataclass with named errors ------------------------------------------
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, source)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{source}: {key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {key}: expected a mapping, got {value!r}")
+        return copy.deepcopy(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{source}: {key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise UserError(f"{source}: {key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{source}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{source}: {key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise UserError(f"{source}: {key}: unknown key (expected one of {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], key, source)
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if part == "model" and i == 0 and isinstance(nxt, str):
+            nxt = {"preset": nxt}  # `model=tiny` in YAML, `model.n_layers=2` on the CLI
+        if nxt is None:
+            nxt = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"{source}: {'.'.join(parts[: i + 1])}: is not a section, cannot set {dotted}")
+        node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None, overrides: list[str] = (), *, world_size: int | None = None) -> TrainConfig:
+    """Read YAML (or start from defaults when path is None), apply `a.b=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = Path(path).name if path else "config"
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read config ({exc.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            raise UserError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{source}: expected a mapping at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key=value")
+        key, text_value = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text_value) if text_value else ""
+        except yaml.YAMLError:
+            value = text_value
+        _set_dotted(raw, key.strip(), value, source)
+    model = raw.get("model", {"preset": "tiny"})
+    if isinstance(model, str):
+        raw["model"] = {"preset": model}
+    elif not isinstance(model, dict):
+        raise UserError(f"{source}: model: expected a preset name or a mapping of model fields")
+    cfg = _build(TrainConfig, raw, "", source)
+    cfg.source = source
+    cfg.validate(world_size)
+    return cfg
+
+
+def to_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config, derived from `cfg` (user's `deepspeed:` dict merged last)."""
+    cfg.validate_world(world_size)
+    p, prec = cfg.parallel, cfg.precision
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum(world_size),
+        "train_batch_size": cfg.batch.global_batch,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # our loop logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # FusedAdamW is a plain torch Optimizer
+    }
+    if prec.dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif prec.dtype == "fp16":
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": prec.loss_scale,
+            "initial_scale_power": prec.initial_scale_power,
+        }
+    if p.activation_checkpointing:
+        ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
+    return _merge(ds, cfg.deepspeed)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out

@@ -1,0 +1,125 @@
+"""DeepSpeed applied from outside: the plain model (or its layer list as a PipelineModule), the
+optimizer, the LR schedule and `deepspeed.initialize`, all derived from the TrainConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megalm.train.config import TrainConfig, to_deepspeed_config
+from megalm.train.guard import GuardedAdamW, StepGuard
+from megalm.train.schedule import LRSchedule
+from megalm.train.task import Task
+
+
+@dataclass
+class Built:
+    engine: Any  # DeepSpeedEngine or PipelineEngine
+    model: nn.Module  # the full plain model (FLOPs, config); its parameters may be partitioned
+    pipeline: bool
+    dp_rank: int
+    dp_world: int
+    is_last_stage: bool
+    flops_per_token: int  # model FLOPs per trained token (computed before ZeRO-3 partitions params)
+
+
+class _Use(nn.Module):
+    """LayerSpec wants a class to instantiate; this one hands back an existing module."""
+
+    def __new__(cls, module: nn.Module) -> nn.Module:  # type: ignore[misc]
+        return module
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start the process group from whatever launcher started us (torchrun, mpirun, srun)."""
+    from launcher.env import discover, set_accelerator_default
+
+    accel = set_accelerator_default()
+    env = discover()
+    env.export()
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if accel == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    if accel == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # nanoGPT's rule: matrices (incl. embeddings) decay; norms and biases do not.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if other:
+        groups.append({"params": other, "weight_decay": 0.0})
+    return groups
+
+
+def _pipeline_module(cfg: TrainConfig, task: Task, model: nn.Module, guard: StepGuard) -> nn.Module:
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
+
+    layers: list[Any] = list(task.pipeline_layers(model))
+    first, last = layers[0], layers[-1]
+    shared = {id(p) for p in first.parameters()} & {id(p) for p in last.parameters()}
+    if shared:
+        # Tied embedding/head on different stages: DeepSpeed all-reduces the tied weight's grads
+        # across the owning stages when both ends are TiedLayerSpecs with one key.
+        def attr_of(module: nn.Module) -> str:
+            return next(n for n, p in module.named_parameters() if id(p) in shared)
+
+        layers[0] = TiedLayerSpec("tied_embedding", _Use, first, tied_weight_attr=[attr_of(first)])
+        layers[-1] = TiedLayerSpec("tied_embedding", _Use, last, tied_weight_attr=[attr_of(last)])
+
+    def loss_fn(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return guard.record(task.pipeline_loss(outputs, labels))
+
+    return PipelineModule(layers=layers, num_stages=cfg.parallel.pipeline_stages, loss_fn=loss_fn,
+                          partition_method="parameters")
+
+
+def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Built:
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    model = task.build_model()
+    flops = int(model.flops_per_token(cfg.data.seq_len)) if hasattr(model, "flops_per_token") else 0
+    pipeline = cfg.parallel.pipeline_stages > 1
+    module = _pipeline_module(cfg, task, model, guard) if pipeline else model
+    o = cfg.optimizer
+    optimizer = GuardedAdamW(_param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             weight_decay=o.weight_decay)
+    optimizer.guard_decide = guard.decide
+    total = cfg.total_steps()
+    ds_config = to_deepspeed_config(cfg, world_size)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: LRSchedule(opt, total, o),
+    )
+    if pipeline:
+        dp_rank, dp_world = engine.grid.data_parallel_id, engine.grid.data_parallel_size
+        is_last = engine.is_last_stage()
+    else:
+        dp_rank, dp_world, is_last = dist.get_rank(), world_size, True
+    return Built(engine, model, pipeline, dp_rank, dp_world, is_last, flops)
+
+
+def device_of(engine: Any) -> torch.device:
+    return torch.device(engine.device) if hasattr(engine, "device") else torch.device("cpu")
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:  # CPU: this process's peak resident set
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except Exception:  # pragma: no cover - non-POSIX
+        return float("nan")
+

@@ -1,0 +1,97 @@
+"""Bad-step guard: a step whose loss is NaN/inf or spikes above k x the running mean is not applied.
+
+The decision is global: every rank contributes (loss sum, count, non-finite count) to one
+all_reduce, so all ranks skip together. The optimizer consults the guard right before updating;
+a skipped step leaves parameters and optimizer state untouched (the engine then clears the grads).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from megalm.ops import FusedAdamW
+from megalm.train.config import BadStepsSection
+
+
+class StepGuard:
+    def __init__(self, cfg: BadStepsSection):
+        self.cfg = cfg
+        self.history: deque[float] = deque(maxlen=cfg.window)
+        self.consecutive_bad = 0
+        self.skipped_total = 0
+        self.recording = True  # off during eval so eval losses never count
+        self.poison = False  # test hook: this step's losses become NaN (set by the loop)
+        self._sum, self._count, self._nonfinite = 0.0, 0, 0
+        self.last_loss = float("nan")
+        self.last_bad = False
+        self.decided = False
+
+    def begin_step(self, poison: bool = False) -> None:
+        self._sum, self._count, self._nonfinite = 0.0, 0, 0
+        self.poison = poison
+        self.decided = False
+
+    def record(self, loss: torch.Tensor) -> torch.Tensor:
+        """Called on each micro-batch loss where it is computed; returns the (maybe poisoned) loss."""
+        if not self.recording:
+            return loss
+        if self.poison:
+            loss = loss * float("nan")
+        value = float(loss.detach())
+        if math.isfinite(value):
+            self._sum += value
+        else:
+            self._nonfinite += 1
+        self._count += 1
+        return loss
+
+    def decide(self) -> bool:
+        """Collective: the global mean loss of this step and whether the step is bad."""
+        if self.decided:
+            return self.last_bad
+        t = torch.tensor([self._sum, float(self._count), float(self._nonfinite)], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        total, count, nonfinite = t.tolist()
+        mean = total / count if count and not nonfinite else float("nan")
+        bad = nonfinite > 0 or not math.isfinite(mean)
+        if not bad and self.cfg.spike_factor and self.history:
+            bad = mean > self.cfg.spike_factor * (sum(self.history) / len(self.history))
+        if bad:
+            self.consecutive_bad += 1
+            self.skipped_total += 1
+        else:
+            self.consecutive_bad = 0
+            self.history.append(mean)
+        self.last_loss, self.last_bad, self.decided = mean, bad, True
+        return bad
+
+    @property
+    def must_roll_back(self) -> bool:
+        return self.consecutive_bad >= self.cfg.max_consecutive
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "consecutive_bad": self.consecutive_bad,
+                "skipped_total": self.skipped_total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = deque(state["history"], maxlen=self.cfg.window)
+        self.consecutive_bad = int(state["consecutive_bad"])
+        self.skipped_total = int(state["skipped_total"])
+
+
+class GuardedAdamW(FusedAdamW):
+    """FusedAdamW that asks the guard before each update. DeepSpeed's ZeRO wrappers may call
+    `step` once per param group; the guard decides once per optimizer step (first call)."""
+
+    guard_decide: Callable[[], bool] | None = None
+
+    def step(self, closure=None):  # noqa: D102 - same contract as torch.optim.Optimizer.step
+        if self.guard_decide is not None and self.guard_decide():
+            return None
+        return super().step(closure)

@@ -1,0 +1,293 @@
+"""The Trainer: batches in, DeepSpeed step, guard, eval, logs, checkpoints. One step reads whole.
+
+Positions: `step` counts optimizer steps (applied or skipped); `data_step` counts global batches
+drawn from the loader (it runs ahead of `step` after a bad data window is skipped). Both, the
+loader state and every rank's RNG state go into the checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import megalm
+from megalm.errors import UserError
+from megalm.train.checkpoint import CheckpointConfig, CheckpointManager
+from megalm.train.config import TrainConfig
+from megalm.train.engine import build, device_of, peak_memory_gib
+from megalm.train.guard import StepGuard
+from megalm.train.metrics import Metrics
+from megalm.train.task import Batch, Task
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, task: Task, *, rank: int, world_size: int):
+        self.cfg, self.task, self.rank, self.world = cfg, task, rank, world_size
+        self.guard = StepGuard(cfg.bad_steps)
+        self.b = build(cfg, task, self.guard, world_size)
+        self.engine = self.b.engine
+        self.device = device_of(self.engine)
+        self.loader = task.build_loader("train", self.b.dp_rank, self.b.dp_world)
+        self._it = iter(self.loader)
+        ck = cfg.checkpoint
+        self.ckpt = CheckpointManager(CheckpointConfig(cfg.checkpoint_dir(), ck.interval, ck.keep_last, ck.async_save),
+                                      rank=rank, world_size=world_size)
+        self.total_steps = cfg.total_steps()
+        self.tokens_per_step = cfg.batch.global_batch * cfg.data.seq_len
+        self.step = self.data_step = self.tokens = self.rollbacks = 0
+        self.skip_plan: dict[int, int] = {}  # data_step -> global batches to skip before drawing it
+        self.last_eval = float("nan")
+        self._saved_step = -1
+
+    # ---- state -------------------------------------------------------------------------------
+    def client_state(self) -> dict[str, Any]:
+        """Collective (RNG states are gathered so each rank finds its own after a restart)."""
+        rngs: list[Any] = [None] * self.world
+        dist.all_gather_object(rngs, _rng_state())
+        return {"step": self.step, "data_step": self.data_step, "tokens": self.tokens,
+                "loader": self.loader.state_dict(), "rng": rngs, "guard": self.guard.state_dict(),
+                "skip_plan": dict(self.skip_plan), "rollbacks": self.rollbacks,
+                "config": self.cfg.to_dict(), "data": self.task.fingerprint(), "world_size": self.world,
+                "megalm_version": megalm.__version__}
+
+    def restore(self, cs: dict[str, Any]) -> None:
+        fp, saved = self.task.fingerprint(), cs.get("data", {})
+        if saved.get("tokenizer_sha256") not in (None, fp.get("tokenizer_sha256")):
+            raise UserError(f"checkpoint tokenizer sha256 {saved['tokenizer_sha256'][:12]}… differs from the "
+                            f"data's ({fp['tokenizer_sha256'][:12]}…): data.paths must use the same tokenizer")
+        self.step, self.data_step, self.tokens = int(cs["step"]), int(cs["data_step"]), int(cs["tokens"])
+        self.loader.load_state_dict(cs["loader"])
+        self._it = iter(self.loader)
+        self.guard.load_state_dict(cs["guard"])
+        self.skip_plan = {int(k): int(v) for k, v in cs.get("skip_plan", {}).items()}
+        self.rollbacks = int(cs.get("rollbacks", 0))
+        rngs = cs["rng"]
+        # Same rank count: each rank gets exactly its own state back; otherwise reuse cyclically.
+        _set_rng_state(rngs[self.rank % len(rngs)])
+
+    def resume(self, mode: str) -> bool:
+        if mode == "none":
+            return False
+        tag = None
+        if mode != "auto":
+            path = os.path.abspath(mode)
+            if os.path.dirname(path) != os.path.abspath(self.ckpt.dir):
+                ck = self.cfg.checkpoint
+                self.ckpt = CheckpointManager(CheckpointConfig(os.path.dirname(path), ck.interval, ck.keep_last,
+                                                               ck.async_save), rank=self.rank, world_size=self.world)
+            tag = os.path.basename(path)
+        cs = self.ckpt.load(self.engine, tag)
+        if cs is None:
+            return False
+        self.restore(cs)
+        self._saved_step = self.step
+        if self.rank == 0:
+            print(f"resumed from step {self.step} ({self.ckpt.dir})", flush=True)
+        return True
+
+    def save(self) -> None:
+        self.ckpt.save(self.engine, self.step, self.client_state())
+        self._saved_step = self.step
+
+    # ---- data --------------------------------------------------------------------------------
+    def next_batch(self) -> list[Batch]:
+        skip = self.skip_plan.pop(self.data_step + 1, 0)
+        if skip:
+            self.loader.skip(skip)
+            self._it = iter(self.loader)
+            self.data_step += skip
+            if self.rank == 0:
+                _warn(f"skipped {skip} global batches of data after bad steps (now at batch {self.data_step})")
+        micro = next(self._it)
+        self.data_step += 1
+        if self.cfg.debug.trace_batches:
+            self._trace(micro)
+        return [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro]
+
+    def _trace(self, micro: list[Batch]) -> None:
+        rows = [hashlib.sha1(row.numpy().tobytes()).hexdigest()[:16] for mb in micro for row in mb["input_ids"]]
+        os.makedirs(self.cfg.debug.trace_batches, exist_ok=True)
+        with open(os.path.join(self.cfg.debug.trace_batches, f"rank{self.rank}.jsonl"), "a") as f:
+            f.write(json.dumps({"step": self.step + 1, "data_step": self.data_step, "dp_rank": self.b.dp_rank,
+                                "samples": rows}) + "\n")
+
+    # ---- one optimizer step ------------------------------------------------------------------
+    def train_step(self, micro: list[Batch]) -> None:
+        self.guard.begin_step(poison=self.data_step in self.cfg.debug.nan_at_data_steps)
+        if self.b.pipeline:
+            self.engine.train_batch(data_iter=iter([self.task.pipeline_batch(mb) for mb in micro]))
+        else:
+            for i, mb in enumerate(micro):
+                loss = self.guard.record(self.task.loss(self.engine, mb))
+                self.engine.backward(loss)
+                if i == len(micro) - 1:
+                    self.guard.decide()  # before the optimizer runs, on every rank
+                self.engine.step()
+        self.guard.decide()  # no-op when the optimizer already asked; covers fp16 overflow paths
+        self.step += 1
+        if not self.guard.last_bad:
+            self.tokens += self.tokens_per_step
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first `eval.batches` micro batches per rank of the valid split."""
+        if self.cfg.eval.batches <= 0:
+            return float("nan")
+        micro = [{k: v.to(self.device) for k, v in mb.items()}
+                 for _, mb in zip(range(self.cfg.eval.batches), self.task.build_eval_loader(self.b.dp_rank,
+                                                                                            self.b.dp_world))]
+        self.guard.recording = False
+        self.engine.eval()
+        total, count = 0.0, 0
+        try:
+            if self.b.pipeline:  # eval_batch takes gradient_accumulation_steps micro batches at a time
+                gas = self.engine.gradient_accumulation_steps()
+                for i in range(0, len(micro) - gas + 1, gas):
+                    chunk = [self.task.pipeline_batch(mb) for mb in micro[i:i + gas]]
+                    total += float(self.engine.eval_batch(iter(chunk))) * gas  # already DP-averaged
+                    count += gas
+            else:
+                for mb in micro:
+                    total += float(self.task.loss(self.engine, mb))
+                    count += 1
+        finally:
+            self.engine.train()
+            self.guard.recording = True
+        t = torch.tensor([total, float(count)], dtype=torch.float64)
+        if not self.b.pipeline:
+            dist.all_reduce(t)
+        return float(t[0] / t[1]) if t[1] else float("nan")
+
+    def roll_back(self) -> None:
+        """M bad steps in a row: reload the newest checkpoint and plan to skip the bad data window."""
+        n = self.guard.consecutive_bad
+        first_bad = self.data_step - n + 1
+        skipped = self.guard.skipped_total
+        self.ckpt.wait()
+        cs = self.ckpt.load(self.engine)
+        if cs is not None:
+            self.restore(cs)
+        elif self.rank == 0:
+            _warn("no checkpoint to roll back to; the bad steps were not applied, continuing")
+        self.guard.skipped_total, self.guard.consecutive_bad = skipped, 0
+        # The checkpoint may sit inside the bad window (saved between skipped steps): skip the rest.
+        start = max(first_bad, self.data_step + 1)
+        self.skip_plan[start] = first_bad + n - start
+        self.rollbacks += 1
+        if self.rank == 0:
+            _warn(f"{n} bad steps in a row: rolled back to step {self.step}; data batches {first_bad}.."
+                  f"{first_bad + n - 1} will be skipped")
+
+    # ---- the run -----------------------------------------------------------------------------
+    def _grad_norm(self) -> float:
+        g = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
+        return float(g) if g is not None else float("nan")
+
+    def _loss_scale(self) -> float:
+        opt = getattr(self.engine, "optimizer", None)
+        return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)) or 1.0)
+
+    def run(self) -> dict[str, Any]:
+        cfg, start_step = self.cfg, self.step
+        metrics = Metrics(str(cfg.run_dir()), cfg.tensorboard_dir(), self.total_steps, self.step,
+                          enabled=self.rank == 0, progress=cfg.logging.progress)
+        peak = cfg.logging.peak_flops or (989e12 if torch.cuda.is_available() else 0.0)
+        limit = cfg.debug.max_steps_this_run
+        t_last, step_last, t_start = time.perf_counter(), self.step, time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                self.train_step(self.next_batch())
+                metrics.advance()
+                if self.guard.must_roll_back:
+                    self.roll_back()
+                    continue
+                if self.step % cfg.logging.interval == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    tps = self.tokens_per_step * (self.step - step_last) / max(now - t_last, 1e-9)
+                    flops = tps * self.b.flops_per_token
+                    rate = (self.step - start_step) / max(now - t_start, 1e-9)
+                    metrics.write("train", {
+                        "step": self.step, "loss": self.guard.last_loss, "lr": self.engine.get_lr()[0],
+                        "grad_norm": self._grad_norm(), "tokens_per_s": tps, "flops_per_s": flops,
+                        "mfu": flops / (peak * self.world) if peak else None,
+                        "memory_gib": peak_memory_gib(), "eta_s": (self.total_steps - self.step) / rate,
+                        "skipped_steps": self.guard.skipped_total, "rollbacks": self.rollbacks,
+                        "loss_scale": self._loss_scale(), "tokens": self.tokens,
+                        "data_step": self.data_step})
+                    t_last, step_last = now, self.step
+                if cfg.eval.interval and self.step % cfg.eval.interval == 0:
+                    self.last_eval = self.evaluate()
+                    metrics.write("eval", {"step": self.step, "loss": self.last_eval})
+                if self.step % cfg.checkpoint.interval == 0 and self.step < self.total_steps:
+                    self.save()
+                if limit and self.step - start_step >= limit:
+                    break
+            finished = self.step >= self.total_steps
+            if finished and cfg.eval.batches and not (cfg.eval.interval and self.step % cfg.eval.interval == 0):
+                self.last_eval = self.evaluate()
+                metrics.write("eval", {"step": self.step, "loss": self.last_eval})
+            if self._saved_step != self.step:
+                self.save()
+            self.ckpt.wait()
+        finally:
+            metrics.close()
+        summary = {"step": self.step, "finished": self.step >= self.total_steps, "tokens": self.tokens,
+                   "last_loss": self.guard.last_loss, "eval_loss": self.last_eval,
+                   "skipped_steps": self.guard.skipped_total, "rollbacks": self.rollbacks,
+                   "weights_sha256": self.weights_digest(), "world_size": self.world}
+        if self.rank == 0:
+            path = cfg.run_dir() / "summary.json"
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(summary, indent=1))
+            os.replace(tmp, path)
+        return summary
+
+    def weights_digest(self) -> str:
+        """Collective: sha256 over every rank's fp32 view of its module parameters (gathered for
+        ZeRO-3), so two runs with the same layout can be compared bit for bit."""
+        module = self.engine.module
+        params = list(module.named_parameters())
+        h = hashlib.sha256()
+        if self.cfg.parallel.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in params]):
+                for name, p in params:
+                    h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+        else:
+            for name, p in params:
+                h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+        digests: list[Any] = [None] * self.world
+        dist.all_gather_object(digests, h.hexdigest())
+        # DP replicas hold equal weights; keep one digest per pipeline stage.
+        unique = list(dict.fromkeys(digests))
+        return hashlib.sha256("".join(unique).encode()).hexdigest()
+

@@ -1,0 +1,135 @@
+"""What the training loop trains: a `Task` supplies the model, the data and the loss.
+
+The loop, engine and checkpointing only talk to this interface, so a different objective (SFT,
+diffusion) plugs in by writing another Task; `LMTask` is next-token pretraining.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import torch
+import torch.nn as nn
+
+from megalm.errors import UserError
+from megalm.train.config import TrainConfig
+
+Batch = dict[str, torch.Tensor]
+
+
+class Loader(Protocol):
+    """Per optimizer step: a list of micro-batch dicts (this rank's share of the global batch)."""
+
+    def __iter__(self) -> Iterator[list[Batch]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def skip(self, n: int) -> None: ...
+
+
+class Task(Protocol):
+    def build_model(self) -> nn.Module: ...
+    def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader: ...
+    def build_eval_loader(self, dp_rank: int, dp_world: int) -> Iterable[Batch]: ...
+    def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor: ...
+    # Pipeline parallelism: the model as a layer list, the loss on the last stage's output, and
+    # how a micro batch splits into (first-stage inputs, last-stage labels).
+    def pipeline_layers(self, model: nn.Module) -> list[nn.Module]: ...
+    def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+    def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]: ...
+    def tokens_in(self, batch: Batch) -> int: ...
+    def fingerprint(self) -> dict[str, Any]: ...
+
+
+def _manifest_tokenizer(shard_dir: str) -> Any:
+    from megalm.data.manifest import load_manifest
+
+    return load_manifest(shard_dir).tokenizer
+
+
+class LMTask:
+    """Next-token prediction over packed documents (labels -100 where there is no target)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._tok = _manifest_tokenizer(cfg.data.paths[0])
+        self._model_config = self._resolve_model_config()
+
+    def _resolve_model_config(self):
+        from megalm.models.config import LLMConfig
+        from megalm.models.presets import load_preset
+
+        fields = dict(self.cfg.model)
+        preset = fields.pop("preset", None)
+        base: dict[str, Any] = {}
+        if preset is not None:
+            loaded = load_preset(preset)
+            base = loaded.to_dict() if hasattr(loaded, "to_dict") else dict(loaded)
+        base.update(fields)
+        # The tokenizer decides the vocabulary; a preset's own vocab_size is for its tokenizer.
+        if "vocab_size" not in fields:
+            base["vocab_size"] = self._tok.vocab_size
+        elif fields["vocab_size"] < self._tok.vocab_size:
+            raise UserError(f"{self.cfg.source}: model.vocab_size: {fields['vocab_size']} is smaller than "
+                            f"the tokenizer's vocabulary ({self._tok.vocab_size})")
+        if self.cfg.parallel.activation_checkpointing:
+            base["activation_checkpointing"] = 1
+        mc = LLMConfig.from_dict(base, source=f"{self.cfg.source}: model")
+        if self.cfg.data.seq_len > mc.max_seq_len:
+            if mc.positions == "learned" or "max_seq_len" in fields:
+                raise UserError(f"{self.cfg.source}: data.seq_len: {self.cfg.data.seq_len} exceeds "
+                                f"model.max_seq_len={mc.max_seq_len}")
+            mc.max_seq_len = self.cfg.data.seq_len
+        return mc
+
+    @property
+    def model_config(self):
+        return self._model_config
+
+    def build_model(self) -> nn.Module:
+        from megalm.models.llm import LLM
+
+        return LLM(self._model_config)
+
+    def _data_config(self, split: str):
+        from megalm.data.sources import DataConfig
+
+        d = self.cfg.data
+        return DataConfig(paths=list(d.paths), weights=d.weights, seq_len=d.seq_len, seed=self.cfg.train.seed,
+                          split=split)
+
+    def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader:
+        from megalm.data.loader import build_loader
+
+        return build_loader(self._data_config(split), self.cfg.batch.global_batch, self.cfg.batch.micro_batch,
+                            dp_rank, dp_world)
+
+    def build_eval_loader(self, dp_rank: int, dp_world: int) -> Iterable[Batch]:
+        from megalm.data.loader import build_eval_loader
+
+        return build_eval_loader(self._data_config("train"), self.cfg.batch.micro_batch, dp_rank, dp_world)
+
+    def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor:
+        return model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
+                     labels=batch["labels"])
+
+    def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
+        return model.pipeline_layers()
+
+    def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from megalm.models.pipeline import pipeline_loss
+
+        return pipeline_loss(outputs, labels)
+
+    def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        return (batch["input_ids"], batch["position_ids"], batch["doc_ids"]), batch["labels"]
+
+    def tokens_in(self, batch: Batch) -> int:
+        return int(batch["input_ids"].numel())
+
+    def fingerprint(self) -> dict[str, Any]:
+        import os
+
+        return {"shard_dirs": [os.path.abspath(p) for p in self.cfg.data.paths],
+                "tokenizer_path": os.path.abspath(os.path.join(self.cfg.data.paths[0], self._tok.path)),
+                "tokenizer_sha256": self._tok.sha256, "vocab_size": self._tok.vocab_size,
+                "eos_id": self._tok.eos_id, "model_config": self._model_config.to_dict()}

@@ -1,0 +1,71 @@
+"""Functions run on real ranks by tests.distributed.helper (several trainings per launch: a
+2-rank DeepSpeed start costs ~10 s, so each job builds many engines in one process group)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from typing import Any
+
+MODES: dict[str, list[str]] = {
+    "zero0": ["parallel.zero_stage=0"],
+    "zero1": ["parallel.zero_stage=1"],
+    "zero2": ["parallel.zero_stage=2"],
+    "zero3": ["parallel.zero_stage=3"],
+    "pp2": ["parallel.zero_stage=1", "parallel.pipeline_stages=2"],
+}
+
+
+def small_overrides(shards: str, name: str, steps: int = 4) -> list[str]:
+    """A 2-layer model, fp32, grad accumulation 2 on 2 ranks (4 on a 2-stage pipeline)."""
+    return [f"name={name}", f"data.paths=[{shards}]", "data.seq_len=32", "model.dim=32", "model.n_layers=2",
+            "model.n_heads=2", "model.n_kv_heads=1", "batch.micro_batch=2", "batch.global_batch=8",
+            "precision.dtype=fp32", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "optimizer.warmup_steps=2",
+            f"train.steps={steps}", "checkpoint.interval=2", "logging.interval=1", "logging.progress=false",
+            "eval.batches=0"]
+
+
+def train(overrides: list[str], resume: str = "auto") -> dict[str, Any]:
+    """One in-process training run on the current process group; returns its summary + losses."""
+    import torch.distributed as dist
+
+    from megalm.train.config import load_config
+    from megalm.train.loop import Trainer
+    from megalm.train.task import LMTask
+
+    cfg = load_config(None, overrides, world_size=dist.get_world_size())
+    trainer = Trainer(cfg, LMTask(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
+    trainer.resume(resume)
+    summary = trainer.run()
+    summary["run_dir"] = str(cfg.run_dir())
+    del trainer
+    gc.collect()
+    return summary
+
+
+def train_records(run_dir: str) -> list[dict[str, Any]]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+def train_modes(workdir: str, shards: str, modes: list[str]) -> dict[str, Any]:
+    """Per mode: 4 straight steps, and 2 steps + a new engine resuming + 2 steps."""
+    os.chdir(workdir)
+    out: dict[str, Any] = {}
+    for mode in modes:
+        straight = train(small_overrides(shards, f"{mode}-straight") + MODES[mode])
+        first = train(small_overrides(shards, f"{mode}-split") + MODES[mode] + ["debug.max_steps_this_run=2"])
+        second = train(small_overrides(shards, f"{mode}-split") + MODES[mode])
+        out[mode] = {"straight": straight, "first": first, "second": second,
+                     "straight_losses": [r["loss"] for r in train_records(straight["run_dir"])],
+                     "split_losses": [r["loss"] for r in train_records(second["run_dir"])]}
+    return out
+
+
+def nan_rollback(workdir: str, shards: str) -> dict[str, Any]:
+    """Data batches 3..5 poisoned (NaN loss), 3 bad steps in a row roll back."""
+    os.chdir(workdir)
+    summary = train(small_overrides(shards, "nan", steps=6) + [
+        "parallel.zero_stage=2", "debug.nan_at_data_steps=[3,4,5]", "bad_steps.max_consecutive=3"])
+    return {"summary": summary, "records": train_records(summary["run_dir"])}

@@ -1,0 +1,91 @@
+"""`megalm launch` and launcher.env: torchrun-compatible env, dead rank -> non-zero exit (no hang),
+signals forwarded; rank discovery from torchrun / mpirun / srun variables."""
+
+from __future__ import annotations
+
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launcher.env import discover, first_host
+from tests.distributed.helper import REPO, cpu_env
+
+LAUNCH = [sys.executable, "-m", "megalm.cli", "launch"]
+
+# Ranks join a gloo group and all_reduce in a loop; rank 1 dies abruptly mid-loop (no cleanup),
+# leaving rank 0 blocked in a collective that can never complete.
+COLLECTIVE_THEN_DIE = """
+import os, time, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+with open(os.path.join(os.environ["OUT"], f"env{rank}"), "w") as f:
+    f.write(" ".join(os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")))
+for step in range(10**6):
+    t = torch.ones(4)
+    dist.all_reduce(t)
+    if rank == 1 and step == 20:
+        os._exit(7)
+"""
+
+
+def test_env_discovery():
+    tr = discover({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (tr.rank, tr.world_size, tr.local_rank, tr.local_world_size, tr.master_addr, tr.master_port,
+            tr.source) == (3, 8, 1, 2, "n1", 1234, "torchrun")
+    mpi = discover({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "6", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+                    "OMPI_COMM_WORLD_LOCAL_SIZE": "3", "MASTER_ADDR": "h"})
+    assert (mpi.rank, mpi.world_size, mpi.local_rank, mpi.local_world_size, mpi.source) == (5, 6, 2, 3, "mpirun")
+    srun = discover({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+                     "SLURM_NTASKS_PER_NODE": "2(x2)", "SLURM_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"})
+    assert (srun.rank, srun.world_size, srun.local_rank, srun.local_world_size, srun.master_addr,
+            srun.master_port, srun.source) == (1, 4, 1, 2, "gpu07", 24242, "srun")
+    assert discover({}).world_size == 1 and discover({}).source == "single"
+    assert first_host("a1,b2") == "a1" and first_host("node[3,5-6]") == "node3" and first_host("x") == "x"
+
+
+def test_dead_rank_stops_the_job(tmp_path):
+    env = cpu_env() | {"OUT": str(tmp_path)}
+    t0 = time.monotonic()
+    proc = subprocess.run([*LAUNCH, "--nproc", "2", "--", sys.executable, "-c", COLLECTIVE_THEN_DIE],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7, proc.stderr[-2000:]
+    assert "rank 1 exited with status 7" in proc.stderr
+    assert time.monotonic() - t0 < 110  # generous bound: what matters is that it returned at all
+    assert (tmp_path / "env0").read_text() == "0 0 2 2" and (tmp_path / "env1").read_text() == "1 1 2 2"
+
+
+def test_sigterm_is_forwarded(tmp_path):
+    script = ("import signal, sys, time, os\n"
+              "signal.signal(signal.SIGTERM, lambda *a: (open(os.environ['OUT'] + '/got' + os.environ['RANK'], 'w')"
+              ".close(), sys.exit(0)))\n"
+              "open(os.environ['OUT'] + '/ready' + os.environ['RANK'], 'w').close()\n"
+              "time.sleep(600)\n")
+    env = cpu_env() | {"OUT": str(tmp_path)}
+    proc = subprocess.Popen([*LAUNCH, "--nproc", "2", "--", sys.executable, "-c", script], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{r}").exists() for r in range(2)):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert (tmp_path / "got0").exists() and (tmp_path / "got1").exists()
+
+
+def test_usage_errors_are_one_line():
+    proc = subprocess.run([*LAUNCH, "--nproc", "2", "true"], capture_output=True, text=True, cwd=REPO,
+                          env=cpu_env(), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "`--`" in proc.stderr
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_success_exit_zero(nproc):
+    proc = subprocess.run([*LAUNCH, "--nproc", str(nproc), "--", sys.executable, "-c", "pass"],
+                          env=cpu_env(), timeout=60)
+    assert proc.returncode == 0
+

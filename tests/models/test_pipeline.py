@@ -1,0 +1,55 @@
+"""The pipeline layer list is the same model: same parameters, same numbers, same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megalm.models.pipeline import BlockPipe, EmbeddingPipe, HeadPipe, pipeline_loss, tied_weight
+from tests.models.common import build, packed_batch
+
+
+def run_layers(layers, inputs):
+    x = inputs
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt2", "mqa"])
+def test_layers_run_in_order_equal_forward_exactly(shape):
+    model = build(shape, dtype=torch.float32)
+    layers = model.pipeline_layers()
+    assert [type(m) for m in layers] == [EmbeddingPipe, BlockPipe, BlockPipe, HeadPipe]
+    ids, pos, docs, _ = packed_batch([3, 8, 5])
+    ids2 = torch.cat([ids, ids.flip(1)])
+    pos2, docs2 = torch.cat([pos, pos.flip(1)]), torch.cat([docs, docs.flip(1)])
+    assert torch.equal(run_layers(layers, (ids2, pos2, docs2)), model(ids2, pos2, docs2))
+    assert torch.equal(run_layers(layers, (ids2, pos2)), model(ids2, pos2))
+    assert torch.equal(run_layers(layers, ids2), model(ids2))
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt2"])
+def test_layers_share_the_models_parameters_and_gradients(shape):
+    model = build(shape, dtype=torch.float64, activation_checkpointing=1)
+    layers = model.pipeline_layers()
+    layer_params = {id(p) for layer in layers for p in layer.parameters()}
+    assert layer_params == {id(p) for p in model.parameters()}
+
+    ids, pos, docs, labels = packed_batch([6, 9])
+    model.train()
+    model(ids, pos, docs, labels=labels).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss = pipeline_loss(run_layers(layers, (ids, pos, docs)), labels)
+    loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_tied_weight_is_the_embedding_and_absent_when_untied():
+    tied = build("gpt2")
+    layers = tied.pipeline_layers()
+    assert tied_weight(layers) is tied.tok_embeddings.weight
+    assert layers[-1].proj is layers[0].tok_embeddings
+    assert tied_weight(build("llama").pipeline_layers()) is None

@@ -1,0 +1,309 @@
+"""A toy DeepSpeed training program driven by the checkpoint tests (and scripts/stress_checkpoint.py),
+plus the in-process unit tests of the checkpoint pieces that need no engine.
+
+Run as a program: `python tests/train/test_checkpoint_toy.py '<json args>'` (1 rank) or under
+torchrun (2 ranks). It trains a stack of Linear layers with DeepSpeed on CPU (gloo), saving and
+resuming through CheckpointManager, and writes what it saw (losses as float.hex, state digests)
+to args["out"].<rank>.json. Data is a pure function of (step, global sample index), so any DP size
+sees the same global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from megalm.errors import UserError
+from megalm.train.checkpoint import CheckpointConfig
+from megalm.train.checkpoint_engine import snapshot_to_cpu
+from megalm.train.checkpoint_files import complete_directory, verify_directory
+
+HERE = os.path.abspath(__file__)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The toy program
+# ------------------------------------------------------------------------------------------------
+class Toy(torch.nn.Module):
+    def __init__(self, hidden: int, layers: int):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return torch.nn.functional.mse_loss(x, y)
+
+
+def sample(step: int, index: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step * 100_003 + index)
+    return torch.randn(hidden, generator=g), torch.rand(hidden, generator=g) - 0.5
+
+
+def digest(obj, h=None) -> str:
+    """sha256 over the tensors and numbers of a nested state (other objects skipped)."""
+    top = h is None
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        h.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            digest(v, h)
+    elif isinstance(obj, (int, float, bool)):
+        h.update(repr(obj).encode())
+    return h.hexdigest() if top else ""
+
+
+def build_engine(a: dict, world: int):
+    import deepspeed
+
+    torch.manual_seed(1234)
+    model = Toy(a["hidden"], a["layers"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    dp = world
+    cfg = {"train_batch_size": a["global_batch"], "train_micro_batch_size_per_gpu": a["micro"],
+           "gradient_accumulation_steps": a["global_batch"] // (a["micro"] * dp),
+           "gradient_clipping": 1.0, "zero_optimization": {"stage": a["zero"]},
+           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def train_step(engine, step: int, a: dict, rank: int, world: int) -> str:
+    """One optimizer step; returns the global mean loss (all ranks, all micro batches) as hex."""
+    gas = engine.gradient_accumulation_steps()
+    total = torch.zeros(())
+    for micro in range(gas):
+        first = (micro * world + rank) * a["micro"]  # global sample index of this micro batch
+        xs, ys = zip(*(sample(step, first + i, a["hidden"]) for i in range(a["micro"])))
+        loss = engine(torch.stack(xs), torch.stack(ys))
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach()
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return float(total / (gas * world)).hex()
+
+
+def full_weights(engine) -> str:
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            return digest({n: p.data.clone() for n, p in engine.module.named_parameters()})
+    return digest(engine.module.state_dict())
+
+
+def local_state(engine) -> str:
+    return digest([engine.module.state_dict(), engine.optimizer.state_dict()])
+
+
+def scenario(a: dict, rank: int, world: int) -> dict:
+    """Train to a["steps"] (resuming first if asked), saving at a["save_at"] (or every step)."""
+    from megalm.train import checkpoint_engine
+    from megalm.train.checkpoint import CheckpointManager
+
+    engine = build_engine(a, world)
+    mgr = CheckpointManager(CheckpointConfig(dir=a["dir"], keep_last=a.get("keep_last", 3),
+                                             async_save=a.get("async", False)),
+                            rank=rank, world_size=world)
+    twin = None
+    if a.get("twin_dir"):  # the same saves again, through the other (sync/async) path
+        twin = CheckpointManager(CheckpointConfig(dir=a["twin_dir"], async_save=not a.get("async", False)),
+                                 rank=rank, world_size=world)
+    rec: dict = {"losses": {}, "at_save": {}, "weights_at_save": {}, "blocked_s": {}}
+    start = 0
+    if a.get("resume"):
+        cs = mgr.load(engine)
+        if cs is not None:
+            start = cs["step"]
+            rec.update(loaded_step=start, after_load=local_state(engine),
+                       weights_after_load=full_weights(engine), client_state=cs)
+    gate = threading.Event()
+    real_write = checkpoint_engine.MegalmCheckpointEngine.write_pending
+    if a.get("block_writer"):
+        # Hold the background writer until training has gone on: proves the loop is not blocked.
+        def held(self, pending):
+            if pending:  # only the async saves queue anything
+                gate.wait()
+            return real_write(self, pending)
+        checkpoint_engine.MegalmCheckpointEngine.write_pending = held
+    try:
+        for step in range(start + 1, a["steps"] + 1):
+            rec["losses"][step] = train_step(engine, step, a, rank, world)
+            if a.get("block_writer") and step > min(a["save_at"]):
+                rec.setdefault("steps_while_held", []).append(step)
+                gate.set()
+            if step in a.get("save_at", []) or a.get("save_every"):
+                rec["at_save"][step] = local_state(engine)
+                rec["weights_at_save"][step] = full_weights(engine)
+                print(f"SAVE_BEGIN {step}", flush=True)
+                mgr.save(engine, step, {"step": step, "note": a.get("note", "")})
+                rec["blocked_s"][step] = mgr.last_blocked_s
+                print(f"SAVE_RETURNED {step}", flush=True)
+                if a.get("block_writer"):
+                    rec.setdefault("published_while_held", {})[step] = os.path.isdir(
+                        os.path.join(a["dir"], f"step_{step:08d}"))
+                if twin is not None:
+                    twin.save(engine, step, {"step": step, "note": a.get("note", "")})
+        gate.set()
+        mgr.wait()
+        if twin is not None:
+            twin.wait()
+    finally:
+        gate.set()
+        checkpoint_engine.MegalmCheckpointEngine.write_pending = real_write
+    rec["final_weights"] = full_weights(engine)
+    rec["final_state"] = local_state(engine)
+    return rec
+
+
+def run(a: dict) -> None:
+    """a["stages"] (default [a["zero"]]): run the scenario once per ZeRO stage, in dir/<stage>."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    out = {}
+    for z in a.get("stages", [a["zero"]]):
+        sa = dict(a, zero=z)
+        if "stages" in a:
+            sa["dir"] = os.path.join(a["dir"], str(z))
+            if a.get("twin_dir"):
+                sa["twin_dir"] = os.path.join(a["twin_dir"], str(z))
+        out[str(z)] = scenario(sa, rank, world)
+        if a.get("reload"):  # a fresh engine resumes what was just saved and trains to the end
+            out[f"{z}/reload"] = scenario(dict(sa, resume=True, save_at=[], twin_dir=None,
+                                               block_writer=False), rank, world)
+    rec = out if "stages" in a else out[str(a["zero"])]
+    with open(f"{a['out']}.{rank}.json", "w") as f:
+        json.dump(rec, f)
+    print("DONE", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch helpers used by the tests and the stress script
+# ------------------------------------------------------------------------------------------------
+def toy_env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toy_cmd(args: dict, nproc: int) -> list[str]:
+    blob = json.dumps(args)
+    if nproc == 1:
+        return [sys.executable, HERE, blob]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={_free_port()}", HERE, blob]
+
+
+def defaults(**kw) -> dict:
+    a = {"hidden": 32, "layers": 3, "micro": 2, "global_batch": 4, "zero": 0, "steps": 4}
+    a.update(kw)
+    return a
+
+
+def run_toy(args: dict, nproc: int = 1, timeout: float = 300) -> tuple[list[dict], str]:
+    """Run the toy program to completion; return (per-rank records, combined output)."""
+    import subprocess
+
+    proc = subprocess.run(toy_cmd(args, nproc), env=toy_env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    recs = []
+    for r in range(nproc):
+        with open(f"{args['out']}.{r}.json") as f:
+            recs.append(json.load(f))
+    return recs, out
+
+
+def _single_rank_env() -> None:
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process unit tests (no DeepSpeed engine needed)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, key", [({"keep_last": 0}, "checkpoint.keep_last"),
+                                     ({"interval": -5}, "checkpoint.interval"),
+                                     ({"interval": True}, "checkpoint.interval"),
+                                     ({"dir": ""}, "checkpoint.dir"),
+                                     ({"async_save": "yes"}, "checkpoint.async_save")])
+def test_config_rejects_bad_values_naming_the_key(kw, key):
+    with pytest.raises(UserError, match=key):
+        CheckpointConfig(**kw)
+
+
+def test_snapshot_writes_identical_bytes_and_is_independent():
+    base = torch.arange(64, dtype=torch.float32)
+    param = torch.nn.Parameter(torch.randn(4, 4))
+    state = {"a": base[8:24].view(4, 4), "b": base[:8], "same": base[:8], "p": param,
+             "n": {"step": 3, "lst": [torch.ones(2, dtype=torch.bfloat16), "x"]}}
+    state["alias"] = state["a"]
+    snap = snapshot_to_cpu(state)
+    orig_bytes, snap_bytes = io.BytesIO(), io.BytesIO()
+    torch.save(state, orig_bytes)
+    torch.save(snap, snap_bytes)
+    assert orig_bytes.getvalue() == snap_bytes.getvalue()
+    base.add_(1.0)  # the live state moves on; the snapshot must not
+    state["n"]["step"] = 4
+    assert snap["b"][0].item() == 0.0 and snap["n"]["step"] == 3
+    assert snap["a"].untyped_storage().data_ptr() == snap["b"].untyped_storage().data_ptr()
+    assert snap["alias"] is snap["a"] and isinstance(snap["p"], torch.nn.Parameter)
+
+
+def test_manifest_detects_corruption_missing_and_truncation(tmp_path):
+    root = tmp_path / "ck"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.bin").write_bytes(b"a" * 1000)
+    (root / "sub" / "b.bin").write_bytes(b"b" * 10)
+    complete_directory(str(root), [], {"step": 1})
+    assert {f["path"] for f in verify_directory(str(root))["files"]} == {"a.bin", "sub/b.bin"}
+    data = bytearray((root / "a.bin").read_bytes())
+    data[500] ^= 1
+    (root / "a.bin").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch in a.bin"):
+        verify_directory(str(root))
+    verify_directory(str(root), full=False)  # same size: only the full check catches a bit flip
+    (root / "sub" / "b.bin").write_bytes(b"b" * 9)
+    with pytest.raises(ValueError, match="size mismatch in sub/b.bin"):
+        verify_directory(str(root), full=False)
+    (root / "sub" / "b.bin").unlink()
+    with pytest.raises(ValueError, match="missing file sub/b.bin"):
+        verify_directory(str(root), full=False)
+    (root / "manifest.json").write_text((root / "manifest.json").read_text().replace('"step": 1', '"step": 2'))
+    with pytest.raises(ValueError, match="does not match its completion marker"):
+        verify_directory(str(root), full=False)
+    (root / "COMPLETE").unlink()
+    with pytest.raises(ValueError, match="no completion marker"):
+        verify_directory(str(root), full=False)
+
+
+if __name__ == "__main__":
+    _single_rank_env()
+    run(json.loads(sys.argv[1]))

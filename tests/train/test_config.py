@@ -1,0 +1,122 @@
+"""Config loading: typed sections, dotted overrides, one-line errors naming the key, DeepSpeed config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megalm.errors import UserError
+from megalm.train.config import load_config, to_deepspeed_config
+from megalm.train.schedule import lr_at
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = ["data.paths=[d]", "train.steps=10"]
+
+
+def cfg_of(*overrides: str, world_size: int | None = None):
+    return load_config(None, [*BASE, *overrides], world_size=world_size)
+
+
+def error_of(*overrides: str, world_size: int | None = None) -> str:
+    with pytest.raises(UserError) as exc:
+        cfg_of(*overrides, world_size=world_size)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\nmodel: tiny\ndata: {paths: [a, b], weights: [1, 3], seq_len: 64}\n"
+                    "optimizer: {lr: 1e-3}\ntrain: {steps: 5}\n")
+    cfg = load_config(str(path), ["model.n_layers=2", "batch.micro_batch=2", "optimizer.betas=[0.9,0.99]"])
+    assert cfg.model == {"preset": "tiny", "n_layers": 2}
+    assert cfg.data.paths == ["a", "b"] and cfg.data.weights == [1.0, 3.0]
+    assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.betas == [0.9, 0.99]
+    assert cfg.batch.micro_batch == 2 and cfg.source == "run.yaml"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["batch.micro_batch=0"], "batch.micro_batch"),
+    (["optimizer.schedule=step"], "optimizer.schedule"),
+    (["optimizer.lrr=1"], "optimizer.lrr: unknown key"),
+    (["bogus=1"], "bogus: unknown key"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage"),
+    (["precision.dtype=fp8"], "precision.dtype"),
+    (["train.tokens=100"], "train.steps"),
+    (["batch.micro_batch=x"], "batch.micro_batch: expected an integer"),
+    (["data.weights=[1,2]"], "data.weights"),
+    (["optimizer.min_lr=1"], "optimizer.min_lr"),
+    (["bad_steps.spike_factor=0.5"], "bad_steps.spike_factor"),
+    (["parallel.offload_optimizer=true", "parallel.zero_stage=0"], "parallel.offload_optimizer"),
+])
+def test_bad_values_name_the_key(overrides, key):
+    assert key in error_of(*overrides)
+
+
+def test_batch_must_divide_over_ranks():
+    msg = error_of("batch.micro_batch=4", "batch.global_batch=12", world_size=2)
+    assert msg == ("config: batch.global_batch: must be a multiple of micro_batch × data-parallel size "
+                   "(4 × 2), got 12")
+    assert cfg_of("batch.micro_batch=2", "batch.global_batch=8", world_size=2).grad_accum(2) == 2
+
+
+def test_zero2_with_pipeline_is_rejected():
+    msg = error_of("parallel.zero_stage=2", "parallel.pipeline_stages=2")
+    assert msg.startswith("config: parallel.zero_stage: ZeRO-2 cannot be combined with pipeline")
+    assert "pipeline" in error_of("parallel.pipeline_stages=2", world_size=3)
+
+
+def test_deepspeed_config_is_generated():
+    cfg = cfg_of("batch.micro_batch=2", "batch.global_batch=16", "parallel.zero_stage=3",
+                 "parallel.offload_optimizer=true", "precision.dtype=fp16", "optimizer.grad_clip=0.5",
+                 "deepspeed={zero_optimization: {reduce_bucket_size: 1000}}", world_size=2)
+    ds = to_deepspeed_config(cfg, 2)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                       "reduce_bucket_size": 1000}
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0.0 and "bf16" not in ds
+
+
+def test_tokens_budget_sets_steps():
+    cfg = load_config(None, ["data.paths=[d]", "train.tokens=1000", "data.seq_len=10", "batch.global_batch=8"])
+    assert cfg.total_steps() == 13  # ceil(1000 / 80)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
+def test_schedules(schedule):
+    cfg = cfg_of(f"optimizer.schedule={schedule}", "optimizer.lr=1.0", "optimizer.min_lr=0.1",
+                 "optimizer.warmup_steps=10", "optimizer.decay_fraction=0.5")
+    o = cfg.optimizer
+    lrs = [lr_at(s, 110, o) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:10], lrs[1:10]))
+    if schedule == "constant":
+        assert lrs[-1] == 1.0
+        return
+    assert lrs[-1] == pytest.approx(0.1, abs=0.02)  # ends at min_lr
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))  # never rises after warmup
+    if schedule == "wsd":
+        assert lrs[50] == 1.0 and lrs[60] < 1.0  # stable until the last half, then decays
+    if schedule == "cosine":
+        assert lrs[60] == pytest.approx(0.55, abs=0.01)  # half-way: mean of lr and min_lr
+
+
+def test_cli_bad_config_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {paths: [x]}\ntrain: {steps: 4}\nparallel: {zero_stage: 3, pipeline_stages: 2}\n")
+    proc = subprocess.run([sys.executable, "-m", "megalm.cli", "train", str(path)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: bad.yaml: parallel.zero_stage: ZeRO-3 cannot be combined with pipeline parallelism "
+        "(pipeline_stages=2); DeepSpeed allows ZeRO 0 or 1 with pipelines"]
+    path.write_text("data: {paths: [x]\n")
+    proc = subprocess.run([sys.executable, "-m", "megalm.cli", "train", str(path)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: bad.yaml:2: invalid YAML")
