@@ -33,7 +33,7 @@ from tests.data.shards import EOS_ID, write_manifest, write_shard_file  # noqa: 
 VOCAB = 32000
 
 
-def make_shards(out: str, total_tokens: int, n_shards: int, seed: int) -> tuple[int, int]:
+def make_shards(out: str, total_tokens: int, n_shards: int, seed: int, doc_len: tuple[int, int] = (16, 4096)) -> tuple[int, int]:
     rng = np.random.default_rng(seed)
     os.makedirs(out, exist_ok=True)
     tok = os.path.join(out, "tokenizer.model")
@@ -45,7 +45,8 @@ def make_shards(out: str, total_tokens: int, n_shards: int, seed: int) -> tuple[
     per = total_tokens // n_shards
     shards, n_docs = [], 0
     for s in tqdm(range(n_shards), desc="writing shards", unit="shard"):
-        lengths = rng.integers(16, 4097, size=int(per / 2056 * 1.05) + 64)
+        mean = (doc_len[0] + doc_len[1]) / 2
+        lengths = rng.integers(doc_len[0], doc_len[1] + 1, size=int(per / mean * 1.05) + 64)
         lengths = lengths[: int(np.searchsorted(np.cumsum(lengths), per)) + 1]
         lengths[-1] -= int(lengths.sum()) - per  # exactly `per` tokens per shard
         lengths = lengths[lengths > 0]
@@ -117,6 +118,7 @@ def main() -> int:
     ap.add_argument("--global-batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--short-doc-tokens", type=float, default=2e8, help="second data set: documents of 20..180 tokens")
     ap.add_argument("--workdir", default=None, help="where to write the temporary shards (default: system temp)")
     ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
     args = ap.parse_args()
@@ -131,6 +133,13 @@ def main() -> int:
         verify_startup = time_startup(DataConfig(paths=cfg.paths, seq_len=args.seq_len, seed=1, verify=True))
         ours = [our_throughput(cfg, args.steps, args.global_batch, args.micro_batch) for _ in range(args.repeats)]
         naive = [naive_throughput(cfg.paths[0], args.seq_len, args.micro_batch, 2_000_000) for _ in range(args.repeats)]
+        shutil.rmtree(os.path.join(tmp, "shards"))
+        # many short documents: start-up scales with documents, packing with documents per window
+        s_total, s_docs = make_shards(os.path.join(tmp, "short"), int(args.short_doc_tokens), 2, seed=1, doc_len=(20, 180))
+        s_cfg = DataConfig(paths=[os.path.join(tmp, "short")], seq_len=args.seq_len, seed=1)
+        s_startup = [time_startup(s_cfg) for _ in range(args.repeats)]
+        s_ours = [our_throughput(s_cfg, args.steps, args.global_batch, args.micro_batch) for _ in range(args.repeats)]
+        s_naive = [naive_throughput(s_cfg.paths[0], args.seq_len, args.micro_batch, 2_000_000) for _ in range(args.repeats)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -163,6 +172,15 @@ def main() -> int:
         "packed_tokens_per_s_goal": 10_000_000,
         "naive_python_packing_tokens_per_s": [round(x) for x in naive],
         "speedup_vs_naive_python_packing": round(best_ours / best_naive, 1),
+        "short_docs": {
+            "tokens": s_total,
+            "documents": s_docs,
+            "doc_len_range": [20, 180],
+            "startup_s": [round(x, 4) for x in s_startup],
+            "packed_tokens_per_s_per_rank": [round(x) for x in s_ours],
+            "naive_python_packing_tokens_per_s": [round(x) for x in s_naive],
+            "speedup_vs_naive_python_packing": round(max(s_ours) / max(s_naive), 1),
+        },
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--workers", type=int, default=1, help="processes on this node")
     o.add_argument("--valid-fraction", type=float, default=0.005)
-    o.add_argument("--shard-size-mb", type=float, default=64.0,
+    o.add_argument("--shard-size-mb", type=float, default=16.0,
                    help="target shard size (estimated at ~4 characters per token)")
     o.add_argument("--dedup", action="store_true", help="drop exact duplicates (first kept)")
     o.add_argument("--min-chars", type=int, default=1)

@@ -19,7 +19,7 @@ class PrepConfig:
     tokenizer_sample_mb: float = 32.0  # text sampled (by document hash) to train the tokenizer
     workers: int = 1
     valid_fraction: float = 0.005
-    shard_size_mb: float = 64.0
+    shard_size_mb: float = 16.0
     dedup: bool = False
     min_chars: int = 1
     min_tokens: int = 0

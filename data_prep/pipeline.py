@@ -20,18 +20,20 @@ from megalm.errors import UserError
 
 from . import manifest, mpi, outdir, readers, tokenizer
 from .config import PrepConfig
+from .shards import fsync_dir
 from .units import Encoder, Filter, Unit, finished, process, split_units, unit_chars
 
 _worker_state: dict = {}  # per worker process: its Encoder and output folder (set by _init)
 
 
-def _init(model: bytes, out: str, min_tokens: int) -> None:
-    _worker_state.update(encoder=Encoder(model), out=Path(out), min_tokens=min_tokens)
+def _init(model: bytes, out: str, min_tokens: int, valid_fraction: float) -> None:
+    _worker_state.update(encoder=Encoder(model), out=Path(out), min_tokens=min_tokens,
+                         valid_fraction=valid_fraction)
 
 
 def _work(unit: Unit) -> dict:
     s = _worker_state
-    return process(unit, s["encoder"], s["out"], s["min_tokens"])
+    return process(unit, s["encoder"], s["out"], s["min_tokens"], s["valid_fraction"])
 
 
 class _Progress:
@@ -61,19 +63,21 @@ def _process_all(cfg: PrepConfig, sources, model: bytes, rank: int, size: int
     dtype_bytes = np.dtype(tokenizer.token_dtype(tokenizer.describe(model)["vocab_size"])).itemsize
     counters = readers.ReadCounters()
     docs = readers.iter_documents(sources, cfg.text_key, cfg.skip_bad, counters)
-    filt = Filter(cfg.min_chars, cfg.dedup, cfg.valid_fraction)
+    filt = Filter(cfg.min_chars, cfg.dedup)
     results, reused = [], 0
-    progress = _Progress(rank)
     pool = None
     encoder = None
     pending: deque = deque()
+    if cfg.workers > 1:
+        # Fork is cheap, and safe here: nothing has started a thread yet (no reader, no tqdm).
+        # Under MPI spawn instead: forking an initialised MPI process is not supported.
+        ctx = mp.get_context("spawn" if size > 1 or mpi.launched_under_mpi() else "fork")
+        pool = ctx.Pool(cfg.workers, _init,
+                        (model, str(out), cfg.min_tokens, cfg.valid_fraction))
+    else:
+        encoder = Encoder(model)
+    progress = _Progress(rank)
     try:
-        if cfg.workers > 1:
-            # spawn, not fork: forking an MPI process or a threaded pyarrow is unsafe.
-            pool = mp.get_context("spawn").Pool(cfg.workers, _init,
-                                                (model, str(out), cfg.min_tokens))
-        else:
-            encoder = Encoder(model)
         for index, raw in split_units(docs, unit_chars(cfg.shard_size_mb, dtype_bytes)):
             owned = index % size == rank
             unit = filt.apply(index, raw, owned)
@@ -85,7 +89,7 @@ def _process_all(cfg: PrepConfig, sources, model: bytes, rank: int, size: int
                 results.append(done)
                 progress.add(done)
             elif pool is None:
-                results.append(process(unit, encoder, out, cfg.min_tokens))
+                results.append(process(unit, encoder, out, cfg.min_tokens, cfg.valid_fraction))
                 progress.add(results[-1])
             else:
                 # Bound memory: at most workers+1 units in flight.
@@ -157,8 +161,11 @@ def _finish(cfg: PrepConfig, out: Path, model: bytes, gathered: list) -> dict | 
     if m["stats"]["documents"] == 0:
         return (f"inputs {' '.join(cfg.inputs)}: every document was removed by the filters "
                 f"({m['stats']['removed']}); relax --min-chars/--min-tokens")
+    fsync_dir(out / outdir.UNITS_DIR)
+    fsync_dir(out)  # every shard rename is durable before the manifest points at it
     manifest.write(out, m)
     _print_summary(m, reused)
+    print(f"parallel: {len(gathered)} rank(s) x {cfg.workers} worker(s); wrote {out}/manifest.json")
     return m
 
 

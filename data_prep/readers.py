@@ -106,7 +106,47 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
+class _SlowPath(Exception):
+    """The fast reader met something only the line-by-line reader can judge precisely."""
+
+
 def _jsonl(path: str, key: str, skip_bad: bool, counters: ReadCounters) -> Iterator[str]:
+    """Arrow's multithreaded C++ JSON reader first; at the first record it cannot take as-is
+    (null/missing key, non-string, bad JSON or UTF-8, huge line) the exact line reader resumes
+    after the documents already produced, so both paths yield the same stream."""
+    done = 0
+    if not skip_bad:
+        try:
+            for texts in _jsonl_arrow(path, key):
+                yield from texts
+                done += len(texts)
+            return
+        except _SlowPath:
+            pass
+    yield from _jsonl_lines(path, key, skip_bad, counters, skip_docs=done)
+
+
+def _jsonl_arrow(path: str, key: str) -> Iterator[list[str]]:
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    opts = pj.ParseOptions(explicit_schema=pa.schema([(key, pa.string())]),
+                           unexpected_field_behavior="ignore")
+    try:
+        with pa.input_stream(path, compression="detect") as stream:
+            reader = pj.open_json(stream, read_options=pj.ReadOptions(block_size=8 << 20),
+                                  parse_options=opts)
+            for batch in reader:
+                col = batch.column(0)
+                if col.null_count:
+                    raise _SlowPath
+                yield col.to_pylist()
+    except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError):
+        raise _SlowPath from None
+
+
+def _jsonl_lines(path: str, key: str, skip_bad: bool, counters: ReadCounters,
+                 skip_docs: int = 0) -> Iterator[str]:
     offset = 0
     try:
         with _open_binary(path) as f:
@@ -143,6 +183,9 @@ def _jsonl(path: str, key: str, skip_bad: bool, counters: ReadCounters) -> Itera
                 if not isinstance(text, str):
                     raise UserError(f"{path}:{lineno}: key {key!r} holds a "
                                     f"{type(text).__name__}, expected a string")
+                if skip_docs:
+                    skip_docs -= 1
+                    continue
                 yield text
     except (OSError, EOFError) as exc:  # truncated .gz, unreadable file
         raise UserError(f"{path}: cannot read ({exc}) after byte {offset} of decompressed "

@@ -31,7 +31,9 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
+def atomic_write(path: str | Path, data: bytes, sync_dir: bool = True) -> None:
+    """Temp file, fsync, rename. `sync_dir=False` leaves the rename's durability to a later
+    `fsync_dir` (the prep pipeline syncs its folders once, before writing the manifest)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
     try:
@@ -45,7 +47,8 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def remove_temp_files(directory: str | Path) -> int:

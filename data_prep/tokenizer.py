@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,8 @@ UNSAFE_RANGES: tuple[tuple[int, int], ...] = (
     (0x110CD, 0x110CD), (0x13430, 0x13438), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
     (0xE0001, 0xE0001), (0xE0020, 0xE007F),
 )
-_UNSAFE = re.compile("[" + "".join(f"\\U{a:08X}-\\U{b:08X}" for a, b in UNSAFE_RANGES) + "]")
+_UNSAFE_CHARS = frozenset(chr(c) for a, b in UNSAFE_RANGES for c in range(a, b + 1))
+_SAFE_ASCII = bytes(range(0x20, 0x7F)) + b"\t\n\r"
 _CACHE_SAFE_NORMALIZERS = {"nmt_nfkc", "nmt_nfkc_cf"}
 
 
@@ -133,6 +133,13 @@ def word_cache_is_exact(model: bytes) -> bool:
     return sp.encode("ab\tcd\nef\rgh  ij ") == sp.encode("ab cd ef gh ij")
 
 
+def cache_safe(text: str) -> bool:
+    """True when `text` holds no character of UNSAFE_RANGES."""
+    if text.isascii():  # the common case: delete the safe bytes in C, anything left is unsafe
+        return not text.encode("ascii").translate(None, _SAFE_ASCII)
+    return _UNSAFE_CHARS.isdisjoint(text)
+
+
 class Encoder:
     """Encodes batches of documents to one flat id array plus per-document lengths."""
 
@@ -150,7 +157,7 @@ class Encoder:
         """Returns (ids of all documents concatenated, number of ids per document)."""
         if not self.word_cache:
             return self._plain(texts)
-        fast = [i for i, t in enumerate(texts) if _UNSAFE.search(t) is None]
+        fast = [i for i, t in enumerate(texts) if cache_safe(t)]
         if len(fast) == len(texts):
             return self._cached(texts)
         fast_ids, fast_lens = self._cached([texts[i] for i in fast])
@@ -166,14 +173,16 @@ class Encoder:
 
     def _cached(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         words = [t.split() for t in texts]
-        new = sorted(set().union(*words) - self._index.keys())
-        if new:
-            self._add_words(new)
         flat_words = list(chain.from_iterable(words))
-        rows = np.fromiter(map(self._index.__getitem__, flat_words), np.int64, len(flat_words))
+        n = len(flat_words)
+        rows = np.fromiter(map(self._index.get, flat_words, repeat(-1)), np.int64, n)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):  # first sight of these words: encode each once, then look up again
+            self._add_words(sorted({flat_words[i] for i in missing}))
+            rows[missing] = [self._index[flat_words[i]] for i in missing]
         lens = self._lens[rows]
         ends = np.cumsum(lens)
-        total = int(ends[-1]) if len(ends) else 0
+        total = int(ends[-1]) if n else 0
         # Position k of the output takes table[start(word) + (k - first output pos of word)].
         gather = np.repeat(self._starts[rows] - (ends - lens), lens) + np.arange(total)
         ids = self._table[gather]

@@ -3,7 +3,9 @@
 Unit boundaries depend only on the input (a unit closes once it holds `unit_chars` characters),
 so unit i always produces the same `train-i.arrow` / `valid-i.arrow` whichever worker or rank
 runs it: that is what makes the output byte-identical for any parallelism, and what lets a
-re-run skip the units whose result file (`.units/unit-i.json`) and shards check out.
+re-run skip the units whose result file (`.units/unit-i.json`) and shards check out. A unit's
+renames are made durable by one directory fsync before the manifest; until then a crash can at
+worst lose a rename, which the checksum check on resume notices (the unit is redone).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from .tokenizer import Encoder
 class Unit:
     index: int
     texts: list[str] = field(default_factory=list)
-    valid: list[bool] = field(default_factory=list)
     documents_in: int = 0
     duplicates: int = 0
     too_short_chars: int = 0
@@ -48,12 +49,15 @@ def split_units(docs: Iterable[str], chars_per_unit: int) -> Iterator[tuple[int,
         yield index, batch
 
 
-class Filter:
-    """Per-document decisions made in input order by every rank: min chars, dedup, split."""
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
-    def __init__(self, min_chars: int, dedup: bool, valid_fraction: float):
+
+class Filter:
+    """Decisions that need the documents before this one: run by every rank in input order."""
+
+    def __init__(self, min_chars: int, dedup: bool):
         self.min_chars, self.dedup = min_chars, dedup
-        self.threshold = int(valid_fraction * 2**64)
         self.seen: set[bytes] = set()  # 16-byte digests of kept texts (grows with the corpus)
 
     def apply(self, index: int, docs: list[str], owned: bool) -> Unit:
@@ -62,19 +66,22 @@ class Filter:
             if len(text.strip()) < self.min_chars:
                 unit.too_short_chars += 1
                 continue
-            if not (owned or self.dedup):
-                continue  # nothing to decide for a unit another rank will tokenize
-            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
-                                     digest_size=16).digest()
             if self.dedup:
+                digest = _digest(text)
                 if digest in self.seen:
                     unit.duplicates += 1
                     continue
                 self.seen.add(digest)
             if owned:
                 unit.texts.append(text)
-                unit.valid.append(int.from_bytes(digest[:8], "little") < self.threshold)
         return unit
+
+
+def is_valid(texts: list[str], valid_fraction: float) -> np.ndarray:
+    """Train/valid split by content hash: stable under any reordering or parallelism."""
+    threshold = int(valid_fraction * 2**64)
+    return np.fromiter((int.from_bytes(_digest(t)[:8], "little") < threshold for t in texts),
+                       bool, len(texts))
 
 
 def result_path(out: Path, index: int) -> Path:
@@ -94,13 +101,14 @@ def finished(out: Path, index: int) -> dict | None:
         return None
 
 
-def process(unit: Unit, encoder: Encoder, out: Path, min_tokens: int) -> dict:
+def process(unit: Unit, encoder: Encoder, out: Path, min_tokens: int,
+            valid_fraction: float) -> dict:
     """Tokenize a unit, write its shards (atomically), then its result file; return the result."""
     dtype = str(encoder.dtype)
     ids, lens = encoder.encode(unit.texts)
     offsets = np.concatenate([[0], np.cumsum(lens)])
     keep = lens >= max(min_tokens, 1)
-    valid = np.asarray(unit.valid, bool) if unit.valid else np.zeros(0, bool)
+    valid = is_valid(unit.texts, valid_fraction)
     shards = []
     for split, mask in (("train", keep & ~valid), ("valid", keep & valid)):
         rows = np.flatnonzero(mask)
@@ -117,7 +125,7 @@ def process(unit: Unit, encoder: Encoder, out: Path, min_tokens: int) -> dict:
                            + np.arange(int(ends[-1]))]
         data = encode_shard(part_ids, part_lens, dtype)
         name = f"{split}-{unit.index:05d}.arrow"
-        atomic_write(out / name, data)
+        atomic_write(out / name, data, sync_dir=False)
         shards.append({"split": split, "file": name, "rows": int(len(rows)),
                        "tokens": int(part_lens.sum()), "bytes": len(data),
                        "sha256": hashlib.sha256(data).hexdigest()})
@@ -128,5 +136,5 @@ def process(unit: Unit, encoder: Encoder, out: Path, min_tokens: int) -> dict:
                           "too_short_tokens": int((~keep).sum())},
               "lengths": [[int(v), int(c)] for v, c in zip(values, counts)],
               "shards": shards, "text_chars": sum(map(len, unit.texts))}
-    atomic_write(result_path(out, unit.index), json.dumps(result).encode())
+    atomic_write(result_path(out, unit.index), json.dumps(result).encode(), sync_dir=False)
     return result

@@ -90,7 +90,8 @@ def main(argv: list[str]) -> int:
                 _stop(procs)
                 return 128 + received[0] if received else (code if code > 0 else 128 - code)
             if all(c == 0 for c in codes):
-                return 0
+                # Ranks that shut down cleanly on a forwarded signal still report the interruption.
+                return 128 + received[0] if received else 0
             time.sleep(0.1)
     finally:
         for s, h in old.items():

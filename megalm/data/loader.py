@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from megalm.data.batch import collate
@@ -152,16 +153,14 @@ class EvalLoader(_TokenizerFacade):
         self.dp_rank = dp_rank
         self.dp_world = dp_world
         # per-source cap keeps every source represented when eval is limited
-        self._items = [
-            (k, i)
-            for k, ds in enumerate(sources.datasets)
-            for i in range(len(ds) if max_samples is None else min(len(ds), max_samples))
-        ]
+        sizes = [len(ds) if max_samples is None else min(len(ds), max_samples) for ds in sources.datasets]
+        self._src = np.repeat(np.arange(len(sizes)), sizes)
+        self._idx = np.concatenate([np.arange(n) for n in sizes])
         stride = micro_batch * dp_world
-        self.num_batches = len(self._items) // stride  # micro batches per rank
+        self.num_batches = self._src.size // stride  # micro batches per rank
         if self.num_batches == 0:
             raise UserError(
-                f"data.{sources.split}: {len(self._items)} eval samples of seq_len {sources.cfg.seq_len} cannot fill "
+                f"data.eval_split: {sources.split!r} gives {self._src.size} samples of seq_len {sources.cfg.seq_len}, too few to fill "
                 f"one micro batch ({micro_batch}) on each of {dp_world} ranks"
             )
 
@@ -172,8 +171,7 @@ class EvalLoader(_TokenizerFacade):
         mb, w = self.micro_batch, self.dp_world
         for b in range(self.num_batches):
             start = (b * w + self.dp_rank) * mb
-            items = self._items[start : start + mb]
-            yield collate([self.sources.datasets[k].window(i) for k, i in items])
+            yield collate(self.sources.gather(self._src[start : start + mb], self._idx[start : start + mb]))
 
 
 def build_loader(cfg: DataConfig, global_batch: int, micro_batch: int, dp_rank: int = 0, dp_world: int = 1) -> TrainLoader:

@@ -51,7 +51,7 @@ class Manifest:
     tokenizer: TokenizerInfo
     dtype: str
     splits: dict[str, SplitInfo]
-    sha256: str  # of manifest.json bytes: identifies the exact data for resume checks
+    sha256: str  # of manifest.json bytes (informational; resume checks use the shard hashes)
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:

@@ -34,6 +34,22 @@ class Window:
     seg_lens: np.ndarray
 
 
+def seeded_permutation(n: int, seed_words: list[int]) -> np.ndarray:
+    """A permutation of range(n) that stays the same across numpy versions.
+
+    `Generator.permutation` may change its algorithm between numpy releases, which would
+    silently break exact resume; SeedSequence and PCG64's raw output are stable by numpy's
+    policy. Sort keys are made unique (low bits = index), so any sort algorithm gives the
+    same order.
+    """
+    if n <= 1:
+        return np.arange(n)
+    bits = (n - 1).bit_length()
+    raw = np.random.PCG64(seed_words).random_raw(n)
+    keys = (raw >> np.uint64(bits) << np.uint64(bits)) | np.arange(n, dtype=np.uint64)
+    return np.argsort(keys)
+
+
 class _Epoch:
     __slots__ = ("doc_order", "seg_end", "sample_order")
 
@@ -57,15 +73,15 @@ class PackedDataset:
         self.stream_id = stream_id  # separates the random streams of blended sources
         self.stream_tokens = docs.tokens + docs.documents  # one EOS per document
         self.samples_per_epoch = max(0, (self.stream_tokens - 1) // seq_len)
-        self._dtype = docs.chunks[0].dtype if docs.chunks else np.uint16
+        self._eos = np.array([eos_id], dtype=docs.chunks[0].dtype if docs.chunks else np.uint16)
         self._epochs: OrderedDict[int, _Epoch] = OrderedDict()
 
     def __len__(self) -> int:
         """Samples in one epoch (the dataset itself repeats without end)."""
         return self.samples_per_epoch
 
-    def _rng(self, epoch: int, purpose: int) -> np.random.Generator:
-        return np.random.Generator(np.random.PCG64([self.seed, self.stream_id, epoch, purpose]))
+    def _permutation(self, n: int, epoch: int, purpose: int) -> np.ndarray:
+        return seeded_permutation(n, [self.seed, self.stream_id, epoch, purpose])
 
     def epoch(self, e: int) -> _Epoch:
         ep = self._epochs.get(e)
@@ -74,8 +90,8 @@ class PackedDataset:
             return ep
         n_docs, n = self.docs.documents, self.samples_per_epoch
         if self.shuffle:
-            doc_order = self._rng(e, 0).permutation(n_docs)
-            sample_order = self._rng(e, 1).permutation(n)
+            doc_order = self._permutation(n_docs, e, 0)
+            sample_order = self._permutation(n, e, 1)
         else:
             doc_order = np.arange(n_docs)
             sample_order = np.arange(n)
@@ -97,28 +113,50 @@ class PackedDataset:
 
     def window(self, i: int) -> Window:
         """The packed window of global sample i (O(seq_len + log documents))."""
-        e, start = self.locate(i)
-        ep = self.epoch(e)
+        return self.windows(np.array([i]))[0]
+
+    def windows(self, idx: np.ndarray) -> list[Window]:
+        """Windows of several global samples, batched so numpy overheads are paid once per
+        batch and python work is one slice per document touched (never per token)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.samples_per_epoch == 0:
+            raise IndexError("split holds fewer than seq_len + 1 tokens: no sample fits")
+        if idx.size and int(idx.min()) < 0:
+            raise IndexError(f"sample index must be >= 0, got {int(idx.min())}")
+        out: list[Window] = [None] * idx.size  # type: ignore[list-item]
+        epochs, j = np.divmod(idx, self.samples_per_epoch)
+        for e in np.unique(epochs).tolist():  # nearly always one epoch per call
+            sel = np.flatnonzero(epochs == e)
+            for r, w in zip(sel.tolist(), self._epoch_windows(self.epoch(e), j[sel])):
+                out[r] = w
+        return out
+
+    def _epoch_windows(self, ep: _Epoch, j: np.ndarray) -> list[Window]:
         need = self.seq_len + 1
-        out = np.empty(need, dtype=self._dtype)
-        seg_lens = []
-        # first segment whose end lies past `start`
-        k = int(np.searchsorted(ep.seg_end, start, side="right"))
-        pos = start - (int(ep.seg_end[k - 1]) if k else 0)  # offset inside segment k
-        filled = 0
-        docs = self.docs
-        while filled < need:
-            g = int(ep.doc_order[k])
-            n_doc = int(docs.doc_len[g])
-            take = min(n_doc + 1 - pos, need - filled)
-            from_doc = max(0, min(n_doc - pos, take))
-            if from_doc:
-                b = int(docs.doc_begin[g]) + pos
-                out[filled : filled + from_doc] = docs.chunks[int(docs.doc_chunk[g])][b : b + from_doc]
-            if take > from_doc:  # the segment's EOS is inside the window
-                out[filled + from_doc] = self.eos_id
-            filled += take
-            seg_lens.append(take)
-            k += 1
-            pos = 0
-        return Window(tokens=out, seg_lens=np.asarray(seg_lens, dtype=np.int64))
+        start = ep.sample_order[j] * self.seq_len
+        end = start + need  # exclusive
+        # segments (a document + its EOS, in stream order) overlapping [start, end), all rows flat
+        k0 = np.searchsorted(ep.seg_end, start, side="right")
+        n_seg = np.searchsorted(ep.seg_end, end - 1, side="right") + 1 - k0
+        first = np.cumsum(n_seg) - n_seg
+        row = np.repeat(np.arange(j.size), n_seg)
+        k = np.arange(int(n_seg.sum())) - first[row] + k0[row]
+        g = ep.doc_order[k]
+        lens = self.docs.doc_len[g]
+        seg_e = ep.seg_end[k]
+        seg_s = seg_e - lens - 1
+        lo = np.maximum(seg_s, start[row])
+        hi = np.minimum(seg_e, end[row])
+        begin = self.docs.doc_begin[g]
+        tok_from = begin + (lo - seg_s)
+        tok_to = begin + np.minimum(hi - seg_s, lens)
+        chunks = self.docs.chunks
+        parts = [chunks[c][a:b] for c, a, b in zip(self.docs.doc_chunk[g].tolist(), tok_from.tolist(), tok_to.tolist())]
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=self._eos.dtype)
+        # a segment's EOS is in the window iff the window reaches the segment's end; insert
+        # them all at once after each such segment's document tokens
+        with_eos = hi == seg_e
+        flat = np.insert(flat, np.cumsum(tok_to - tok_from)[with_eos], self.eos_id)
+        tokens = flat.reshape(j.size, need)
+        seg_lens = hi - lo
+        return [Window(tokens=tokens[r], seg_lens=seg_lens[f : f + n]) for r, (f, n) in enumerate(zip(first.tolist(), n_seg.tolist()))]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from tqdm import tqdm
 
 from megalm.data.manifest import Manifest, ShardInfo
 from megalm.errors import UserError
@@ -70,49 +71,57 @@ def _open_shard(shard: ShardInfo, dtype: str, vocab_size: int, verify: bool):
             raise UserError(f"{name}: sha256 is {digest}, manifest says {shard.sha256} (corrupted)")
     mm = pa.memory_map(name, "r")
     try:
-        reader = pa.ipc.open_file(mm)
-    except (pa.ArrowInvalid, OSError) as exc:
+        chunks, begins, lens = _index_batches(mm, name, dtype, vocab_size, verify)
+    except BaseException:
         mm.close()
+        raise
+    rows = sum(x.size for x in lens)
+    tokens = int(sum(int(x.sum()) for x in lens))
+    if rows != shard.rows or tokens != shard.tokens:
+        mm.close()
+        what = f"{rows} rows" if rows != shard.rows else f"{tokens} tokens"
+        want = f"{shard.rows}" if rows != shard.rows else f"{shard.tokens}"
+        raise UserError(f"{name}: has {what}, manifest says {want}")
+    return mm, chunks, begins, lens
+
+
+def _index_batches(mm: pa.MemoryMappedFile, name: str, dtype: str, vocab_size: int, verify: bool):
+    whole = mm.read_buffer()  # zero-copy view of the map: where mapped buffers must lie
+    mapped = (whole.address, whole.address + whole.size)
+    try:
+        reader = pa.ipc.open_file(mm)
+    except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{name}: not a readable Arrow IPC file ({exc})") from None
 
     want = pa.list_(_ARROW_TYPES[dtype])
     schema = reader.schema
     if schema.names != ["tokens"] or schema.field("tokens").type not in (want, pa.large_list(_ARROW_TYPES[dtype])):
-        mm.close()
         raise UserError(f"{name}: schema is {schema.to_string(show_schema_metadata=False)!r}, expected tokens: {want}")
 
     chunks, begins, lens = [], [], []
     for b in range(reader.num_record_batches):
         try:
             col = reader.get_batch(b).column(0)
-        except (pa.ArrowInvalid, OSError) as exc:
-            mm.close()
+        except (pa.ArrowException, OSError) as exc:
             raise UserError(f"{name}: record batch {b} unreadable ({exc})") from None
-        if col.null_count:
-            mm.close()
-            raise UserError(f"{name}: record batch {b} has {col.null_count} null rows; expected none")
-        offsets = col.offsets.to_numpy()
         values = col.values
+        if col.null_count or values.null_count:
+            raise UserError(f"{name}: record batch {b} has null rows or tokens; expected none")
+        offsets = col.offsets.to_numpy()
         if offsets.size and (offsets[-1] > len(values) or offsets[0] < 0 or np.any(offsets[1:] < offsets[:-1])):
-            mm.close()
             raise UserError(f"{name}: record batch {b} has list offsets outside its values (corrupted)")
+        if len(values) and not mapped[0] <= values.buffers()[1].address < mapped[1]:
+            raise UserError(
+                f"{name}: record batch {b} is compressed; megalm needs uncompressed Arrow IPC shards so they "
+                "can be memory-mapped instead of read whole at start-up"
+            )
         arr = values.to_numpy(zero_copy_only=True)
         if verify and arr.size and int(arr.max()) >= vocab_size:
-            mm.close()
             raise UserError(f"{name}: record batch {b} holds token id {int(arr.max())} >= vocab_size {vocab_size}")
         chunks.append(arr)
         begins.append(offsets[:-1].astype(np.int64))
         lens.append(np.diff(offsets).astype(np.int64))
-
-    rows = sum(x.size for x in lens)
-    tokens = int(sum(int(x.sum()) for x in lens))
-    if rows != shard.rows:
-        mm.close()
-        raise UserError(f"{name}: has {rows} rows, manifest says {shard.rows}")
-    if tokens != shard.tokens:
-        mm.close()
-        raise UserError(f"{name}: has {tokens} tokens, manifest says {shard.tokens}")
-    return mm, chunks, begins, lens
+    return chunks, begins, lens
 
 
 def open_split(manifest: Manifest, split: str, verify: bool = False) -> DocIndex:
@@ -124,7 +133,8 @@ def open_split(manifest: Manifest, split: str, verify: bool = False) -> DocIndex
     lens: list[np.ndarray] = []
     chunk_ids: list[np.ndarray] = []
     try:
-        for shard in info.shards:
+        # only verify reads every byte: worth a progress bar
+        for shard in tqdm(info.shards, desc=f"verifying {split} shards", unit="shard", disable=not verify):
             mm, c, b, n = _open_shard(shard, manifest.dtype, manifest.tokenizer.vocab_size, verify)
             files.append(mm)
             for arr, beg, ln in zip(c, b, n):

@@ -13,6 +13,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from megalm.data.blend import BlendIndex
 from megalm.data.manifest import Manifest, load_manifest
 from megalm.data.packed import PackedDataset, Window
@@ -109,8 +111,13 @@ class Sources:
     @property
     def fingerprint(self) -> str:
         """Identifies the sample sequence apart from the seed: data, split, weights, seq_len."""
+        # the shards' content hashes, not manifest.json bytes: rewriting informational stats or
+        # moving the directory must not block a resume, different data must
         desc = {
-            "manifests": [m.sha256 for m in self.manifests],
+            "sources": [
+                [m.dtype, m.tokenizer.sha256, [[s.rows, s.tokens, s.sha256] for s in m.split(self.split).shards]]
+                for m in self.manifests
+            ],
             "split": self.split,
             "blend": self.blend.counts,
             "seq_len": self.cfg.seq_len,
@@ -118,12 +125,22 @@ class Sources:
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
     def window(self, n: int) -> Window:
-        src, idx = self.blend.locate(n)
-        return self.datasets[int(src)].window(int(idx))
+        return self.windows(n, 1)[0]
 
     def windows(self, start: int, count: int) -> list[Window]:
-        src, idx = self.blend.locate(range(start, start + count))
-        return [self.datasets[int(k)].window(int(i)) for k, i in zip(src, idx)]
+        """Windows of global samples [start, start + count)."""
+        src, idx = self.blend.locate(np.arange(start, start + count))
+        return self.gather(src, idx)
+
+    def gather(self, src: np.ndarray, idx: np.ndarray) -> list[Window]:
+        """Windows of (source, index within source) pairs, batched per source."""
+        src, idx = np.asarray(src), np.asarray(idx)
+        out: list[Window] = [None] * src.size  # type: ignore[list-item]
+        for k in np.unique(src).tolist():
+            sel = np.flatnonzero(src == k)
+            for r, w in zip(sel.tolist(), self.datasets[k].windows(idx[sel])):
+                out[r] = w
+        return out
 
     def consumed_per_source(self, n: int) -> list[int]:
         """How many samples of each source the first n global samples take."""

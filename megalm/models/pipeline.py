@@ -1,15 +1,17 @@
 """The LLM as an ordered list of layers for DeepSpeed's `PipelineModule`, sharing the model's parameters.
 
-    layers = model.pipeline_layers()   # [EmbeddingPipe, BlockPipe x n_layers, HeadPipe]
-    PipelineModule(layers=layers, loss_fn=pipeline_loss, num_stages=...)
+    layers = model.pipeline_layers(fused_loss=True)  # [EmbeddingPipe, BlockPipe x n_layers, HeadPipe]
+    PipelineModule(layers=layers, loss_fn=layers[-1].loss, num_stages=...)
 
 Every layer maps a tuple to a tuple so activations cross stage boundaries as plain tensors:
     EmbeddingPipe: (input_ids[, position_ids[, doc_ids]]) -> (hidden, position_ids[, doc_ids])
     BlockPipe:     (hidden, position_ids[, doc_ids])      -> (hidden, position_ids[, doc_ids])
     HeadPipe:      (hidden, position_ids[, doc_ids])      -> logits [B, T, V]
+                   (with fused_loss=True: normed hidden [B, T, D]; use `layers[-1].loss` as loss_fn)
 Each block rebuilds its RoPE tables and document mask from position_ids/doc_ids rather than
 receiving them: a [B, 1, T, T] mask is far more to send between stages than the ids.
-Running the list front to back computes exactly `model(input_ids, position_ids, doc_ids)`.
+Running the list front to back computes exactly `model(input_ids, position_ids, doc_ids)` (and,
+with fused_loss, `layers[-1].loss(outputs, labels)` exactly the model's loss).
 
 Tied embeddings: `HeadPipe.proj` IS the model's `tok_embeddings` module (same Parameter), so
 within one process the tie holds by construction. When the first and last layers land on
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from megalm.models.config import LLMConfig
 from megalm.models.llm import LLM, Block, default_position_ids, document_mask, rope_for
-from megalm.ops import cross_entropy
+from megalm.ops import cross_entropy, fused_linear_cross_entropy
 
 Activations = tuple[torch.Tensor, ...]
 
@@ -59,24 +61,38 @@ class BlockPipe(nn.Module):
     def forward(self, inputs) -> Activations:
         hidden, position_ids, *rest = _as_tuple(inputs)
         mask = document_mask(rest[0]) if rest else None
-        return (self.block(hidden, rope_for(self.config, position_ids, hidden.dtype), mask), position_ids, *rest)
+        rope = rope_for(self.config, position_ids, hidden.dtype)
+        return (self.block(hidden, rope, mask), position_ids, *rest)
 
 
 class HeadPipe(nn.Module):
-    def __init__(self, model: LLM):
+    """Final norm + output projection. With `fused_loss` it stops after the norm and `loss` runs
+    the projection inside the chunked fused CE, so [B, T, V] logits never exist on the last stage
+    (GiBs per micro batch at a 128k vocabulary)."""
+
+    def __init__(self, model: LLM, fused_loss: bool = False):
         super().__init__()
         self.norm = model.norm
         # nn.Linear [V, D] or, tied, the nn.Embedding [V, D] itself.
         self.proj = model.tok_embeddings if model.output is None else model.output
         self.tied = model.output is None
+        self.fused_loss = fused_loss
 
     def forward(self, inputs) -> torch.Tensor:
-        hidden = _as_tuple(inputs)[0]
-        return F.linear(self.norm(hidden), self.proj.weight)
+        hidden = self.norm(_as_tuple(inputs)[0])
+        return hidden if self.fused_loss else F.linear(hidden, self.proj.weight)
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`loss_fn` for PipelineModule, right for either mode: mean CE over labels != -100."""
+        if self.fused_loss:
+            return fused_linear_cross_entropy(outputs.reshape(-1, outputs.shape[-1]), self.proj.weight,
+                                              labels.reshape(-1))
+        return pipeline_loss(outputs, labels)
 
 
-def pipeline_layers(model: LLM) -> list[nn.Module]:
-    return [EmbeddingPipe(model), *(BlockPipe(b, model.config) for b in model.layers), HeadPipe(model)]
+def pipeline_layers(model: LLM, fused_loss: bool = False) -> list[nn.Module]:
+    return [EmbeddingPipe(model), *(BlockPipe(b, model.config) for b in model.layers),
+            HeadPipe(model, fused_loss)]
 
 
 def tied_weight(layers: list[nn.Module]) -> nn.Parameter | None:
@@ -86,5 +102,5 @@ def tied_weight(layers: list[nn.Module]) -> nn.Parameter | None:
 
 
 def pipeline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`loss_fn` for PipelineModule: mean CE over labels != -100 (the op avoids an fp32 logits copy)."""
+    """`loss_fn` for logits from HeadPipe: mean CE over labels != -100 (no fp32 logits copy)."""
     return cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
+import sys
 from types import ModuleType
 
 import torch
@@ -50,8 +50,9 @@ def unavailable_reason() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _warn_fallback_once(reason: str) -> None:
-    warnings.warn(f"megalm.ops: CUDA kernels not available ({reason}); using PyTorch reference ops",
-                  RuntimeWarning, stacklevel=4)
+    # One line on stderr, once per process (warnings.warn would add a source line).
+    print(f"megalm.ops: warning: CUDA kernels not available ({reason}); using PyTorch reference "
+          "ops", file=sys.stderr, flush=True)
 
 
 def use_cuda(backend: str, *tensors: torch.Tensor | None) -> bool:

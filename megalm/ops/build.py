@@ -157,15 +157,19 @@ def build(arch: str | None = None, verbose: bool = False) -> Path:
     print(f"megalm ops: compiling {len(compiled_sources())} sources for {';'.join(archs)} "
           f"into {final} (MAX_JOBS={os.environ['MAX_JOBS']}) ...", flush=True)
     start = time.monotonic()
-    cpp_extension.load(
-        name=EXT_NAME,
-        sources=[str(p) for p in compiled_sources()],
-        build_directory=str(tmp),
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
-        verbose=verbose,
-        is_python_module=True,
-    )
+    try:
+        cpp_extension.load(
+            name=EXT_NAME,
+            sources=[str(p) for p in compiled_sources()],
+            build_directory=str(tmp),
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
+            verbose=verbose,
+            is_python_module=True,
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half build behind
+        raise
     for obj in tmp.glob("*.o"):
         obj.unlink()  # intermediates: the key changes whenever a source does, so never reused
     so = tmp / f"{EXT_NAME}.so"

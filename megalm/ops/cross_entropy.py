@@ -69,8 +69,8 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, cuda):
         scale = target_scale(labels, ignore_index, logits.dtype, cuda)
-        loss_rows, grad = ce_rows(logits.contiguous(), labels.contiguous(), ignore_index, scale,
-                                  cuda)
+        loss_rows, grad = ce_rows(logits.contiguous(), labels.long().contiguous(), ignore_index,
+                                  scale, cuda)
         ctx.save_for_backward(grad)
         return loss_rows.sum() * scale
 

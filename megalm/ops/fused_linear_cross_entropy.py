@@ -25,7 +25,7 @@ class _FusedLinearCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, cuda):
         d = hidden.shape[-1]
         h = hidden.reshape(-1, d)
-        lab = labels.reshape(-1).contiguous()
+        lab = labels.reshape(-1).long().contiguous()
         w = weight.to(h.dtype)
         n, v = h.shape[0], w.shape[0]
         chunk = chunk_size or auto_chunk_size(n, v, d)

@@ -38,6 +38,7 @@ from megalm.train.checkpoint_universal import (
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 LATEST = "latest"
+CLIENT_KEYS = "megalm_client_keys"
 
 
 def tag_for(step: int) -> str:
@@ -169,21 +170,31 @@ class CheckpointManager:
         tmp_tag = f".tmp-{tag}"
         root = os.path.join(self.dir, tmp_tag)
         ce = self._install(engine)
+        reserved = {UNIVERSAL_INFO_KEY, CLIENT_KEYS}.intersection(client_state)
+        if reserved:
+            raise ValueError(f"client_state may not use the reserved keys {sorted(reserved)}")
+        # Kept at the top level of the model-states file (readable without us); the key list
+        # lets load() return exactly this dict, not DeepSpeed's own extra entries.
         state = dict(client_state)
+        state[CLIENT_KEYS] = sorted(client_state)
         state[UNIVERSAL_INFO_KEY] = dict(UNIVERSAL_INFO)
+        if self.rank == 0:
+            # From a save that failed earlier in this process. Safe without a barrier of our own:
+            # save_checkpoint barriers after rank 0 creates the directory, before anyone writes.
+            remove_tree(root)
         ce.begin(root, self.cfg.async_save)
         try:
             engine.save_checkpoint(self.dir, tag=tmp_tag, client_state=state, save_latest=False)
         finally:
-            entries, pending = ce.end()
+            entries, pending, errors = ce.end()
         meta = self._meta(engine, step, tag)
         if self.cfg.async_save:
             self._job_error = None
-            self._job = threading.Thread(target=self._run_job, args=(ce, tag, root, entries, pending, meta),
+            self._job = threading.Thread(target=self._run_job, args=(ce, tag, root, entries, pending, errors, meta),
                                          name=f"megalm-ckpt-{tag}", daemon=False)
             self._job.start()
         else:
-            self._finish(ce, tag, root, entries, pending, meta)
+            self._finish(ce, tag, root, entries, pending, errors, meta)
         self.last_blocked_s = time.perf_counter() - t0
         return tag
 
@@ -206,9 +217,9 @@ class CheckpointManager:
         self._join()
 
     def _finish(self, ce: MegalmCheckpointEngine, tag: str, root: str, entries: list[FileEntry],
-                pending: list, meta: dict[str, Any]) -> None:
+                pending: list, errors: list[str], meta: dict[str, Any]) -> None:
         """Collective: write what is pending, then rank 0 publishes; everyone learns the result."""
-        error = None
+        error = f"rank {self.rank}: {'; '.join(errors)}" if errors else None
         try:
             entries = entries + ce.write_pending(pending)
         except Exception as exc:
@@ -337,6 +348,7 @@ class CheckpointManager:
             cfg.load_universal_checkpoint = saved_flag
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, name)}")
-        client_state = dict(client_state or {})
-        client_state.pop(UNIVERSAL_INFO_KEY, None)
-        return client_state
+        loaded = client_state or {}
+        if CLIENT_KEYS not in loaded:
+            raise CheckpointError(f"{os.path.join(self.dir, name)}: no {CLIENT_KEYS} entry (not saved by megalm)")
+        return {k: loaded[k] for k in loaded[CLIENT_KEYS]}

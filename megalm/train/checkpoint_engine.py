@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from typing import Any
 
 import torch
@@ -24,13 +25,18 @@ from megalm.train.checkpoint_files import FileEntry, fsync_dir, write_durably
 ENGINE_NAME = "MegalmCheckpointEngine"
 
 
-def snapshot_to_cpu(obj: Any) -> Any:
+def snapshot_to_cpu(obj: Any, pool: dict[int, list[torch.Tensor]] | None = None,
+                    taken: list[torch.Tensor] | None = None) -> Any:
     """Deep copy of `obj` whose tensors live in fresh CPU memory.
 
     Storages are copied whole and shared exactly as in the original (two views of one storage
     stay two views of one copied storage), so torch.save writes the same bytes from the copy as
     from the original. Non-tensor leaves are deep-copied so later mutation by the caller (e.g.
     of client_state) cannot leak into the file being written in the background.
+
+    `pool` (nbytes -> free CPU byte buffers) lets repeated saves reuse their memory: fresh pages
+    (and pinned allocations, on GPU) cost more than the copy itself. Buffers used are appended
+    to `taken` so the caller can return them to the pool once the snapshot is written.
     """
     memo: dict[int, Any] = {}
     storages: dict[tuple[str, int], torch.UntypedStorage] = {}
@@ -44,7 +50,13 @@ def snapshot_to_cpu(obj: Any) -> Any:
         dst = storages.get(key) if src.nbytes() > 0 else None
         if dst is None:
             src_bytes = torch.empty(0, dtype=torch.uint8, device=t.device).set_(src)
-            buf = torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=pin and t.device.type == "cuda")
+            free = pool.get(src.nbytes()) if pool is not None else None
+            if free:
+                buf = free.pop()
+            else:
+                buf = torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=pin and t.device.type == "cuda")
+            if taken is not None:
+                taken.append(buf)
             buf.copy_(src_bytes, non_blocking=t.device.type == "cuda")
             copied_from_gpu |= t.device.type == "cuda"
             dst = buf.untyped_storage()
@@ -86,18 +98,22 @@ class MegalmCheckpointEngine(CheckpointEngine):
         self._root: str | None = None
         self._async = False
         self._entries: list[FileEntry] = []
+        self._errors: list[str] = []
         self._pending: list[tuple[str, str, Any]] = []
+        # Snapshot buffers reused across saves; returned by write_pending once written.
+        self._pool: dict[int, list[torch.Tensor]] = {}
+        self._pool_lock = threading.Lock()
 
     # --- our protocol -----------------------------------------------------------------------
     def begin(self, root: str, async_save: bool) -> None:
         """Start collecting the files of one checkpoint written under directory `root`."""
         self._root, self._async = root, async_save
-        self._entries, self._pending = [], []
+        self._entries, self._pending, self._errors = [], [], []
 
-    def end(self) -> tuple[list[FileEntry], list[tuple[str, str, Any]]]:
-        """Stop collecting; return (entries written so far, snapshots still to write)."""
-        out = (self._entries, self._pending)
-        self._root, self._entries, self._pending = None, [], []
+    def end(self) -> tuple[list[FileEntry], list[tuple[str, str, Any]], list[str]]:
+        """Stop collecting; return (entries written so far, snapshots still to write, errors)."""
+        out = (self._entries, self._pending, self._errors)
+        self._root, self._entries, self._pending, self._errors = None, [], [], []
         return out
 
     def write_one(self, path: str, rel: str, state: Any) -> FileEntry:
@@ -106,10 +122,22 @@ class MegalmCheckpointEngine(CheckpointEngine):
         return FileEntry(rel, nbytes, digest)
 
     def write_pending(self, pending: list[tuple[str, str, Any]]) -> list[FileEntry]:
-        entries = [self.write_one(path, rel, state) for path, rel, state in pending]
+        """Write queued snapshots (any thread); their buffers go back to the pool afterwards."""
+        entries = []
+        for path, rel, (state, taken) in pending:
+            entries.append(self.write_one(path, rel, state))
+            del state
+            with self._pool_lock:
+                for buf in taken:
+                    self._pool.setdefault(buf.numel(), []).append(buf)
         for directory in {os.path.dirname(path) for path, _, _ in pending}:
             fsync_dir(directory)
         return entries
+
+    def drop_pool(self) -> None:
+        """Free the reusable snapshot memory (e.g. before a phase that needs host memory)."""
+        with self._pool_lock:
+            self._pool = {}
 
     # --- DeepSpeed's CheckpointEngine interface -------------------------------------------------
     def create(self, info: CheckpointCommitInfo) -> None:
@@ -122,10 +150,18 @@ class MegalmCheckpointEngine(CheckpointEngine):
         if rel.startswith(".."):
             raise RuntimeError(f"{ENGINE_NAME}: {path} is outside the checkpoint being written")
         if self._async:
-            self._pending.append((path, rel, snapshot_to_cpu(state_dict)))
+            taken: list[torch.Tensor] = []
+            with self._pool_lock:
+                snap = snapshot_to_cpu(state_dict, self._pool, taken)
+            self._pending.append((path, rel, (snap, taken)))
         else:
-            self._entries.append(self.write_one(path, rel, state_dict))
-            fsync_dir(os.path.dirname(path))
+            # A failed write is recorded, not raised: raising here would skip DeepSpeed's barriers
+            # on this rank only and hang the others; the manager reports it after the collective.
+            try:
+                self._entries.append(self.write_one(path, rel, state_dict))
+                fsync_dir(os.path.dirname(path))
+            except Exception as exc:
+                self._errors.append(f"{rel}: {type(exc).__name__}: {exc}")
 
     def load(self, path: str, map_location=None) -> Any:
         return torch.load(path, map_location=map_location, weights_only=False)

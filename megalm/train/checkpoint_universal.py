@@ -10,8 +10,10 @@ state in one file, loadable on any DP size, so it never needs conversion.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
-import subprocess
 import sys
 from typing import Any
 
@@ -50,6 +52,23 @@ def needs_universal(ckpt_dir: str, dp_world_size: int, tag: str | None = None) -
     return False
 
 
+def _convert(source: str, out: str) -> None:
+    """DeepSpeed's converter, in this process (no second interpreter to start), its chatter
+    captured and shown only if it fails. One worker: no process pool inside a training rank."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=source, output_folder=out, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            ds_to_universal.main(args)
+    except Exception as exc:
+        tail = " | ".join(chatter.getvalue().strip().splitlines()[-3:])
+        raise RuntimeError(f"universal conversion of {source} failed: {type(exc).__name__}: {exc} ({tail})") from exc
+
+
 def _marker_of(path: str) -> str:
     with open(os.path.join(path, MARKER)) as f:
         return f.read().strip()
@@ -76,14 +95,9 @@ def ensure_universal(ckpt_dir: str, tag: str) -> str:
     os.makedirs(work)
     # ds_to_universal also writes `latest_universal` next to its output: keep that inside `work`.
     out = os.path.join(work, tag)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
-           "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"]
     print(f"converting checkpoint {source} to a universal checkpoint (DP size changed)", file=sys.stderr,
           flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-        raise RuntimeError(f"universal conversion of {source} failed: " + " | ".join(tail))
+    _convert(source, out)
     complete_directory(out, [], {"source_tag": tag, "source_marker": source_marker})
     os.rename(out, final)
     fsync_dir(cache)

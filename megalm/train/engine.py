@@ -43,12 +43,26 @@ def init_distributed() -> tuple[int, int]:
     env.export()
     import deepspeed
 
+    _quiet_deepspeed()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if accel == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
     if accel == "cuda":
         torch.cuda.set_device(env.local_rank)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _quiet_deepspeed() -> None:
+    """Our loop prints one line per interval; DeepSpeed's INFO chatter and torch's deprecation
+    notices about collectives DeepSpeed calls would bury it."""
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*c10d::broadcast_: an autograd kernel was not registered.*")
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -95,6 +109,12 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
     optimizer = GuardedAdamW(_param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                              weight_decay=o.weight_decay)
     optimizer.guard_decide = guard.decide
+    if not pipeline:
+        # A PipelineEngine built earlier in this process leaves its grid in DeepSpeed's module
+        # globals; a plain engine would otherwise inherit that model-parallel layout.
+        from deepspeed.utils import groups
+
+        groups.mpu = None
     total = cfg.total_steps()
     ds_config = to_deepspeed_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(

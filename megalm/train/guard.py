@@ -30,6 +30,7 @@ class StepGuard:
         self.last_loss = float("nan")
         self.last_bad = False
         self.decided = False
+        self.device = torch.device("cpu")  # where the decision all_reduce runs (CUDA under NCCL)
 
     def begin_step(self, poison: bool = False) -> None:
         self._sum, self._count, self._nonfinite = 0.0, 0, 0
@@ -54,7 +55,8 @@ class StepGuard:
         """Collective: the global mean loss of this step and whether the step is bad."""
         if self.decided:
             return self.last_bad
-        t = torch.tensor([self._sum, float(self._count), float(self._nonfinite)], dtype=torch.float64)
+        t = torch.tensor([self._sum, float(self._count), float(self._nonfinite)], dtype=torch.float64,
+                         device=self.device)
         if dist.is_initialized():
             dist.all_reduce(t)
         total, count, nonfinite = t.tolist()

@@ -55,6 +55,7 @@ class Trainer:
         self.b = build(cfg, task, self.guard, world_size)
         self.engine = self.b.engine
         self.device = device_of(self.engine)
+        self.guard.device = self.device
         self.loader = task.build_loader("train", self.b.dp_rank, self.b.dp_world)
         self._it = iter(self.loader)
         ck = cfg.checkpoint
@@ -66,6 +67,10 @@ class Trainer:
         self.skip_plan: dict[int, int] = {}  # data_step -> global batches to skip before drawing it
         self.last_eval = float("nan")
         self._saved_step = -1
+        # DeepSpeed reports no grad norm for plain fp32 data parallelism; compute it ourselves there.
+        self._own_grad_norm = (not self.b.pipeline and cfg.parallel.zero_stage == 0
+                               and cfg.precision.dtype == "fp32")
+        self._gnorm = float("nan")
 
     # ---- state -------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
@@ -96,21 +101,22 @@ class Trainer:
     def resume(self, mode: str) -> bool:
         if mode == "none":
             return False
-        tag = None
+        tag, source = None, self.ckpt
         if mode != "auto":
             path = os.path.abspath(mode)
-            if os.path.dirname(path) != os.path.abspath(self.ckpt.dir):
-                ck = self.cfg.checkpoint
-                self.ckpt = CheckpointManager(CheckpointConfig(os.path.dirname(path), ck.interval, ck.keep_last,
-                                                               ck.async_save), rank=self.rank, world_size=self.world)
             tag = os.path.basename(path)
-        cs = self.ckpt.load(self.engine, tag)
+            if os.path.dirname(path) != self.ckpt.dir:  # another run's checkpoint: read it, save in ours
+                source = CheckpointManager(CheckpointConfig(os.path.dirname(path)), rank=self.rank,
+                                           world_size=self.world)
+        cs = source.load(self.engine, tag)
         if cs is None:
+            if mode != "auto":
+                raise UserError(f"--resume {mode}: no loadable checkpoint there")
             return False
         self.restore(cs)
         self._saved_step = self.step
         if self.rank == 0:
-            print(f"resumed from step {self.step} ({self.ckpt.dir})", flush=True)
+            print(f"resumed from step {self.step} ({source.dir})", flush=True)
         return True
 
     def save(self) -> None:
@@ -150,6 +156,9 @@ class Trainer:
                 self.engine.backward(loss)
                 if i == len(micro) - 1:
                     self.guard.decide()  # before the optimizer runs, on every rank
+                    if self._own_grad_norm:
+                        self._gnorm = float(torch.nn.utils.get_total_norm(
+                            [p.grad for p in self.engine.module.parameters() if p.grad is not None]))
                 self.engine.step()
         self.guard.decide()  # no-op when the optimizer already asked; covers fp16 overflow paths
         self.step += 1
@@ -181,7 +190,7 @@ class Trainer:
         finally:
             self.engine.train()
             self.guard.recording = True
-        t = torch.tensor([total, float(count)], dtype=torch.float64)
+        t = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
         if not self.b.pipeline:
             dist.all_reduce(t)
         return float(t[0] / t[1]) if t[1] else float("nan")
@@ -208,6 +217,8 @@ class Trainer:
 
     # ---- the run -----------------------------------------------------------------------------
     def _grad_norm(self) -> float:
+        if self._own_grad_norm:
+            return self._gnorm
         g = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
         return float(g) if g is not None else float("nan")
 
@@ -226,14 +237,11 @@ class Trainer:
             while self.step < self.total_steps:
                 self.train_step(self.next_batch())
                 metrics.advance()
-                if self.guard.must_roll_back:
-                    self.roll_back()
-                    continue
                 if self.step % cfg.logging.interval == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     tps = self.tokens_per_step * (self.step - step_last) / max(now - t_last, 1e-9)
                     flops = tps * self.b.flops_per_token
-                    rate = (self.step - start_step) / max(now - t_start, 1e-9)
+                    rate = max(self.step - start_step, 1e-9) / max(now - t_start, 1e-9)
                     metrics.write("train", {
                         "step": self.step, "loss": self.guard.last_loss, "lr": self.engine.get_lr()[0],
                         "grad_norm": self._grad_norm(), "tokens_per_s": tps, "flops_per_s": flops,
@@ -243,6 +251,11 @@ class Trainer:
                         "loss_scale": self._loss_scale(), "tokens": self.tokens,
                         "data_step": self.data_step})
                     t_last, step_last = now, self.step
+                if self.guard.must_roll_back:
+                    self.roll_back()
+                    metrics.set_position(self.step)
+                    t_last, step_last, t_start, start_step = time.perf_counter(), self.step, time.perf_counter(), self.step
+                    continue
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0:
                     self.last_eval = self.evaluate()
                     metrics.write("eval", {"step": self.step, "loss": self.last_eval})

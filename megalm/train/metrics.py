@@ -56,6 +56,11 @@ class Metrics:
         if self._bar is not None:
             self._bar.update(steps)
 
+    def set_position(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
     def write(self, kind: str, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -10,6 +10,7 @@ per-layer files. The model config and tokenizer come from what the trainer recor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import os
@@ -82,7 +83,8 @@ def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     elif parallel["zero_stage"] >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+        with contextlib.redirect_stdout(sys.stderr):  # its progress chatter must not mix with the sample
+            state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
     else:
         state = meta["module"]
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)

@@ -27,13 +27,16 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def write_shard_file(path: str, lengths: np.ndarray, values: np.ndarray, batch_rows: int = 1000) -> dict:
+def write_shard_file(
+    path: str, lengths: np.ndarray, values: np.ndarray, batch_rows: int = 1000, compression: str | None = None
+) -> dict:
     """Write documents (lengths, flat values) as one Arrow IPC file; return its manifest entry."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     vtype = pa.from_numpy_dtype(values.dtype)
     schema = pa.schema([("tokens", pa.list_(vtype))])
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema, options=options) as writer:
         for r0 in range(0, max(len(lengths), 1), batch_rows):
             r1 = min(r0 + batch_rows, len(lengths))
             o = offsets[r0 : r1 + 1]
@@ -57,6 +60,7 @@ def write_shard_dir(
     shard_docs: int = 50,
     batch_rows: int = 16,
     tokenizer_bytes: bytes = b"stand-in sentencepiece model",
+    compression: str | None = None,
 ) -> str:
     """Write `out/` with one entry per split (list of documents, each an int array)."""
     os.makedirs(out, exist_ok=True)
@@ -71,7 +75,8 @@ def write_shard_dir(
             part = docs[d0 : d0 + shard_docs]
             lengths = np.array([len(d) for d in part], dtype=np.int64)
             values = np.concatenate([np.asarray(d, dtype=dtype) for d in part]) if part else np.zeros(0, dtype)
-            shards.append(write_shard_file(os.path.join(out, f"{name}-{s:05d}.arrow"), lengths, values, batch_rows))
+            path = os.path.join(out, f"{name}-{s:05d}.arrow")
+            shards.append(write_shard_file(path, lengths, values, batch_rows, compression))
         manifest_splits[name] = {
             "documents": sum(x["rows"] for x in shards),
             "tokens": sum(x["tokens"] for x in shards),

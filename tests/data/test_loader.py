@@ -157,3 +157,73 @@ def test_eval_loader_deterministic_finite_and_sharded(dirs):
     assert keys_2 <= set(keys_one) and len(keys_2) == len(r0) * 2 * 2
     capped = list(build_eval_loader(cfg, micro_batch=2, max_samples=3))
     assert len(capped) == 3  # 3 samples from each of the 2 sources
+
+
+def test_resume_survives_moved_dir_and_rewritten_stats(dirs, tmp_path):
+    import json
+    import shutil
+
+    cfg = _cfg(dirs)
+    ld = build_loader(cfg, GB, 2)
+    next(ld)
+    state = ld.state_dict()
+    want = sample_keys(next(ld))
+    moved = []
+    for i, d in enumerate(dirs):
+        new = str(tmp_path / f"moved{i}")
+        shutil.copytree(d, new)
+        path = f"{new}/manifest.json"
+        with open(path) as f:
+            obj = json.load(f)
+        obj["stats"] = {"rewritten": True}
+        with open(path, "w") as f:
+            json.dump(obj, f)
+        moved.append(new)
+    again = build_loader(_cfg(moved), GB, 2)
+    again.load_state_dict(state)
+    assert sample_keys(next(again)) == want
+    longer = DataConfig(paths=list(dirs), weights=[0.6, 0.4], seq_len=SEQ + 1, seed=9)
+    with pytest.raises(UserError, match=r"^data\.paths: .*seq_len"):
+        build_loader(longer, GB, 2).load_state_dict(state)
+
+
+def test_resume_with_other_global_batch_continues_at_same_sample(dirs):
+    cfg = _cfg(dirs)
+    straight, _ = run_steps(cfg, 1, 5, micro=2)
+    _, state = run_steps(cfg, 2, 3, micro=2)
+    half = build_loader(cfg, GB // 2, 2, 0, 1)
+    half.load_state_dict(state)
+    got = sample_keys(next(half)) + sample_keys(next(half))
+    assert got == straight[3 * GB : 4 * GB]
+    assert half.state_dict()["samples_consumed"] == 4 * GB
+
+
+def test_resume_across_an_epoch_boundary(dirs):
+    cfg = _cfg(dirs)
+    probe = build_loader(cfg, GB, 2)
+    n_b = len(probe.sources.datasets[1])
+    k = int(n_b / 0.4 / GB) - 3  # three steps before source b starts its second pass
+
+    def from_step(k0: int, world: int, steps: int, state=None):
+        loaders = [build_loader(cfg, GB, 2 if world == 1 else 1, r, world) for r in range(world)]
+        for ld in loaders:
+            ld.load_state_dict(state) if state else ld.skip(k0)
+        keys = [key for _ in range(steps) for ld in loaders for key in sample_keys(next(ld))]
+        return keys, loaders[0].state_dict()
+
+    straight, end_state = from_step(k, 1, 6)
+    _, start_state = from_step(k, 1, 0)
+    assert start_state["epochs"][1] < 1.0 < end_state["epochs"][1]  # the window crosses b's boundary
+    first, mid = from_step(k, 2, 3)
+    second, _ = from_step(0, 1, 3, state=mid)
+    assert first + second == straight
+
+
+def test_one_pass_takes_every_sample_of_the_epoch_once(dirs):
+    cfg = DataConfig(paths=[dirs[0]], seq_len=SEQ, seed=4)
+    ld = build_loader(cfg, GB, 4, 0, 1)
+    n = len(ld.sources.datasets[0])
+    keys = [k for _ in range(-(-n // GB)) for k in sample_keys(next(ld))][:n]
+    assert len(set(keys)) == n
+    epoch0 = {tuple(w.tokens[:-1].tolist()) for w in ld.sources.datasets[0].windows(np.arange(n))}
+    assert set(keys) == epoch0

@@ -215,3 +215,11 @@ def test_config_errors_name_key(good_dir, kwargs, key):
 def test_split_too_small_for_one_sample(good_dir):
     with pytest.raises(UserError, match=r"splits\.valid: \d+ tokens \(with EOS\) cannot fill one sample"):
         Sources(DataConfig(paths=[good_dir], seq_len=100_000), "valid")
+
+
+def test_compressed_shard_refused(tmp_path):
+    """A compressed IPC file would be decompressed whole at open: no memory mapping, slow start."""
+    rng = np.random.default_rng(4)
+    d = write_shard_dir(str(tmp_path / "z"), {"train": random_docs(20, rng, 3000, 5, 50)}, vocab_size=3000, compression="zstd")
+    with pytest.raises(UserError, match=r"train-00000\.arrow: record batch 0 is compressed"):
+        open_split(load_manifest(d), "train")

@@ -80,3 +80,13 @@ def test_missing_and_unsupported_inputs(tmp_path):
         resolve([str(tmp_path / "x.csv")])
     with pytest.raises(UserError, match="unknown builtin"):
         resolve(["builtin:nope"])
+
+
+def test_fast_reader_hands_over_midway_without_loss(tmp_path):
+    """Arrow reads the first blocks; a null far into the file sends the rest to the line
+    reader, which must continue exactly where Arrow stopped."""
+    texts = [f"document number {i} " + "x" * 200 for i in range(60_000)]  # ~13 MB: >1 block
+    records = [{"text": t} for t in texts] + [{"text": None}, {"text": "after"}]
+    p = tmp_path / "a.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _read([p]) == texts + ["", "after"]

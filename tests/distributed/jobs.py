@@ -69,3 +69,7 @@ def nan_rollback(workdir: str, shards: str) -> dict[str, Any]:
     summary = train(small_overrides(shards, "nan", steps=6) + [
         "parallel.zero_stage=2", "debug.nan_at_data_steps=[3,4,5]", "bad_steps.max_consecutive=3"])
     return {"summary": summary, "records": train_records(summary["run_dir"])}
+
+
+def modes_and_nan(workdir: str, shards: str, modes: list[str]) -> dict[str, Any]:
+    return {"modes": train_modes(workdir, shards, modes), "nan": nan_rollback(workdir, shards)}

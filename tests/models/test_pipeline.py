@@ -29,22 +29,31 @@ def test_layers_run_in_order_equal_forward_exactly(shape):
     assert torch.equal(run_layers(layers, ids2), model(ids2))
 
 
+@pytest.mark.parametrize("fused_loss", [False, True])
 @pytest.mark.parametrize("shape", ["llama", "gpt2"])
-def test_layers_share_the_models_parameters_and_gradients(shape):
+def test_layers_share_the_models_parameters_and_gradients(shape, fused_loss):
     model = build(shape, dtype=torch.float64, activation_checkpointing=1)
-    layers = model.pipeline_layers()
+    layers = model.pipeline_layers(fused_loss=fused_loss)
     layer_params = {id(p) for layer in layers for p in layer.parameters()}
     assert layer_params == {id(p) for p in model.parameters()}
 
     ids, pos, docs, labels = packed_batch([6, 9])
     model.train()
-    model(ids, pos, docs, labels=labels).backward()
+    expected_loss = model(ids, pos, docs, labels=labels)
+    expected_loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    loss = pipeline_loss(run_layers(layers, (ids, pos, docs)), labels)
+    outputs = run_layers(layers, (ids, pos, docs))
+    assert outputs.shape == (1, 15, 32 if fused_loss else 61)
+    loss = layers[-1].loss(outputs, labels)
+    if fused_loss:  # the same op on the same numbers
+        assert torch.equal(loss, expected_loss)
+    else:
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
+        torch.testing.assert_close(pipeline_loss(outputs, labels), expected_loss, rtol=1e-10, atol=0)
     loss.backward()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-8, msg=name)
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-7, atol=1e-12, msg=name)
 
 
 def test_tied_weight_is_the_embedding_and_absent_when_untied():

@@ -20,8 +20,8 @@ def _grads(step, params):
     return [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
 
 
-def _run(opt_cls, params, steps, **kw):
-    opt = opt_cls(params, **kw)
+def _run(opt_cls, params, steps, groups=None, **kw):
+    opt = opt_cls(groups or params, **kw)
     for s in range(steps):
         for p, gr in zip(params, _grads(s, params)):
             p.grad = gr
@@ -43,8 +43,8 @@ def test_matches_torch_adamw_bit_for_bit_fp32():
 def test_close_to_torch_foreach_and_param_groups():
     ours, ref = _params(seed=1), _params(seed=1)
     groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0, "lr": 1e-2}]  # noqa: E731
-    _run(FusedAdamW, groups(ours), 4, **HYPER)
-    _run(torch.optim.AdamW, groups(ref), 4, foreach=True, **HYPER)
+    _run(FusedAdamW, ours, 4, groups(ours), **HYPER)
+    _run(torch.optim.AdamW, ref, 4, groups(ref), foreach=True, **HYPER)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 

@@ -67,16 +67,29 @@ def digest(obj, h=None) -> str:
     return h.hexdigest() if top else ""
 
 
+class TanhLinear(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(x))
+
+
 def build_engine(a: dict, world: int):
+    """a["zero"] is a ZeRO stage, or "pp": a 2-stage PipelineModule (ZeRO-1) over `world` ranks."""
     import deepspeed
+    from deepspeed.pipe import PipelineModule
 
     torch.manual_seed(1234)
-    model = Toy(a["hidden"], a["layers"])
+    if a["zero"] == "pp":
+        layers = [TanhLinear(a["hidden"], a["hidden"]) for _ in range(a["layers"])]
+        model = PipelineModule(layers=layers, num_stages=2, loss_fn=torch.nn.functional.mse_loss,
+                               partition_method="uniform")
+        stage, dp = 1, world // 2
+    else:
+        model = Toy(a["hidden"], a["layers"])
+        stage, dp = a["zero"], world
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    dp = world
     cfg = {"train_batch_size": a["global_batch"], "train_micro_batch_size_per_gpu": a["micro"],
            "gradient_accumulation_steps": a["global_batch"] // (a["micro"] * dp),
-           "gradient_clipping": 1.0, "zero_optimization": {"stage": a["zero"]},
+           "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine
@@ -85,6 +98,10 @@ def build_engine(a: dict, world: int):
 def train_step(engine, step: int, a: dict, rank: int, world: int) -> str:
     """One optimizer step; returns the global mean loss (all ranks, all micro batches) as hex."""
     gas = engine.gradient_accumulation_steps()
+    if a["zero"] == "pp":  # dp == 1 here: every micro batch is the global sample order
+        micro = [tuple(torch.stack(t) for t in zip(*(sample(step, m * a["micro"] + i, a["hidden"])
+                                                     for i in range(a["micro"])))) for m in range(gas)]
+        return float(engine.train_batch(iter(micro))).hex()
     total = torch.zeros(())
     for micro in range(gas):
         first = (micro * world + rank) * a["micro"]  # global sample index of this micro batch
@@ -99,6 +116,7 @@ def train_step(engine, step: int, a: dict, rank: int, world: int) -> str:
 
 
 def full_weights(engine) -> str:
+    """Digest of the whole model's weights (this rank's stage for a pipeline)."""
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
@@ -115,7 +133,7 @@ def local_state(engine) -> str:
 def scenario(a: dict, rank: int, world: int) -> dict:
     """Train to a["steps"] (resuming first if asked), saving at a["save_at"] (or every step)."""
     from megalm.train import checkpoint_engine
-    from megalm.train.checkpoint import CheckpointManager
+    from megalm.train.checkpoint import CheckpointError, CheckpointManager
 
     engine = build_engine(a, world)
     mgr = CheckpointManager(CheckpointConfig(dir=a["dir"], keep_last=a.get("keep_last", 3),
@@ -135,6 +153,7 @@ def scenario(a: dict, rank: int, world: int) -> dict:
                        weights_after_load=full_weights(engine), client_state=cs)
     gate = threading.Event()
     real_write = checkpoint_engine.MegalmCheckpointEngine.write_pending
+    real_write_one = checkpoint_engine.MegalmCheckpointEngine.write_one
     if a.get("block_writer"):
         # Hold the background writer until training has gone on: proves the loop is not blocked.
         def held(self, pending):
@@ -149,10 +168,24 @@ def scenario(a: dict, rank: int, world: int) -> dict:
                 rec.setdefault("steps_while_held", []).append(step)
                 gate.set()
             if step in a.get("save_at", []) or a.get("save_every"):
-                rec["at_save"][step] = local_state(engine)
-                rec["weights_at_save"][step] = full_weights(engine)
+                if not a.get("light"):  # the kill trials skip the hashing: saves must dominate
+                    rec["at_save"][step] = local_state(engine)
+                    rec["weights_at_save"][step] = full_weights(engine)
                 print(f"SAVE_BEGIN {step}", flush=True)
-                mgr.save(engine, step, {"step": step, "note": a.get("note", "")})
+                fail_at = a.get("fail_at", {}).get(str(a["zero"]))  # stage -> [step, rank]
+                fail = fail_at == [step, rank]
+                if fail:  # this rank's disk "fills up" during this save
+                    def broken(self, path, rel, state):
+                        raise OSError(28, "No space left on device")
+                    checkpoint_engine.MegalmCheckpointEngine.write_one = broken
+                try:
+                    mgr.save(engine, step, {"step": step, "note": a.get("note", "")})
+                    if fail_at:
+                        mgr.wait()  # an async failure surfaces here
+                except CheckpointError as exc:
+                    rec.setdefault("save_errors", {})[step] = str(exc)
+                finally:
+                    checkpoint_engine.MegalmCheckpointEngine.write_one = real_write_one
                 rec["blocked_s"][step] = mgr.last_blocked_s
                 print(f"SAVE_RETURNED {step}", flush=True)
                 if a.get("block_writer"):

@@ -1,0 +1,27 @@
+"""`megalm ops build [--arch "8.0;9.0"] [--jit]` and `megalm ops report`."""
+
+from __future__ import annotations
+
+from megalm.errors import UserError
+
+USAGE = """usage: megalm ops <command> [args]
+
+commands:
+  build [--arch "8.0;9.0"] [--jit]   compile the fused CUDA ops ahead of time (cached)
+  report                             show which path each op runs here and what was built"""
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "build":
+        from megalm.ops import build
+
+        return build.main(rest)
+    if cmd == "report":
+        from megalm.ops import report
+
+        return report.main(rest)
+    raise UserError(f"megalm ops {cmd}: unknown command; expected 'build' or 'report'")

@@ -1,0 +1,128 @@
+"""Backend choice: env var and kwarg, clean errors when "cuda" is forced, silent CPU fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from megalm.errors import UserError
+from megalm.ops import (FusedAdamW, adaln_layer_norm, apply_rope, cross_entropy,
+                        fused_linear_cross_entropy, layer_norm, resolve_backend, rms_norm,
+                        rope_cos_sin, swiglu)
+from megalm.ops import _backend, build
+
+
+def _calls(backend):
+    x = torch.randn(2, 3, 8)
+    cos, sin = rope_cos_sin(torch.arange(3), 8)
+    q = torch.randn(2, 3, 2, 8)
+    labels = torch.randint(0, 8, (6,))
+    return {
+        "rms_norm": lambda: rms_norm(x, torch.ones(8), backend=backend),
+        "layer_norm": lambda: layer_norm(x, torch.ones(8), None, backend=backend),
+        "apply_rope": lambda: apply_rope(q, q, cos, sin, backend=backend)[0],
+        "swiglu": lambda: swiglu(x, x, backend=backend),
+        "cross_entropy": lambda: cross_entropy(x.reshape(6, 8), labels, backend=backend),
+        "fused_linear_cross_entropy": lambda: fused_linear_cross_entropy(
+            x.reshape(6, 8), torch.randn(8, 8), labels, backend=backend),
+        "adaln_layer_norm": lambda: adaln_layer_norm(x, torch.zeros(2, 8), torch.zeros(2, 8),
+                                                     backend=backend),
+    }
+
+
+def test_resolve_backend_kwarg_env_and_errors(monkeypatch):
+    monkeypatch.delenv("MEGALM_OPS", raising=False)
+    assert resolve_backend() == "auto"
+    monkeypatch.setenv("MEGALM_OPS", "reference")
+    assert resolve_backend() == "reference"
+    assert resolve_backend("cuda") == "cuda"  # an explicit kwarg beats the env var
+    monkeypatch.setenv("MEGALM_OPS", "triton")
+    with pytest.raises(UserError, match="MEGALM_OPS='triton'"):
+        resolve_backend()
+    with pytest.raises(UserError, match="backend='fast'"):
+        rms_norm(torch.randn(2, 4), None, backend="fast")
+
+
+@pytest.mark.parametrize("op", list(_calls("auto")))
+def test_forcing_cuda_on_cpu_raises_clear_error(op, monkeypatch):
+    monkeypatch.delenv("MEGALM_OPS", raising=False)
+    with pytest.raises(UserError, match="backend='cuda'.*CUDA"):
+        _calls("cuda")[op]()
+    monkeypatch.setenv("MEGALM_OPS", "cuda")
+    with pytest.raises(UserError, match="MEGALM_OPS"):
+        _calls("auto")[op]()
+
+
+def test_forcing_cuda_in_the_optimizer_raises(monkeypatch):
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(UserError, match="backend='cuda'"):
+        FusedAdamW([p], lr=0.1, backend="cuda").step()
+
+
+def test_auto_and_reference_agree_on_cpu_without_any_warning(monkeypatch, capfd):
+    monkeypatch.delenv("MEGALM_OPS", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CPU run must not warn about missing kernels
+        torch.manual_seed(0)
+        auto = _calls("auto")
+        torch.manual_seed(0)
+        ref = _calls("reference")
+        for name in auto:
+            torch.manual_seed(1)
+            a = auto[name]()
+            torch.manual_seed(1)
+            torch.testing.assert_close(a, ref[name]())
+    assert capfd.readouterr().err == ""
+
+
+def test_fallback_warning_is_one_line_once(monkeypatch, capfd):
+    _backend._warn_fallback_once.cache_clear()
+    _backend._warn_fallback_once("no build for these sources")
+    _backend._warn_fallback_once("no build for these sources")
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "using PyTorch reference ops" in err
+    _backend._warn_fallback_once.cache_clear()
+
+
+def test_no_extension_on_this_machine_is_reported_not_raised():
+    ext, reason = build.load_extension()
+    assert ext is None and reason  # CPU torch or no GPU: the reason says which
+    assert ("CPU-only" in reason) or ("no CUDA device" in reason)
+
+
+def test_cache_key_follows_sources(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "CSRC", tmp_path)
+    (tmp_path / "a.cu").write_text("// one")
+    k1 = build.build_key()
+    (tmp_path / "a.cu").write_text("// two")
+    assert build.build_key() != k1
+    assert [p.name for p in build.compiled_sources()] == ["a.cu"]
+
+
+def test_arch_parsing():
+    assert build.parse_arch("9.0;8.0") == ["8.0", "9.0"]
+    assert build.arch_tag(build.parse_arch("8.0 9.0+PTX")) == "sm80-sm90ptx"
+    with pytest.raises(UserError, match="--arch"):
+        build.parse_arch("sm_80")
+    assert build._covers({"archs": ["8.0", "9.0"]}, 9, 0)
+    assert not build._covers({"archs": ["8.0"]}, 9, 0)
+    assert build._covers({"archs": ["8.0+PTX"]}, 9, 0)
+
+
+def test_fatbin_arch_parser_reads_container_headers(tmp_path):
+    import struct
+
+    def entry(kind, arch, payload=b"x" * 24):
+        # kind, version, header size, payload size; arch sits at byte 28 of the entry header
+        hdr = struct.pack("<HHIQ", kind, 0x101, 64, len(payload)) + b"\0" * 12
+        hdr += struct.pack("<I", arch) + b"\0" * (64 - 32)
+        return hdr + payload
+
+    body = entry(2, 80) + entry(2, 90) + entry(1, 90)
+    blob = b"junk" + struct.pack("<IHHQ", build.FATBIN_MAGIC, 1, 16, len(body)) + body + b"tail"
+    f = tmp_path / "x.so"
+    f.write_bytes(blob)
+    assert build.fatbin_archs(f) == ["compute_90", "sm_80", "sm_90"]

@@ -1,0 +1,74 @@
+"""StepGuard: NaN/inf and spikes mark a step bad, the optimizer then leaves weights and state alone."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megalm.train.config import BadStepsSection
+from megalm.train.guard import GuardedAdamW, StepGuard
+
+
+def step(guard: StepGuard, *losses: float, poison: bool = False) -> bool:
+    guard.begin_step(poison=poison)
+    for x in losses:
+        guard.record(torch.tensor(x))
+    return guard.decide()
+
+
+def test_nan_inf_spike_and_streak():
+    g = StepGuard(BadStepsSection(spike_factor=2.0, window=3, max_consecutive=2))
+    assert not step(g, 4.0, 2.0) and g.last_loss == 3.0
+    assert step(g, 1.0, float("nan")) and math.isnan(g.last_loss)
+    assert not g.must_roll_back
+    assert step(g, float("inf"))
+    assert g.must_roll_back and g.skipped_total == 2
+    assert not step(g, 3.5) and g.consecutive_bad == 0  # below 2 x mean(3.0)
+    assert step(g, 7.0)  # > 2 x mean(3.0, 3.5)
+    assert list(g.history) == [3.0, 3.5]  # bad steps never enter the running mean
+    assert step(g, 1.0, poison=True)  # the test hook turns the loss into NaN
+    state = g.state_dict()
+    h = StepGuard(g.cfg)
+    h.load_state_dict(state)
+    assert h.state_dict() == state
+
+
+def test_decide_is_once_per_step():
+    g = StepGuard(BadStepsSection())
+    g.begin_step()
+    g.record(torch.tensor(1.0))
+    assert not g.decide()
+    g.record(torch.tensor(float("nan")))  # after the decision: does not change it
+    assert not g.decide()
+
+
+def test_eval_losses_are_not_recorded():
+    g = StepGuard(BadStepsSection())
+    g.begin_step()
+    g.recording = False
+    g.record(torch.tensor(float("nan")))
+    g.recording = True
+    g.record(torch.tensor(2.0))
+    assert not g.decide() and g.last_loss == 2.0
+
+
+def test_skipped_update_leaves_weights_and_state():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = GuardedAdamW([p], lr=0.1, weight_decay=0.1)
+    g = StepGuard(BadStepsSection())
+    opt.guard_decide = g.decide
+    p.grad = torch.ones_like(p)
+    step(g, 1.0)
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p, before)
+    applied = p.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = torch.full_like(p, float("nan"))
+    g.begin_step()
+    g.record(torch.tensor(float("nan")))
+    opt.step()  # the optimizer asks the guard itself (as under a pipeline engine)
+    assert torch.equal(p, applied)
+    assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
