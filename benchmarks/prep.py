@@ -3,9 +3,10 @@
 Corpora: the whole `builtin:python-docs` corpus written as JSONL (~3 MB on Python 3.11: far
 less than the ~20 MB once estimated), and that file repeated to ~20 MB. Repetition favours our
 word cache (every word is known after the first copy), so both are reported: read "x1" as the
-fresh-vocabulary figure. Tokenizer: an 8k BPE trained on the first 6,000 documents (fixed). Baseline (written here, same idea as
-Megatron's script): json.loads per line and `SentencePieceProcessor.encode` per document in a
-multiprocessing Pool of 2, int32 arrays appended to a .bin file plus a sizes index.
+fresh-vocabulary figure. Tokenizer: an 8k BPE trained on the first 6,000 documents (fixed).
+Baseline (written here, same idea as Megatron's script): json.loads per line and
+`SentencePieceProcessor.encode` per document in a multiprocessing Pool of 2, int32 arrays
+appended to a .bin file plus a sizes index.
 Rounds interleave baseline / 1 worker / 2 workers so machine noise hits all alike; the median
 of the rounds is reported, as wall seconds and as CPU seconds (self + pool workers). On a
 shared machine (Linux autogroup: all processes of one session share one fair share) extra

@@ -125,6 +125,7 @@ def megalm_tokens_per_s(shards: str, work: str, steps: int, warmup: int) -> floa
                  f"batch.global_batch={GLOBAL}", f"train.steps={steps}", f"optimizer.lr={LR}",
                  "parallel.zero_stage=0", "precision.dtype=fp32", "logging.interval=1", "logging.progress=false",
                  "eval.batches=0", f"checkpoint.interval={steps + 1}"]
+    os.makedirs(work, exist_ok=True)
     cfg = Path(work) / "bench.yaml"
     cfg.write_text("name: bench\nmodel: tiny\n")
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
@@ -142,24 +143,33 @@ def megalm_tokens_per_s(shards: str, work: str, steps: int, warmup: int) -> floa
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2, help="alternating megalm/plain runs; best of each")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for both (1 resists contention)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     from tests.distributed.corpus import make_corpus
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the megalm subprocess too
+    ours_runs, base_runs = [], []
     with tempfile.TemporaryDirectory() as work:
         shards = make_corpus(os.path.join(work, "shards"), vocab_size=2000, n_docs=2000)
         vocab = json.loads(Path(shards, "manifest.json").read_text())["tokenizer"]["vocab_size"]
-        ours = megalm_tokens_per_s(shards, work, args.steps, args.warmup)
-        base = plain_tokens_per_s(shards, vocab, args.steps, args.warmup)
+        # Alternate the two so a shared machine's load hits both alike; keep the best of each.
+        for r in range(args.rounds):
+            ours_runs.append(megalm_tokens_per_s(shards, os.path.join(work, f"r{r}"), args.steps, args.warmup))
+            base_runs.append(plain_tokens_per_s(shards, vocab, args.steps, args.warmup))
+    ours, base = max(ours_runs), max(base_runs)
     result = {
         "benchmark": "train_cpu", "device": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "model": {"preset": "tiny", **SHAPE, "vocab": vocab}, "seq_len": SEQ, "micro_batch": MICRO,
         "global_batch": GLOBAL, "timed_steps": args.steps - args.warmup,
         "megalm_train_tokens_per_s": round(ours, 1), "plain_pytorch_tokens_per_s": round(base, 1),
+        "megalm_runs_tokens_per_s": [round(x, 1) for x in ours_runs],
+        "plain_runs_tokens_per_s": [round(x, 1) for x in base_runs],
         "speedup_vs_plain_pytorch": round(ours / base, 3),
         "note": "megalm also applies document masks (attention never crosses packed documents); "
                 "the baseline uses plain causal attention over random windows",

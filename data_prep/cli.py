@@ -31,8 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=32000)
     g.add_argument("--byte-fallback", action="store_true")
     g.add_argument("--special-tokens", default="", help="comma-separated user-defined symbols")
-    g.add_argument("--tokenizer-sample-mb", type=float, default=32.0,
-                   help="text sampled (by document hash) for training (default 32)")
+    g.add_argument("--tokenizer-sample-mb", type=float, default=10.0,
+                   help="text sampled (by document hash) for training (default 10)")
     o = p.add_argument_group("output")
     o.add_argument("--workers", type=int, default=1, help="processes on this node")
     o.add_argument("--valid-fraction", type=float, default=0.005)

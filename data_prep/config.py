@@ -16,7 +16,7 @@ class PrepConfig:
     text_key: str = "text"
     tokenizer: str | None = None  # an existing .model; None = train one with tokenizer_spec
     tokenizer_spec: TokenizerSpec = field(default_factory=TokenizerSpec)
-    tokenizer_sample_mb: float = 32.0  # text sampled (by document hash) to train the tokenizer
+    tokenizer_sample_mb: float = 10.0  # text sampled (by document hash) to train the tokenizer
     workers: int = 1
     valid_fraction: float = 0.005
     shard_size_mb: float = 16.0

@@ -56,8 +56,8 @@ class _Progress:
         self.bar.close()
 
 
-def _process_all(cfg: PrepConfig, sources, model: bytes, rank: int, size: int
-                 ) -> tuple[list[dict], int, int]:
+def _process_all(cfg: PrepConfig, sources: list[readers.Source], model: bytes, rank: int,
+                 size: int) -> tuple[list[dict], int, int]:
     """This rank's unit results, the bad-line count, and how many units were already done."""
     out = Path(cfg.output)
     dtype_bytes = np.dtype(tokenizer.token_dtype(tokenizer.describe(model)["vocab_size"])).itemsize
@@ -69,8 +69,10 @@ def _process_all(cfg: PrepConfig, sources, model: bytes, rank: int, size: int
     encoder = None
     pending: deque = deque()
     if cfg.workers > 1:
-        # Fork is cheap, and safe here: nothing has started a thread yet (no reader, no tqdm).
-        # Under MPI spawn instead: forking an initialised MPI process is not supported.
+        # Fork is cheap; it happens before this pass starts readers or tqdm, and the workers use
+        # only sentencepiece, numpy and Arrow's single-threaded IPC writer (Arrow re-creates
+        # its thread pools after a fork anyway). Under MPI spawn instead: forking an
+        # initialised MPI process is not supported.
         ctx = mp.get_context("spawn" if size > 1 or mpi.launched_under_mpi() else "fork")
         pool = ctx.Pool(cfg.workers, _init,
                         (model, str(out), cfg.min_tokens, cfg.valid_fraction))
@@ -121,7 +123,7 @@ def run(cfg: PrepConfig) -> dict:
             setup = str(exc)
     setup = comm.bcast(setup if comm.rank == 0 else None)
     if isinstance(setup, str):
-        raise UserError(setup)
+        _fail(setup, comm.rank)
     model, already_done = setup
     out = Path(cfg.output)
     if already_done:
@@ -141,8 +143,15 @@ def run(cfg: PrepConfig) -> dict:
         final = _finish(cfg, out, model, gathered)
     final = comm.bcast(final if comm.rank == 0 else None)
     if isinstance(final, str):
-        raise UserError(final)
+        _fail(final, comm.rank)
     return final
+
+
+def _fail(message: str, rank: int) -> None:
+    """Rank 0 reports the error; other ranks exit quietly so the user sees it once."""
+    if rank == 0:
+        raise UserError(message)
+    raise SystemExit(2)
 
 
 def _finish(cfg: PrepConfig, out: Path, model: bytes, gathered: list) -> dict | str:

@@ -175,8 +175,8 @@ def _jsonl_lines(path: str, key: str, skip_bad: bool, counters: ReadCounters,
                 if not isinstance(record, dict) or key not in record:
                     seen = ", ".join(map(str, record)) if isinstance(record, dict) else \
                         f"a JSON {type(record).__name__}, not an object"
-                    raise UserError(f"{path}:{lineno}: no key {key!r} (keys seen: {seen or 'none'});"
-                                    " choose one with --text-key")
+                    raise UserError(f"{path}:{lineno}: no key {key!r} (keys seen: "
+                                    f"{seen or 'none'}); choose one with --text-key")
                 text = record[key]
                 if text is None:
                     text = ""

@@ -105,7 +105,19 @@ def describe(model: bytes) -> dict:
     sp = spm.SentencePieceProcessor(model_proto=model)
     return {"sha256": hashlib.sha256(model).hexdigest(), "vocab_size": sp.get_piece_size(),
             "eos_id": sp.eos_id(), "bos_id": sp.bos_id(), "pad_id": sp.pad_id(),
-            "unk_id": sp.unk_id()}
+            "unk_id": sp.unk_id(), "special_tokens": _user_defined(model)}
+
+
+def _user_defined(model: bytes) -> dict[str, int]:
+    """{piece: id} of the user-defined symbols (--special-tokens)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:
+        return {}
+    proto = pb.ModelProto()
+    proto.ParseFromString(model)
+    return {p.piece: i for i, p in enumerate(proto.pieces)
+            if p.type == pb.ModelProto.SentencePiece.USER_DEFINED}
 
 
 def token_dtype(vocab_size: int) -> str:

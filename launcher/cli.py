@@ -63,6 +63,8 @@ def main(argv: list[str]) -> int:
     for rank in range(args.nproc):
         env = dict(os.environ)
         DistEnv(rank, args.nproc, rank, args.nproc, args.master_addr, port, "torchrun").export(env)
+        # Like torchrun: N ranks each using every core oversubscribe the CPU; share the cores.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
         # Each rank in its own process group so we can signal its children too.
         procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
 

@@ -28,27 +28,29 @@ def collate(windows: Sequence[Window]) -> dict[str, torch.Tensor]:
     """Stack windows of one seq_len into int64 `[B, T]` tensors (vectorised over the batch)."""
     if not windows:
         raise ValueError("collate needs at least one window")
-    b, t1 = len(windows), windows[0].tokens.shape[0]
-    t = t1 - 1
+    b, t = len(windows), windows[0].tokens.shape[0] - 1
     tokens = np.stack([w.tokens for w in windows])  # storage dtype (uint16/32): cheap to stack
     lens = np.concatenate([w.seg_lens for w in windows])  # all segments of all rows, row-major
     n_seg = np.array([w.seg_lens.shape[0] for w in windows], dtype=np.int64)
     first_seg = np.cumsum(n_seg) - n_seg
-    seg_start = np.cumsum(lens) - lens  # flat offset of each segment in the [B, T+1] layout
+    last_seg = first_seg + n_seg - 1
+    # inputs drop each window's final token: shorten each row's last segment by one so the
+    # flat layout below is exactly [B, T] (no slicing copies)
+    lens[last_seg] -= 1
+    seg_start = np.cumsum(lens) - lens  # flat offset of each segment in [B, T]
     # doc id = segment index within its row; position = offset from its segment's start
     local = np.arange(lens.shape[0], dtype=np.int64) - np.repeat(first_seg, n_seg)
-    doc = np.repeat(local, lens).reshape(b, t1)
-    pos = (np.arange(b * t1, dtype=np.int64) - np.repeat(seg_start, lens)).reshape(b, t1)
+    doc = np.repeat(local, lens).reshape(b, t)
+    pos = (np.arange(b * t, dtype=np.int64) - np.repeat(seg_start, lens)).reshape(b, t)
     labels = tokens[:, 1:].astype(np.int64)
-    # mask the target after every segment end except each row's last (that one is the window end)
+    # the target after every segment end except each row's last (that one is the window end)
+    # is the next document's first token: masked
     not_last = np.ones(lens.shape[0], dtype=bool)
-    not_last[first_seg + n_seg - 1] = False
-    ends = seg_start[not_last] + lens[not_last] - 1  # flat index in [B, T+1] of an EOS
-    rows, cols = np.divmod(ends, t1)
-    labels[rows, cols] = IGNORE_INDEX
+    not_last[last_seg] = False
+    labels.reshape(-1)[seg_start[not_last] + lens[not_last] - 1] = IGNORE_INDEX
     return {
         "input_ids": torch.from_numpy(tokens[:, :t].astype(np.int64)),
         "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(np.ascontiguousarray(pos[:, :t])),
-        "doc_ids": torch.from_numpy(np.ascontiguousarray(doc[:, :t])),
+        "position_ids": torch.from_numpy(pos),
+        "doc_ids": torch.from_numpy(doc),
     }

@@ -45,6 +45,8 @@ def main(argv: list[str]) -> int:
 
     dist.barrier()
     dist.destroy_process_group()
+    if summary["stopped_by_signal"] and not summary["finished"]:
+        return 128 + summary["stopped_by_signal"]  # checkpointed; the scheduler may requeue us
     return 0
 
 

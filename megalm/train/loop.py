@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -71,6 +73,7 @@ class Trainer:
         self._own_grad_norm = (not self.b.pipeline and cfg.parallel.zero_stage == 0
                                and cfg.precision.dtype == "fp32")
         self._gnorm = float("nan")
+        self.stop_signal = 0  # set by SIGTERM/SIGUSR1 (preemption); acted on at the end of a step
 
     # ---- state -------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
@@ -134,7 +137,7 @@ class Trainer:
                 _warn(f"skipped {skip} global batches of data after bad steps (now at batch {self.data_step})")
         micro = next(self._it)
         self.data_step += 1
-        if self.cfg.debug.trace_batches:
+        if self.cfg.debug.trace_batches and self.b.is_first_stage:
             self._trace(micro)
         return [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro]
 
@@ -215,6 +218,17 @@ class Trainer:
             _warn(f"{n} bad steps in a row: rolled back to step {self.step}; data batches {first_bad}.."
                   f"{first_bad + n - 1} will be skipped")
 
+    # ---- preemption ---------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        """Collective: any rank signalled -> every rank checkpoints and stops after this step."""
+        t = torch.tensor([float(self.stop_signal)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.stop_signal = int(t.item())
+        return self.stop_signal != 0
+
     # ---- the run -----------------------------------------------------------------------------
     def _grad_norm(self) -> float:
         if self._own_grad_norm:
@@ -233,6 +247,9 @@ class Trainer:
         peak = cfg.logging.peak_flops or (989e12 if torch.cuda.is_available() else 0.0)
         limit = cfg.debug.max_steps_this_run
         t_last, step_last, t_start = time.perf_counter(), self.step, time.perf_counter()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             while self.step < self.total_steps:
                 self.train_step(self.next_batch())
@@ -263,6 +280,10 @@ class Trainer:
                     self.save()
                 if limit and self.step - start_step >= limit:
                     break
+                if self._stop_requested():
+                    if self.rank == 0:
+                        _warn(f"signal {self.stop_signal}: checkpointing at step {self.step} and stopping")
+                    break
             finished = self.step >= self.total_steps
             if finished and cfg.eval.batches and not (cfg.eval.interval and self.step % cfg.eval.interval == 0):
                 self.last_eval = self.evaluate()
@@ -272,10 +293,13 @@ class Trainer:
             self.ckpt.wait()
         finally:
             metrics.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         summary = {"step": self.step, "finished": self.step >= self.total_steps, "tokens": self.tokens,
                    "last_loss": self.guard.last_loss, "eval_loss": self.last_eval,
                    "skipped_steps": self.guard.skipped_total, "rollbacks": self.rollbacks,
-                   "weights_sha256": self.weights_digest(), "world_size": self.world}
+                   "weights_sha256": self.weights_digest(), "world_size": self.world,
+                   "stopped_by_signal": self.stop_signal}
         if self.rank == 0:
             path = cfg.run_dir() / "summary.json"
             tmp = path.with_suffix(".json.tmp")

@@ -96,3 +96,20 @@ def test_verify_names_corrupt_and_truncated_shards(tmp_path, corpus, model_path)
     assert any(line.startswith(f"{b.name}: sha256") for line in lines)
     assert any(line.endswith(": missing") for line in lines)
     assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_stops_cleanly_then_resumes(tmp_path, corpus, model_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "megalm.cli", "prep", str(corpus), "-o", str(out),
+           "--tokenizer", str(model_path), "--workers", "2", *ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = out / ".units" / "unit-00000.json"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert not (out / "manifest.json").exists(), "interrupted too late to test"
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    run_prep(str(corpus), "-o", out, "--tokenizer", model_path, *ARGS)
+    assert tree_digest(out) == _reference(tmp_path, corpus, model_path)

@@ -29,6 +29,7 @@ def test_special_tokens_and_byte_fallback(docs):
     model = tokenizer.train(lines, TokenizerSpec("unigram", 700, True, ("<|im_start|>",)))
     sp = spm.SentencePieceProcessor(model_proto=model)
     assert sp.piece_to_id("<|im_start|>") == 4
+    assert tokenizer.describe(model)["special_tokens"] == {"<|im_start|>": 4}
     assert sp.piece_to_id("<0xE2>") != sp.unk_id()  # byte pieces exist
     assert word_cache_is_exact(model)
 

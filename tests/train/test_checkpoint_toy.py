@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -149,8 +148,10 @@ def scenario(a: dict, rank: int, world: int) -> dict:
         cs = mgr.load(engine)
         if cs is not None:
             start = cs["step"]
-            rec.update(loaded_step=start, after_load=local_state(engine),
-                       weights_after_load=full_weights(engine), client_state=cs)
+            rec.update(loaded_step=start, client_state=cs)
+            if not a.get("light"):
+                rec.update(after_load=local_state(engine), weights_after_load=full_weights(engine))
+        print(f"RESUMED {start if cs is not None else 'none'}", flush=True)
     gate = threading.Event()
     real_write = checkpoint_engine.MegalmCheckpointEngine.write_pending
     real_write_one = checkpoint_engine.MegalmCheckpointEngine.write_one
@@ -164,6 +165,8 @@ def scenario(a: dict, rank: int, world: int) -> dict:
     try:
         for step in range(start + 1, a["steps"] + 1):
             rec["losses"][step] = train_step(engine, step, a, rank, world)
+            if a.get("light"):
+                print(f"LOSS {step} {rec['losses'][step]}", flush=True)
             if a.get("block_writer") and step > min(a["save_at"]):
                 rec.setdefault("steps_while_held", []).append(step)
                 gate.set()

@@ -1,7 +1,7 @@
 // Python bindings of the fused ops; every argument is checked here, before any kernel runs.
 #include <torch/extension.h>
 
-#include "ops.h"
+#include "host.h"
 
 namespace {
 

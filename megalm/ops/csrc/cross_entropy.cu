@@ -2,8 +2,8 @@
 // pass writing grad = (softmax - onehot) * grad_scale in the logits dtype (optionally in place).
 #include <cmath>
 
-#include "common.cuh"
-#include "ops.h"
+#include "kernels.cuh"
+#include "launch.h"
 
 namespace megalm {
 namespace {
@@ -54,7 +54,7 @@ __global__ void ce_kernel(const T* logits, const int64_t* __restrict__ labels,
   const bool in_range = label >= 0 && label < V;
   MaxSum acc{-INFINITY, 0.f};
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float x = static_cast<float>(xr[j]);
+    const float x = to_f(xr[j]);
     if (x > acc.m) {
       acc.s = (acc.m == -INFINITY ? 0.f : acc.s * expf(acc.m - x)) + 1.f;
       acc.m = x;
@@ -62,35 +62,35 @@ __global__ void ce_kernel(const T* logits, const int64_t* __restrict__ labels,
       acc.s += expf(x - acc.m);
     }
   }
-  const float target = (valid && in_range) ? static_cast<float>(xr[label]) : 0.f;
+  const float target = (valid && in_range) ? to_f(xr[label]) : 0.f;
   acc = block_max_sum(acc, sm_m, sm_s);
   const float lse = acc.m + logf(acc.s);
   if (threadIdx.x == 0) loss[row] = !valid ? 0.f : (in_range ? lse - target : NAN);
   const float scale = valid ? *grad_scale : 0.f;
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float p = expf(static_cast<float>(xr[j]) - lse);
-    gr[j] = static_cast<T>((p - (j == label ? 1.f : 0.f)) * scale);
+    const float p = expf(to_f(xr[j]) - lse);
+    gr[j] = from_f<T>((p - (j == label ? 1.f : 0.f)) * scale);
   }
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
-                                                     const at::Tensor& labels,
-                                                     const at::Tensor& grad_scale,
-                                                     int64_t ignore_index, bool inplace) {
-  const c10::cuda::OptionalCUDAGuard guard(logits.device());
-  const int64_t N = logits.size(0), V = logits.size(1);
-  auto grad = inplace ? logits : at::empty_like(logits);
-  auto loss = at::empty({N}, logits.options().dtype(at::kFloat));
-  if (N == 0) return {loss, grad};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_fwd", [&] {
-    ce_kernel<scalar_t><<<(unsigned)N, row_threads(V), 0, stream()>>>(
-        logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), grad_scale.data_ptr<float>(),
-        grad.data_ptr<scalar_t>(), loss.data_ptr<float>(), V, ignore_index);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, grad};
+namespace launch {
+
+template <typename T>
+cudaError_t cross_entropy_fwd(const T* logits, const int64_t* labels, const float* grad_scale,
+                              T* grad, float* loss, int64_t N, int64_t V, int64_t ignore_index,
+                              cudaStream_t s) {
+  ce_kernel<T><<<static_cast<unsigned>(N), row_threads(V), 0, s>>>(logits, labels, grad_scale,
+                                                                  grad, loss, V, ignore_index);
+  return cudaGetLastError();
 }
 
+#define INSTANTIATE(T)                                                                         \
+  template cudaError_t cross_entropy_fwd<T>(const T*, const int64_t*, const float*, T*, float*, \
+                                            int64_t, int64_t, int64_t, cudaStream_t);
+MEGALM_FOR_EACH_TYPE(INSTANTIATE)
+#undef INSTANTIATE
+
+}  // namespace launch
 }  // namespace megalm

@@ -1,4 +1,4 @@
-// Host entry points of the fused kernels; argument checks live in bindings.cpp.
+// Tensor-level entry points (host.cpp); argument checks live in bindings.cpp.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,0 +1,297 @@
+// Tensor-level host code: allocate outputs, pick the element type, launch (launch.h). Compiled
+// once by the host compiler; the .cu files never see torch headers.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "host.h"
+#include "launch.h"
+
+namespace megalm {
+namespace {
+
+// at:: element types -> the CUDA types the kernels are instantiated for (same layout).
+template <typename T> struct Cuda { using type = T; };
+template <> struct Cuda<at::Half> { using type = __half; };
+template <> struct Cuda<at::BFloat16> { using type = __nv_bfloat16; };
+
+template <typename T>
+typename Cuda<T>::type* ptr(const at::Tensor& t) {
+  return reinterpret_cast<typename Cuda<T>::type*>(t.data_ptr<T>());
+}
+
+const float* fptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+float* fptr_mut(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// How many row groups a norm backward uses: enough blocks to fill the GPU, at most one per row.
+int64_t partial_groups(int64_t rows) {
+  int device = 0, sms = 1;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return std::max<int64_t>(1, std::min<int64_t>(rows, 4 * static_cast<int64_t>(sms)));
+}
+
+void sum_groups(const at::Tensor& part, at::Tensor& out) {  // part [B, G, C] -> out [B, C]
+  C10_CUDA_CHECK(launch::column_sum(part.data_ptr<float>(), out.data_ptr<float>(), part.size(0),
+                                    part.size(1), part.size(2), stream()));
+}
+
+#define MEGALM_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                double eps) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t R = x.size(0), C = x.size(1);
+  auto y = at::empty_like(x);
+  auto rstd = at::empty({R}, x.options().dtype(at::kFloat));
+  if (R == 0) return {y, rstd};
+  MEGALM_DISPATCH(x.scalar_type(), "rms_norm_fwd", [&] {
+    C10_CUDA_CHECK(launch::rms_norm_fwd(ptr<scalar_t>(x), fptr(weight), ptr<scalar_t>(y),
+                                        rstd.data_ptr<float>(), R, C, static_cast<float>(eps),
+                                        stream()));
+  });
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                const at::Tensor& weight, const at::Tensor& rstd) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t R = x.size(0), C = x.size(1);
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto dx = at::empty_like(x);
+  at::Tensor dw = weight.defined() ? at::zeros({1, C}, f32) : at::Tensor();
+  if (R == 0) return {dx, weight.defined() ? dw.view({C}) : dw};
+  const int64_t G = partial_groups(R);
+  at::Tensor part = weight.defined() ? at::zeros({1, G, C}, f32) : at::Tensor();
+  MEGALM_DISPATCH(x.scalar_type(), "rms_norm_bwd", [&] {
+    C10_CUDA_CHECK(launch::rms_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x), fptr(weight),
+                                        rstd.data_ptr<float>(), ptr<scalar_t>(dx), fptr_mut(part),
+                                        R, C, G, stream()));
+  });
+  if (weight.defined()) sum_groups(part, dw);
+  return {dx, weight.defined() ? dw.view({C}) : dw};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x,
+                                                              const at::Tensor& weight,
+                                                              const at::Tensor& bias, double eps) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t R = x.size(0), C = x.size(1);
+  auto y = at::empty_like(x);
+  auto mean = at::empty({R}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty({R}, x.options().dtype(at::kFloat));
+  if (R == 0) return {y, mean, rstd};
+  MEGALM_DISPATCH(x.scalar_type(), "layer_norm_fwd", [&] {
+    C10_CUDA_CHECK(launch::layer_norm_fwd(ptr<scalar_t>(x), fptr(weight), fptr(bias),
+                                          ptr<scalar_t>(y), mean.data_ptr<float>(),
+                                          rstd.data_ptr<float>(), R, C, R, 0, false,
+                                          static_cast<float>(eps), stream()));
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& dy,
+                                                              const at::Tensor& x,
+                                                              const at::Tensor& weight,
+                                                              const at::Tensor& mean,
+                                                              const at::Tensor& rstd,
+                                                              bool has_bias) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t R = x.size(0), C = x.size(1);
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto dx = at::empty_like(x);
+  at::Tensor dw = weight.defined() ? at::zeros({1, C}, f32) : at::Tensor();
+  at::Tensor db = has_bias ? at::zeros({1, C}, f32) : at::Tensor();
+  auto flat = [C](const at::Tensor& t) { return t.defined() ? t.view({C}) : t; };
+  if (R == 0) return {dx, flat(dw), flat(db)};
+  const int64_t G = partial_groups(R);
+  at::Tensor dw_part = weight.defined() ? at::zeros({1, G, C}, f32) : at::Tensor();
+  at::Tensor db_part = has_bias ? at::zeros({1, G, C}, f32) : at::Tensor();
+  MEGALM_DISPATCH(x.scalar_type(), "layer_norm_bwd", [&] {
+    C10_CUDA_CHECK(launch::layer_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x), fptr(weight),
+                                          mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                                          ptr<scalar_t>(dx), fptr_mut(dw_part), fptr_mut(db_part),
+                                          1, G, C, R, 0, false, stream()));
+  });
+  if (weight.defined()) sum_groups(dw_part, dw);
+  if (has_bias) sum_groups(db_part, db);
+  return {dx, flat(dw), flat(db)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_fwd(const at::Tensor& x,
+                                                         const at::Tensor& shift,
+                                                         const at::Tensor& scale, double eps) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2), R = B * T;
+  auto y = at::empty_like(x);
+  auto mean = at::empty({R}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty({R}, x.options().dtype(at::kFloat));
+  if (R == 0) return {y, mean, rstd};
+  MEGALM_DISPATCH(x.scalar_type(), "adaln_fwd", [&] {
+    C10_CUDA_CHECK(launch::layer_norm_fwd(ptr<scalar_t>(x), scale.data_ptr<float>(),
+                                          shift.data_ptr<float>(), ptr<scalar_t>(y),
+                                          mean.data_ptr<float>(), rstd.data_ptr<float>(), R, D, T,
+                                          D, true, static_cast<float>(eps), stream()));
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                         const at::Tensor& scale,
+                                                         const at::Tensor& mean,
+                                                         const at::Tensor& rstd) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto dx = at::empty_like(x);
+  auto dshift = at::zeros({B, D}, f32);
+  auto dscale = at::zeros({B, D}, f32);
+  if (B * T == 0) return {dx, dshift, dscale};
+  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(T, (partial_groups(B * T) + B - 1) / B));
+  auto dscale_part = at::zeros({B, G, D}, f32);
+  auto dshift_part = at::zeros({B, G, D}, f32);
+  MEGALM_DISPATCH(x.scalar_type(), "adaln_bwd", [&] {
+    C10_CUDA_CHECK(launch::layer_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x),
+                                          scale.data_ptr<float>(), mean.data_ptr<float>(),
+                                          rstd.data_ptr<float>(), ptr<scalar_t>(dx),
+                                          dscale_part.data_ptr<float>(),
+                                          dshift_part.data_ptr<float>(), B, G, D, T, D, true,
+                                          stream()));
+  });
+  sum_groups(dscale_part, dscale);
+  sum_groups(dshift_part, dshift);
+  return {dx, dshift, dscale};
+}
+
+at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                    bool inverse) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  auto y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  MEGALM_DISPATCH(x.scalar_type(), "rope_fwd", [&] {
+    C10_CUDA_CHECK(launch::rope(ptr<scalar_t>(x), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                                ptr<scalar_t>(y), x.numel(), x.size(2), x.size(3), inverse,
+                                stream()));
+  });
+  return y;
+}
+
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
+  const c10::cuda::OptionalCUDAGuard guard(gate.device());
+  auto y = at::empty_like(gate);
+  if (gate.numel() == 0) return y;
+  MEGALM_DISPATCH(gate.scalar_type(), "swiglu_fwd", [&] {
+    C10_CUDA_CHECK(launch::swiglu_fwd(ptr<scalar_t>(gate), ptr<scalar_t>(up), ptr<scalar_t>(y),
+                                      gate.numel(), stream()));
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
+                                              const at::Tensor& up) {
+  const c10::cuda::OptionalCUDAGuard guard(gate.device());
+  auto dgate = at::empty_like(gate);
+  auto dup = at::empty_like(up);
+  if (gate.numel() == 0) return {dgate, dup};
+  MEGALM_DISPATCH(gate.scalar_type(), "swiglu_bwd", [&] {
+    C10_CUDA_CHECK(launch::swiglu_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(gate), ptr<scalar_t>(up),
+                                      ptr<scalar_t>(dgate), ptr<scalar_t>(dup), gate.numel(),
+                                      stream()));
+  });
+  return {dgate, dup};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
+                                                     const at::Tensor& labels,
+                                                     const at::Tensor& grad_scale,
+                                                     int64_t ignore_index, bool inplace) {
+  const c10::cuda::OptionalCUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor grad = inplace ? logits : at::empty_like(logits);
+  auto loss = at::empty({N}, logits.options().dtype(at::kFloat));
+  if (N == 0) return {loss, grad};
+  MEGALM_DISPATCH(logits.scalar_type(), "cross_entropy_fwd", [&] {
+    C10_CUDA_CHECK(launch::cross_entropy_fwd(ptr<scalar_t>(logits), labels.data_ptr<int64_t>(),
+                                             grad_scale.data_ptr<float>(), ptr<scalar_t>(grad),
+                                             loss.data_ptr<float>(), N, V, ignore_index, stream()));
+  });
+  return {loss, grad};
+}
+
+void multi_tensor_adamw(const std::vector<at::Tensor>& params,
+                        const std::vector<at::Tensor>& grads,
+                        const std::vector<at::Tensor>& exp_avgs,
+                        const std::vector<at::Tensor>& exp_avg_sqs,
+                        const std::vector<at::Tensor>& masters, double lr, double beta1,
+                        double beta2, double eps, double weight_decay, double bias_correction1,
+                        double bias_correction2) {
+  if (params.empty()) return;
+  const c10::cuda::OptionalCUDAGuard guard(params[0].device());
+  const bool has_master = !masters.empty();
+  const int64_t n = static_cast<int64_t>(params.size());
+  auto meta = at::empty({n, 6}, at::TensorOptions().dtype(at::kLong));
+  auto* mp = meta.data_ptr<int64_t>();
+  std::vector<int32_t> table;
+  for (int64_t i = 0; i < n; ++i) {
+    mp[6 * i + 0] = reinterpret_cast<int64_t>(params[i].data_ptr());
+    mp[6 * i + 1] = reinterpret_cast<int64_t>(grads[i].data_ptr());
+    mp[6 * i + 2] = reinterpret_cast<int64_t>(exp_avgs[i].data_ptr());
+    mp[6 * i + 3] = reinterpret_cast<int64_t>(exp_avg_sqs[i].data_ptr());
+    mp[6 * i + 4] = has_master ? reinterpret_cast<int64_t>(masters[i].data_ptr()) : 0;
+    mp[6 * i + 5] = params[i].numel();
+    const int64_t chunks = (params[i].numel() + launch::kAdamChunk - 1) / launch::kAdamChunk;
+    TORCH_CHECK(i < INT32_MAX && chunks < INT32_MAX, "multi_tensor_adamw: too many elements");
+    for (int64_t c = 0; c < chunks; ++c) {
+      table.push_back(static_cast<int32_t>(i));
+      table.push_back(static_cast<int32_t>(c));
+    }
+  }
+  const int64_t nblocks = static_cast<int64_t>(table.size()) / 2;
+  if (nblocks == 0) return;
+  TORCH_CHECK(nblocks <= INT32_MAX, "multi_tensor_adamw: too many chunks for one launch");
+  auto blocks = at::empty({static_cast<int64_t>(table.size())}, at::TensorOptions().dtype(at::kInt));
+  std::copy(table.begin(), table.end(), blocks.data_ptr<int32_t>());
+  // Blocking host->device copies: the kernel then reads device-side tables that the caching
+  // allocator keeps alive in stream order.
+  const auto dev = params[0].device();
+  const auto meta_d = meta.to(dev);
+  const auto blocks_d = blocks.to(dev);
+  const launch::AdamHyper h{static_cast<float>(lr), static_cast<float>(beta1),
+                            static_cast<float>(beta2), static_cast<float>(eps),
+                            static_cast<float>(weight_decay), static_cast<float>(bias_correction1),
+                            static_cast<float>(std::sqrt(bias_correction2))};
+  const int64_t* md = meta_d.data_ptr<int64_t>();
+  const int32_t* bd = blocks_d.data_ptr<int32_t>();
+  const auto pt = params[0].scalar_type();
+  cudaError_t err;
+  if (pt == at::kFloat) {
+    err = launch::adamw<float, float>(md, bd, nblocks, h, stream());
+  } else if (pt == at::kHalf) {
+    err = has_master ? launch::adamw<__half, float>(md, bd, nblocks, h, stream())
+                     : launch::adamw<__half, __half>(md, bd, nblocks, h, stream());
+  } else if (pt == at::kBFloat16) {
+    err = has_master ? launch::adamw<__nv_bfloat16, float>(md, bd, nblocks, h, stream())
+                     : launch::adamw<__nv_bfloat16, __nv_bfloat16>(md, bd, nblocks, h, stream());
+  } else {
+    TORCH_CHECK(false, "multi_tensor_adamw: unsupported param dtype ", pt);
+  }
+  C10_CUDA_CHECK(err);
+}
+
+}  // namespace megalm

@@ -1,0 +1,65 @@
+// Kernel launchers on raw pointers (implemented in the .cu files, called from host.cpp).
+// Plain C++ with CUDA types only, so host.cpp and the .cu files share no torch headers.
+// Each returns cudaGetLastError() after its launch(es).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace megalm::launch {
+
+// out[b, c] = sum_g in[b, g, c] (fp32): reduces per-group partial weight grads.
+cudaError_t column_sum(const float* in, float* out, int64_t B, int64_t G, int64_t C,
+                       cudaStream_t s);
+
+template <typename T>
+cudaError_t rms_norm_fwd(const T* x, const float* w, T* y, float* rstd, int64_t R, int64_t C,
+                         float eps, cudaStream_t s);
+// G row groups; dw_part [G, C] zero-initialised (or null when no weight grad is wanted).
+template <typename T>
+cudaError_t rms_norm_bwd(const T* dy, const T* x, const float* w, const float* rstd, T* dx,
+                         float* dw_part, int64_t R, int64_t C, int64_t G, cudaStream_t s);
+
+// LayerNorm over rows [R, C] in batches of rows_per_batch rows; the affine params of batch b
+// start at b * affine_stride (0: one [C] vector); plus_one uses (1 + w) (adaLN's 1 + scale).
+template <typename T>
+cudaError_t layer_norm_fwd(const T* x, const float* w, const float* b, T* y, float* mean,
+                           float* rstd, int64_t R, int64_t C, int64_t rows_per_batch,
+                           int64_t affine_stride, bool plus_one, float eps, cudaStream_t s);
+// Grid (G, B); dw_part/db_part [B, G, C] zero-initialised or null.
+template <typename T>
+cudaError_t layer_norm_bwd(const T* dy, const T* x, const float* w, const float* mean,
+                           const float* rstd, T* dx, float* dw_part, float* db_part, int64_t B,
+                           int64_t G, int64_t C, int64_t rows_per_batch, int64_t affine_stride,
+                           bool plus_one, cudaStream_t s);
+
+// x [B, T, H, D], cos/sin fp32 [B, T, D/2]; inverse rotates by -angle (the backward).
+template <typename T>
+cudaError_t rope(const T* x, const float* cos, const float* sin, T* y, int64_t numel,
+                 int64_t heads, int64_t head_dim, bool inverse, cudaStream_t s);
+
+template <typename T>
+cudaError_t swiglu_fwd(const T* gate, const T* up, T* y, int64_t n, cudaStream_t s);
+template <typename T>
+cudaError_t swiglu_bwd(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n,
+                       cudaStream_t s);
+
+// grad may alias logits (in place).
+template <typename T>
+cudaError_t cross_entropy_fwd(const T* logits, const int64_t* labels, const float* grad_scale,
+                              T* grad, float* loss, int64_t N, int64_t V, int64_t ignore_index,
+                              cudaStream_t s);
+
+struct AdamHyper {
+  float lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt;
+};
+constexpr int64_t kAdamChunk = 65536;  // elements per block
+// meta [n, 6] int64 on device: param, grad, exp_avg, exp_avg_sq, master (or 0), numel;
+// blocks [nblocks, 2] int32 on device: (tensor index, chunk index). P = param/grad type,
+// S = moment type (float with masters, else P).
+template <typename P, typename S>
+cudaError_t adamw(const int64_t* meta, const int32_t* blocks, int64_t nblocks, AdamHyper h,
+                  cudaStream_t s);
+
+}  // namespace megalm::launch
