@@ -176,7 +176,16 @@ def test_adamw_kernel_matches_reference(dtype, master):
         torch.testing.assert_close(pk.detach().float(), pr.detach().float(), atol=tol, rtol=tol)
 
 
-def test_auto_backend_uses_the_kernel():
+def test_auto_backend_uses_the_kernel(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("megalm.ops.rms_norm")
+
+    def no_reference(*a, **k):
+        raise AssertionError("auto picked the reference on CUDA tensors")
+
+    monkeypatch.delenv("MEGALM_OPS", raising=False)
+    monkeypatch.setattr(mod, "rms_norm_reference", no_reference)
     x = _randn(8, 64).bfloat16()
     w = torch.ones(64, device=DEV)
     assert torch.equal(rms_norm(x, w), rms_norm(x, w, backend="cuda"))

@@ -240,13 +240,31 @@ class Trainer:
         opt = getattr(self.engine, "optimizer", None)
         return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)) or 1.0)
 
+    def _log_train(self, metrics: Metrics, clock: dict[str, float]) -> None:
+        now = time.perf_counter()
+        tps = self.tokens_per_step * (self.step - clock["step"]) / max(now - clock["t"], 1e-9)
+        flops = tps * self.b.flops_per_token
+        rate = max(self.step - clock["start_step"], 1e-9) / max(now - clock["start_t"], 1e-9)
+        peak = self.cfg.logging.peak_flops or (989e12 if torch.cuda.is_available() else 0.0)
+        metrics.write("train", {
+            "step": self.step, "loss": self.guard.last_loss, "lr": self.engine.get_lr()[0],
+            "grad_norm": self._grad_norm(), "tokens_per_s": tps, "flops_per_s": flops,
+            "mfu": flops / (peak * self.world) if peak else None, "memory_gib": peak_memory_gib(),
+            "eta_s": (self.total_steps - self.step) / rate, "skipped_steps": self.guard.skipped_total,
+            "rollbacks": self.rollbacks, "loss_scale": self._loss_scale(), "tokens": self.tokens,
+            "data_step": self.data_step})
+        clock.update(t=now, step=self.step)
+
+    def _eval(self, metrics: Metrics) -> None:
+        self.last_eval = self.evaluate()
+        metrics.write("eval", {"step": self.step, "loss": self.last_eval})
+
     def run(self) -> dict[str, Any]:
-        cfg, start_step = self.cfg, self.step
+        cfg, start = self.cfg, self.step
         metrics = Metrics(str(cfg.run_dir()), cfg.tensorboard_dir(), self.total_steps, self.step,
                           enabled=self.rank == 0, progress=cfg.logging.progress)
-        peak = cfg.logging.peak_flops or (989e12 if torch.cuda.is_available() else 0.0)
-        limit = cfg.debug.max_steps_this_run
-        t_last, step_last, t_start = time.perf_counter(), self.step, time.perf_counter()
+        now = time.perf_counter()
+        clock = {"t": now, "step": self.step, "start_t": now, "start_step": self.step}
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
@@ -255,39 +273,26 @@ class Trainer:
                 self.train_step(self.next_batch())
                 metrics.advance()
                 if self.step % cfg.logging.interval == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    tps = self.tokens_per_step * (self.step - step_last) / max(now - t_last, 1e-9)
-                    flops = tps * self.b.flops_per_token
-                    rate = max(self.step - start_step, 1e-9) / max(now - t_start, 1e-9)
-                    metrics.write("train", {
-                        "step": self.step, "loss": self.guard.last_loss, "lr": self.engine.get_lr()[0],
-                        "grad_norm": self._grad_norm(), "tokens_per_s": tps, "flops_per_s": flops,
-                        "mfu": flops / (peak * self.world) if peak else None,
-                        "memory_gib": peak_memory_gib(), "eta_s": (self.total_steps - self.step) / rate,
-                        "skipped_steps": self.guard.skipped_total, "rollbacks": self.rollbacks,
-                        "loss_scale": self._loss_scale(), "tokens": self.tokens,
-                        "data_step": self.data_step})
-                    t_last, step_last = now, self.step
+                    self._log_train(metrics, clock)
                 if self.guard.must_roll_back:
                     self.roll_back()
                     metrics.set_position(self.step)
-                    t_last, step_last, t_start, start_step = time.perf_counter(), self.step, time.perf_counter(), self.step
+                    now = time.perf_counter()
+                    clock = {"t": now, "step": self.step, "start_t": now, "start_step": self.step}
                     continue
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0:
-                    self.last_eval = self.evaluate()
-                    metrics.write("eval", {"step": self.step, "loss": self.last_eval})
+                    self._eval(metrics)
                 if self.step % cfg.checkpoint.interval == 0 and self.step < self.total_steps:
                     self.save()
-                if limit and self.step - start_step >= limit:
+                if cfg.debug.max_steps_this_run and self.step - start >= cfg.debug.max_steps_this_run:
                     break
                 if self._stop_requested():
                     if self.rank == 0:
                         _warn(f"signal {self.stop_signal}: checkpointing at step {self.step} and stopping")
                     break
-            finished = self.step >= self.total_steps
-            if finished and cfg.eval.batches and not (cfg.eval.interval and self.step % cfg.eval.interval == 0):
-                self.last_eval = self.evaluate()
-                metrics.write("eval", {"step": self.step, "loss": self.last_eval})
+            if self.step >= self.total_steps and cfg.eval.batches and not (
+                    cfg.eval.interval and self.step % cfg.eval.interval == 0):
+                self._eval(metrics)
             if self._saved_step != self.step:
                 self.save()
             self.ckpt.wait()
@@ -295,13 +300,16 @@ class Trainer:
             metrics.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        return self._summary()
+
+    def _summary(self) -> dict[str, Any]:
         summary = {"step": self.step, "finished": self.step >= self.total_steps, "tokens": self.tokens,
                    "last_loss": self.guard.last_loss, "eval_loss": self.last_eval,
                    "skipped_steps": self.guard.skipped_total, "rollbacks": self.rollbacks,
                    "weights_sha256": self.weights_digest(), "world_size": self.world,
                    "stopped_by_signal": self.stop_signal}
         if self.rank == 0:
-            path = cfg.run_dir() / "summary.json"
+            path = self.cfg.run_dir() / "summary.json"
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(summary, indent=1))
             os.replace(tmp, path)
@@ -313,14 +321,13 @@ class Trainer:
         module = self.engine.module
         params = list(module.named_parameters())
         h = hashlib.sha256()
-        if self.cfg.parallel.zero_stage == 3:
-            import deepspeed
+        for name, p in params:
+            if self.cfg.parallel.zero_stage == 3:  # one parameter at a time: never the whole model
+                import deepspeed
 
-            with deepspeed.zero.GatheredParameters([p for _, p in params]):
-                for name, p in params:
+                with deepspeed.zero.GatheredParameters([p]):
                     h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
-        else:
-            for name, p in params:
+            else:
                 h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
         digests: list[Any] = [None] * self.world
         dist.all_gather_object(digests, h.hexdigest())

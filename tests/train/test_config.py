@@ -120,3 +120,12 @@ def test_cli_bad_config_is_one_line(tmp_path):
                           text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("error: bad.yaml:2: invalid YAML")
+
+
+@pytest.mark.parametrize("name, world", [("demo", 2), ("gpt2-124m", 8)])
+def test_shipped_configs_load(name, world):
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), world_size=world)
+    ds = to_deepspeed_config(cfg, world)
+    assert ds["train_batch_size"] == cfg.batch.global_batch
+    if name == "demo":
+        assert cfg.parallel.zero_stage == 2 and cfg.grad_accum(2) == 2
