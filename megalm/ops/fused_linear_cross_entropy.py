@@ -76,4 +76,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"fused_linear_cross_entropy: chunk_size={chunk_size}: expected >= 1")
     cuda = use_cuda(backend, hidden, weight, labels)
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        # Under autocast the head matmul would run in the autocast dtype while our buffers follow
+        # hidden's dtype; cast once up front and run the Function with autocast off.
+        dtype = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _FusedLinearCE.apply(hidden.to(dtype), weight.to(dtype), labels, ignore_index,
+                                        chunk_size, cuda)
     return _FusedLinearCE.apply(hidden, weight, labels, ignore_index, chunk_size, cuda)

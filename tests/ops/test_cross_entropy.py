@@ -145,3 +145,18 @@ def test_fused_linear_ce_never_builds_full_logits(monkeypatch):
 def test_auto_chunk_size_bounds_chunk_logits():
     assert flce_mod.auto_chunk_size(8192, 128_000, 4096) <= 512
     assert flce_mod.auto_chunk_size(10, 50, 16) == 10
+
+
+def test_fused_linear_ce_under_autocast_matches_explicit_cast():
+    # Regression: the chunked matmul under autocast came out bf16 while the dh buffer was fp32.
+    torch.manual_seed(0)
+    h = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, labels, chunk_size=4)
+    loss.backward()
+    ref = fused_linear_cross_entropy(h.detach().bfloat16(), w.detach().bfloat16(), labels, chunk_size=4)
+    assert torch.equal(loss, ref)
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
