@@ -42,9 +42,9 @@ HORIZON = 120  # steps of the reference run; the chain restarts from scratch bef
 MODEL = {"hidden": 768, "layers": 6, "zero": 1, "keep_last": 2, "light": True}
 
 
-def reference_losses(workdir: str) -> dict[str, str]:
+def reference_losses(workdir: str, horizon: int = HORIZON) -> dict[str, str]:
     """Losses of an uninterrupted run without saves (saving must not change the numbers)."""
-    args = defaults(**MODEL, steps=HORIZON, dir=os.path.join(workdir, "ref"), out=os.path.join(workdir, "ref"))
+    args = defaults(**MODEL, steps=horizon, dir=os.path.join(workdir, "ref"), out=os.path.join(workdir, "ref"))
     recs, _ = run_toy(args, timeout=1200)
     return recs[0]["losses"]
 
@@ -85,7 +85,8 @@ def _check_dir(ckdir: str) -> tuple[list[str], list[str]]:
     return valid, corrupt
 
 
-def chain(workdir: str, trials: int, rng: random.Random, reference: dict[str, str], progress=None) -> list[dict]:
+def chain(workdir: str, trials: int, rng: random.Random, reference: dict[str, str], progress=None,
+          horizon: int = HORIZON) -> list[dict]:
     """Run `trials` kill trials plus a final unkilled resume; one record per run."""
     ckdir = os.path.join(workdir, "chain")
     shutil.rmtree(ckdir, ignore_errors=True)
@@ -94,7 +95,7 @@ def chain(workdir: str, trials: int, rng: random.Random, reference: dict[str, st
     for t in range(trials + 1):
         final = t == trials
         start = 0 if expect == "none" else int(expect)
-        args = defaults(**MODEL, steps=start + 2 if final else HORIZON, save_every=not final, resume=True,
+        args = defaults(**MODEL, steps=start + 2 if final else horizon, save_every=not final, resume=True,
                         dir=ckdir, out=os.path.join(workdir, f"run{t}"), **{"async": t % 2 == 1})
         log_path = os.path.join(workdir, f"run{t}.log")
         rec = {"trial": t, "final_check": final, "async": t % 2 == 1, "expected_resume": expect, "killed": False}
@@ -127,7 +128,7 @@ def chain(workdir: str, trials: int, rng: random.Random, reference: dict[str, st
         if not valid:
             break
         expect = valid[-1].split("_")[1].lstrip("0") or "0"
-        if int(expect) > HORIZON - 20:  # keep the chain inside the reference's horizon
+        if int(expect) > horizon - 20:  # keep the chain inside the reference's horizon
             shutil.rmtree(ckdir, ignore_errors=True)
             expect = "none"
     return records

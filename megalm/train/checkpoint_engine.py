@@ -149,19 +149,19 @@ class MegalmCheckpointEngine(CheckpointEngine):
         rel = os.path.relpath(path, self._root).replace(os.sep, "/")
         if rel.startswith(".."):
             raise RuntimeError(f"{ENGINE_NAME}: {path} is outside the checkpoint being written")
-        if self._async:
-            taken: list[torch.Tensor] = []
-            with self._pool_lock:
-                snap = snapshot_to_cpu(state_dict, self._pool, taken)
-            self._pending.append((path, rel, (snap, taken)))
-        else:
-            # A failed write is recorded, not raised: raising here would skip DeepSpeed's barriers
-            # on this rank only and hang the others; the manager reports it after the collective.
-            try:
+        # A failure is recorded, not raised: raising here would skip DeepSpeed's barriers on this
+        # rank only and hang the others; the manager reports it to all ranks after its collective.
+        try:
+            if self._async:
+                taken: list[torch.Tensor] = []
+                with self._pool_lock:
+                    snap = snapshot_to_cpu(state_dict, self._pool, taken)
+                self._pending.append((path, rel, (snap, taken)))
+            else:
                 self._entries.append(self.write_one(path, rel, state_dict))
                 fsync_dir(os.path.dirname(path))
-            except Exception as exc:
-                self._errors.append(f"{rel}: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            self._errors.append(f"{rel}: {type(exc).__name__}: {exc}")
 
     def load(self, path: str, map_location=None) -> Any:
         return torch.load(path, map_location=map_location, weights_only=False)

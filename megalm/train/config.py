@@ -52,8 +52,8 @@ class BatchSection:
 class ParallelSection:
     zero_stage: int = 1
     pipeline_stages: int = 1
-    activation_checkpointing: bool = False
-    offload_optimizer: bool = False
+    activation_checkpointing: bool = False  # recompute every block in backward (done by the model)
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
 
 
 @dataclass
@@ -344,8 +344,11 @@ def to_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     cfg.validate_world(world_size)
     p, prec = cfg.parallel, cfg.precision
     zero: dict[str, Any] = {"stage": p.zero_stage}
+    force_ds_cpu_adam = None
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        # Our optimizer (FusedAdamW) steps the offloaded fp32 partitions itself.
+        force_ds_cpu_adam = False
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum(world_size),
@@ -356,6 +359,8 @@ def to_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,  # FusedAdamW is a plain torch Optimizer
     }
+    if force_ds_cpu_adam is not None:
+        ds["zero_force_ds_cpu_optimizer"] = force_ds_cpu_adam
     if prec.dtype == "bf16":
         ds["bf16"] = {"enabled": True}
     elif prec.dtype == "fp16":
@@ -364,8 +369,6 @@ def to_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
             "loss_scale": prec.loss_scale,
             "initial_scale_power": prec.initial_scale_power,
         }
-    if p.activation_checkpointing:
-        ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
     return _merge(ds, cfg.deepspeed)
 
 

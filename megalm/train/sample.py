@@ -83,8 +83,7 @@ def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     elif parallel["zero_stage"] >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(sys.stderr):  # its progress chatter must not mix with the sample
-            state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+        state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
     else:
         state = meta["module"]
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
@@ -122,7 +121,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
-    model, meta = load_model(args.checkpoint)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading a checkpoint is CPU work; skip GPU probing
+    with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the sample
+        model, meta = load_model(args.checkpoint)
     sp = load_tokenizer(meta)
     ids = sp.encode(args.prompt)
     if not ids:
@@ -130,7 +131,9 @@ def main(argv: list[str]) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, eos_id=meta["data"]["eos_id"], generator=gen)
-    print(args.prompt + sp.decode(out[0, len(ids):].tolist()))
+    # Decode prompt + continuation together: sentencepiece drops a piece's leading space when it
+    # starts the decoded text, which would glue the first new word onto the prompt.
+    print(sp.decode(out[0].tolist()))
     return 0
 
 

@@ -36,7 +36,6 @@ class Task(Protocol):
     def pipeline_layers(self, model: nn.Module) -> list[nn.Module]: ...
     def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
     def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]: ...
-    def tokens_in(self, batch: Batch) -> int: ...
     def fingerprint(self) -> dict[str, Any]: ...
 
 
@@ -122,9 +121,6 @@ class LMTask:
 
     def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         return (batch["input_ids"], batch["position_ids"], batch["doc_ids"]), batch["labels"]
-
-    def tokens_in(self, batch: Batch) -> int:
-        return int(batch["input_ids"].numel())
 
     def fingerprint(self) -> dict[str, Any]:
         import os

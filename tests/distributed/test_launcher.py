@@ -4,6 +4,7 @@ signals forwarded; rank discovery from torchrun / mpirun / srun variables."""
 from __future__ import annotations
 
 
+import os
 import signal
 import subprocess
 import sys
@@ -89,3 +90,24 @@ def test_success_exit_zero(nproc):
                           env=cpu_env(), timeout=60)
     assert proc.returncode == 0
 
+
+
+def test_mpirun_ranks_form_a_gloo_group(tmp_path):
+    """Under a real `mpiexec -n 2` the trainer's discovery yields a working process group."""
+    from launcher.env import free_port
+
+    script = ("import torch, torch.distributed as dist\n"
+              "from launcher.env import discover\n"
+              "env = discover(); env.export()\n"
+              "dist.init_process_group('gloo')\n"
+              "t = torch.tensor([float(env.rank + 1)]); dist.all_reduce(t)\n"
+              "print(env.source, env.rank, env.world_size, env.local_rank, int(t.item()), flush=True)\n"
+              "dist.destroy_process_group()\n")
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    port = str(free_port())
+    proc = subprocess.run([mpiexec, "--allow-run-as-root", "--oversubscribe", "-n", "2",
+                           "-x", f"MASTER_PORT={port}", "-x", "PYTHONPATH", sys.executable, "-c", script],
+                          env=cpu_env() | {"MASTER_PORT": port}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("mpirun"))
+    assert lines == ["mpirun 0 2 0 3", "mpirun 1 2 1 3"]

@@ -65,8 +65,10 @@ def test_resume_2_to_1_to_2_ranks(tmp_path):
     overrides = small_overrides(shards, "world", steps=8)[1:] + [f"debug.trace_batches={trace}"]
     stopped = _train_until_sigterm(tmp_path, overrides)
     assert 1 <= stopped < 7
-    _train(tmp_path, overrides + ["debug.max_steps_this_run=1"], nproc=1)
-    proc = _train(tmp_path, overrides, nproc=2)
+    _train(tmp_path, overrides + ["debug.max_steps_this_run=1"], nproc=1)  # --resume auto (default)
+    ckpt = tmp_path / f"runs/world/checkpoints/step_{stopped + 1:08d}"
+    proc = _train(tmp_path, overrides + ["--resume", str(ckpt)], nproc=2)
+    assert f"resumed from step {stopped + 1}" in proc.stdout
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["finished"] and summary["step"] == 8 and summary["world_size"] == 2
 

@@ -66,11 +66,12 @@ def test_dp_size_change_2_to_1_to_2_via_automatic_universal_conversion(tmp_path)
     2-rank run), saved again, resumed on 2. Conversion happens without any user step."""
     stages = [0, 1, 2, 3]
     ck = str(tmp_path / "ck")
-    # A disk "fills up" during the save at step 3 on rank 1 (rank 0 under ZeRO-0, where rank 1
-    # writes no file): nothing is published, both ranks get the error, training goes on.
+    # Async saves. A disk "fills up" during the background write of step 3 on rank 1 (rank 0 under
+    # ZeRO-0, where rank 1 writes no file): nothing is published, both ranks get the error from
+    # wait(), training goes on.
     fail_at = {"0": [3, 0], "1": [3, 1], "2": [3, 1], "3": [3, 1]}
-    a, _ = run_toy(defaults(stages=stages, steps=4, save_at=[2, 3], fail_at=fail_at, dir=ck, out=str(tmp_path / "a")),
-                   nproc=2, timeout=600)
+    a, _ = run_toy(defaults(stages=stages, steps=4, save_at=[2, 3], fail_at=fail_at, dir=ck, out=str(tmp_path / "a"),
+                            **{"async": True}), nproc=2, timeout=600)
     for z in map(str, stages):
         for rank in (0, 1):
             err = a[rank][z]["save_errors"]["3"]
@@ -104,7 +105,10 @@ def test_dp_size_change_2_to_1_to_2_via_automatic_universal_conversion(tmp_path)
 
 def test_keep_last_corrupt_incomplete_and_leftover_tmp_are_handled(tmp_path):
     ck = tmp_path / "ck"
-    a, _ = run_toy(defaults(zero=2, steps=4, save_every=True, keep_last=2, dir=str(ck), out=str(tmp_path / "a")))
+    # Sync saves every step; the one at step 1 fails (disk full): reported, never published.
+    a, _ = run_toy(defaults(zero=2, steps=4, save_every=True, keep_last=2, fail_at={"2": [1, 0]}, dir=str(ck),
+                            out=str(tmp_path / "a")))
+    assert "No space left on device" in a[0]["save_errors"]["1"]
     assert published_tags(str(ck)) == ["step_00000003", "step_00000004"]
     assert (ck / "latest").read_text().strip() == "step_00000004"
     # Damage the newest: one flipped byte in the middle of the optimizer shard (size unchanged).
@@ -147,8 +151,8 @@ def test_sigkill_during_saves_never_leaves_a_loadable_corrupt_checkpoint(tmp_pat
     published directory verifies, each run resumes from the newest valid checkpoint, and every loss
     printed equals the uninterrupted run's bit for bit."""
     stress = _stress_module()
-    reference = stress.reference_losses(str(tmp_path))
-    records = stress.chain(str(tmp_path), 3, random.Random(20261123), reference)
+    reference = stress.reference_losses(str(tmp_path), horizon=40)
+    records = stress.chain(str(tmp_path), 3, random.Random(20261123), reference, horizon=40)
     summary = stress.summarize(records)
     assert summary["ok"], json.dumps(summary, indent=1)
     assert summary["killed"] == 3 and summary["resume_checks"] == 3 and summary["corrupt_published"] == 0

@@ -80,6 +80,8 @@ def test_deepspeed_config_is_generated():
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
                                        "reduce_bucket_size": 1000}
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0.0 and "bf16" not in ds
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # offload runs our FusedAdamW on the CPU
+    assert "zero_force_ds_cpu_optimizer" not in to_deepspeed_config(cfg_of(world_size=1), 1)
 
 
 def test_tokens_budget_sets_steps():
