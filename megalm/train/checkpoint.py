@@ -84,7 +84,11 @@ def _warn(msg: str) -> None:
 class CheckpointManager:
     """Saves and loads DeepSpeed engines under `cfg.dir`; see the module docstring."""
 
-    def __init__(self, cfg: CheckpointConfig, *, rank: int, world_size: int, verify_threads: int = 4):
+    def __init__(self, cfg: CheckpointConfig, *, rank: int, world_size: int, verify_threads: int = 4,
+                 read_only: bool = False):
+        # read_only: a directory we only read (another run's, or `megalm sample` on a live run):
+        # its `.tmp-*` may be a save in progress, so never clean up or write there.
+        self.read_only = read_only
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.dir = os.path.abspath(cfg.dir)
@@ -120,7 +124,7 @@ class CheckpointManager:
             return
         if self._distributed():
             self._group = dist.new_group(backend="gloo")
-        if self.rank == 0:
+        if self.rank == 0 and not self.read_only:
             os.makedirs(self.dir, exist_ok=True)
             for parent in (self.dir, os.path.join(self.dir, CACHE)):
                 if not os.path.isdir(parent):
@@ -163,6 +167,8 @@ class CheckpointManager:
 
     def save(self, engine, step: int, client_state: dict) -> str:
         """Collective. Returns the tag. With async_save, returns once state is in CPU memory."""
+        if self.read_only:
+            raise CheckpointError(f"{self.dir}: opened read-only; refusing to save here")
         t0 = time.perf_counter()
         self._start()
         self._join()

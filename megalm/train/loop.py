@@ -110,7 +110,7 @@ class Trainer:
             tag = os.path.basename(path)
             if os.path.dirname(path) != self.ckpt.dir:  # another run's checkpoint: read it, save in ours
                 source = CheckpointManager(CheckpointConfig(os.path.dirname(path)), rank=self.rank,
-                                           world_size=self.world)
+                                           world_size=self.world, read_only=True)
         cs = source.load(self.engine, tag)
         if cs is None:
             if mode != "auto":

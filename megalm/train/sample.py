@@ -35,7 +35,7 @@ def resolve(path: str) -> tuple[str, str]:
         root, tag = path, None
     else:
         root, tag = os.path.dirname(path), os.path.basename(path)
-    manager = CheckpointManager(CheckpointConfig(dir=root), rank=0, world_size=1)
+    manager = CheckpointManager(CheckpointConfig(dir=root), rank=0, world_size=1, read_only=True)
     chosen = manager.select(tag)
     if chosen is None:
         raise UserError(f"{path}: no complete, verified checkpoint found")

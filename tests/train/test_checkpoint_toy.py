@@ -343,3 +343,21 @@ def test_manifest_detects_corruption_missing_and_truncation(tmp_path):
 if __name__ == "__main__":
     _single_rank_env()
     run(json.loads(sys.argv[1]))
+
+
+def test_read_only_manager_never_cleans_or_writes(tmp_path):
+    # Resuming from another run's folder (or sampling a live run) must not delete that run's
+    # in-progress save, which is what a `.tmp-*` directory may be.
+    from megalm.train.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager
+
+    live = tmp_path / ".tmp-step_00000007"
+    live.mkdir()
+    (live / "part.pt").write_bytes(b"in progress")
+    reader = CheckpointManager(CheckpointConfig(dir=str(tmp_path)), rank=0, world_size=1, read_only=True)
+    reader._start()
+    assert (live / "part.pt").read_bytes() == b"in progress"
+    with pytest.raises(CheckpointError):
+        reader.save(None, 8, {})
+    owner = CheckpointManager(CheckpointConfig(dir=str(tmp_path)), rank=0, world_size=1)
+    owner._start()
+    assert not live.exists()
