@@ -113,6 +113,11 @@ def verify(out_dir: str | Path) -> list[str]:
     """Re-check every shard and the tokenizer copy; returns one line per problem."""
     out_dir = Path(out_dir)
     manifest = load(out_dir)
+    # The reader's validation names the file and key of any missing or mistyped field, so a
+    # hand-edited or damaged manifest is one line rather than a KeyError below.
+    from megalm.data.manifest import load_manifest
+
+    load_manifest(str(out_dir))
     problems = []
     tok = manifest["tokenizer"]
     tok_path = out_dir / tok["path"]

@@ -95,7 +95,9 @@ def chain(workdir: str, trials: int, rng: random.Random, reference: dict[str, st
     for t in range(trials + 1):
         final = t == trials
         start = 0 if expect == "none" else int(expect)
-        args = defaults(**MODEL, steps=start + 2 if final else horizon, save_every=not final, resume=True,
+        # The final run saves too: when the chain was just restarted from scratch it must still
+        # publish something for the check below to verify.
+        args = defaults(**MODEL, steps=start + 2 if final else horizon, save_every=True, resume=True,
                         dir=ckdir, out=os.path.join(workdir, f"run{t}"), **{"async": t % 2 == 1})
         log_path = os.path.join(workdir, f"run{t}.log")
         rec = {"trial": t, "final_check": final, "async": t % 2 == 1, "expected_resume": expect, "killed": False}

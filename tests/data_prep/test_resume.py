@@ -113,3 +113,19 @@ def test_ctrl_c_stops_cleanly_then_resumes(tmp_path, corpus, model_path):
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
     run_prep(str(corpus), "-o", out, "--tokenizer", model_path, *ARGS)
     assert tree_digest(out) == _reference(tmp_path, corpus, model_path)
+
+
+def test_verify_of_a_damaged_manifest_is_one_line_naming_the_key(tmp_path, corpus, model_path):
+    import json
+
+    out = tmp_path / "o"
+    run(PrepConfig(inputs=(str(corpus),), output=str(out), tokenizer=str(model_path),
+                   shard_size_mb=0.1, valid_fraction=0.05))
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["splits"]["train"]["shards"][0]["sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_prep("--verify", out, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "splits.train.shards[0].sha256" in lines[0], proc.stderr
