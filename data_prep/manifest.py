@@ -10,7 +10,9 @@ import pyarrow as pa
 
 from megalm.errors import UserError
 
-from .shards import atomic_write, read_counts, sha256_file
+from megalm.fsio import atomic_write, sha256_file
+
+from .shards import read_counts
 
 FORMAT, FORMAT_VERSION = "megalm-shards", 1
 MANIFEST = "manifest.json"

@@ -16,7 +16,9 @@ from megalm.errors import UserError
 
 from . import manifest, readers, tokenizer
 from .config import PrepConfig
-from .shards import atomic_write, remove_temp_files
+from megalm.fsio import atomic_write
+
+from .shards import remove_temp_files
 
 STATE = ".prep-state.json"
 UNITS_DIR = ".units"

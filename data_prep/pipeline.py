@@ -20,7 +20,7 @@ from megalm.errors import UserError
 
 from . import manifest, mpi, outdir, readers, tokenizer
 from .config import PrepConfig
-from .shards import fsync_dir
+from megalm.fsio import fsync_dir
 from .units import Encoder, Filter, Unit, finished, process, split_units, unit_chars
 
 _worker_state: dict = {}  # per worker process: its Encoder and output folder (set by _init)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import atomic_write, encode_shard, sha256_file
+from megalm.fsio import atomic_write, sha256_file
+
+from .shards import encode_shard
 from .tokenizer import Encoder
 
 

@@ -60,14 +60,6 @@ def main(argv: list[str]) -> int:
     args, cmd = _parse(argv)
     port = args.master_port or free_port()
     procs: list[subprocess.Popen] = []
-    for rank in range(args.nproc):
-        env = dict(os.environ)
-        DistEnv(rank, args.nproc, rank, args.nproc, args.master_addr, port, "torchrun").export(env)
-        # Like torchrun: N ranks each using every core oversubscribe the CPU; share the cores.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        # Each rank in its own process group so we can signal its children too.
-        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
-
     received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
@@ -79,8 +71,22 @@ def main(argv: list[str]) -> int:
                 except ProcessLookupError:
                     pass
 
+    # Handlers first and every spawn inside the try: a signal or a failed spawn mid-way still
+    # stops the ranks already started (the finally kills them).
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        for rank in range(args.nproc):
+            if received:
+                return 128 + received[0]
+            env = dict(os.environ)
+            DistEnv(rank, args.nproc, rank, args.nproc, args.master_addr, port, "torchrun").export(env)
+            # Like torchrun: N ranks each using every core oversubscribe the CPU; share the cores.
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+            # Each rank in its own process group so we can signal its children too.
+            try:
+                procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+            except OSError as exc:
+                raise UserError(f"megalm launch: cannot run {cmd[0]!r}: {exc.strerror or exc}") from None
         while True:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]

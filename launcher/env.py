@@ -9,6 +9,8 @@ import socket
 from dataclasses import dataclass
 from typing import Mapping
 
+from megalm.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -61,9 +63,14 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
         )
     if "OMPI_COMM_WORLD_RANK" in env:
         world = int(env["OMPI_COMM_WORLD_SIZE"])
+        local_world = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", world))
+        if world > local_world and "MASTER_ADDR" not in env:
+            # 127.0.0.1 would make every node rendezvous with itself and hang.
+            raise UserError(f"MASTER_ADDR: mpirun started {world} ranks over several nodes ({local_world} on this "
+                            f"one); set MASTER_ADDR to rank 0's host (e.g. mpirun -x MASTER_ADDR=<host>)")
         return DistEnv(
             int(env["OMPI_COMM_WORLD_RANK"]), world, int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
-            int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)), addr, port, "mpirun",
+            local_world, addr, port, "mpirun",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         world = int(env["SLURM_NTASKS"])
@@ -75,6 +82,10 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
         return DistEnv(
             int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)), local_world, addr, port, "srun",
         )
+    # One process, no launcher: nobody else needs to know the port, so take a free one (a fixed
+    # default would collide with a second single-process run on this machine).
+    if "MASTER_PORT" not in env:
+        port = free_port()
     return DistEnv(0, 1, 0, 1, addr, port, "single")
 
 

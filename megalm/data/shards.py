@@ -8,7 +8,6 @@ the data is opt-in (`verify=True`) because it reads every byte.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from megalm.data.manifest import Manifest, ShardInfo
+from megalm.fsio import sha256_file
 from megalm.errors import UserError
 
 _ARROW_TYPES = {"uint16": pa.uint16(), "uint32": pa.uint32()}
@@ -49,14 +49,6 @@ class DocIndex:
         return self.chunks[int(self.doc_chunk[g])][b : b + int(self.doc_len[g])]
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _open_shard(shard: ShardInfo, dtype: str, vocab_size: int, verify: bool):
     name = shard.file
     try:
@@ -66,7 +58,7 @@ def _open_shard(shard: ShardInfo, dtype: str, vocab_size: int, verify: bool):
     if size != shard.bytes:
         raise UserError(f"{name}: file is {size} bytes, manifest says {shard.bytes} (truncated or replaced?)")
     if verify:
-        digest = _sha256_file(name)
+        digest = sha256_file(name)
         if digest != shard.sha256:
             raise UserError(f"{name}: sha256 is {digest}, manifest says {shard.sha256} (corrupted)")
     mm = pa.memory_map(name, "r")

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from megalm.fsio import atomic_write, fsync_dir
+
 EXT_NAME = "megalm_ops_C"
 DEFAULT_ARCH = "8.0;9.0"
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -111,24 +113,6 @@ def fatbin_archs(so_path: Path) -> list[str]:
     return sorted(found)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def build(arch: str | None = None, verbose: bool = False) -> Path:
     """Compile (unless cached) and return the build dir holding the .so and build.json."""
     import torch
@@ -183,12 +167,16 @@ def build(arch: str | None = None, verbose: bool = False) -> Path:
         "seconds": round(time.monotonic() - start, 1),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write_json_atomic(tmp / "build.json", info)
+    for f in tmp.iterdir():  # the .so must be on disk before the rename publishes it
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    atomic_write(tmp / "build.json", json.dumps(info, indent=2, sort_keys=True))
     try:
         os.replace(tmp, final)
     except OSError:  # another process finished the same build first: theirs is as good
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     print(f"megalm ops: built in {info['seconds']} s: {final} ({', '.join(info['embedded'])})")
     return final
 

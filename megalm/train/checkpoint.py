@@ -3,8 +3,16 @@
 Layout of `checkpoint.dir`:
   step_00000100/   published checkpoint: DeepSpeed's files + manifest.json + COMPLETE
   latest           name of the newest published checkpoint (informational; replaced atomically)
-  .tmp-*           work in progress or crash leftovers; deleted when a manager starts
+  .tmp-*           work in progress or crash leftovers; deleted when a manager starts, except a
+                   `.tmp-old-step_N-*` (a checkpoint set aside while step N is re-saved) whose
+                   `step_N` is missing: that one is renamed back
   .universal/      cached universal conversions (see checkpoint_universal.py)
+
+Nothing else is written at the top level: DeepSpeed's offline consolidation scripts
+(zero_to_fp32.py, zero_to_torch.py), which it would copy into the root on every save, go inside
+each checkpoint instead (covered by its manifest, published with it). Consolidate with
+`python DIR/step_N/zero_to_fp32.py DIR OUT --tag step_N` (DeepSpeed's CLI; needs huggingface_hub)
+or its convert_zero_checkpoint_to_fp32_state_dict(DIR, OUT, tag=..., max_shard_size=None).
 
 Save protocol (collective): every rank writes its files under `.tmp-step_N/` (fsynced, hashed
 while written); the ranks' (path, size, sha256) lists are gathered on rank 0, which writes the
@@ -37,6 +45,7 @@ from megalm.train.checkpoint_universal import (
     CACHE, UNIVERSAL_INFO, UNIVERSAL_INFO_KEY, conversion_needed, ensure_universal)
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
+SET_ASIDE_RE = re.compile(r"^\.tmp-old-(step_\d{8,})-\d+$")
 LATEST = "latest"
 CLIENT_KEYS = "megalm_client_keys"
 
@@ -129,9 +138,18 @@ class CheckpointManager:
             for parent in (self.dir, os.path.join(self.dir, CACHE)):
                 if not os.path.isdir(parent):
                     continue
-                for name in os.listdir(parent):
+                for name in sorted(os.listdir(parent)):
                     if name.startswith(".tmp-"):
                         path = os.path.join(parent, name)
+                        aside = SET_ASIDE_RE.match(name) if parent == self.dir else None
+                        if aside and not os.path.exists(os.path.join(parent, aside.group(1))):
+                            # A re-save of this step crashed before its replacement was renamed
+                            # in: the set-aside original is the only copy, so put it back.
+                            _warn(f"restoring checkpoint {aside.group(1)} from {path} (left by an "
+                                  f"interrupted re-save)")
+                            os.rename(path, os.path.join(parent, aside.group(1)))
+                            fsync_dir(parent)
+                            continue
                         _warn(f"removing unfinished checkpoint data {path} (left by an interrupted run)")
                         if os.path.isdir(path):
                             remove_tree(path)
@@ -189,9 +207,18 @@ class CheckpointManager:
             # save_checkpoint barriers after rank 0 creates the directory, before anyone writes.
             remove_tree(root)
         ce.begin(root, self.cfg.async_save)
+        # DeepSpeed (rank 0, ZeRO saves) copies its consolidation scripts into the directory it is
+        # given, i.e. our root, on every save, non-atomically and outside any manifest. Send them
+        # into the checkpoint being written instead (an instance attribute shadows the method
+        # for this call only). complete_directory hashes them into the manifest.
+        copy_scripts = getattr(engine, "_copy_recovery_script", None)
+        if copy_scripts is not None:
+            engine._copy_recovery_script = lambda save_path: copy_scripts(root)
         try:
             engine.save_checkpoint(self.dir, tag=tmp_tag, client_state=state, save_latest=False)
         finally:
+            if copy_scripts is not None:
+                del engine._copy_recovery_script
             entries, pending, errors = ce.end()
         meta = self._meta(engine, step, tag)
         if self.cfg.async_save:
@@ -248,14 +275,22 @@ class CheckpointManager:
     def _publish(self, tag: str, root: str, entries: list[FileEntry], meta: dict[str, Any]) -> None:
         complete_directory(root, entries, meta, threads=self.verify_threads)
         final = os.path.join(self.dir, tag)
+        aside = None
         if os.path.exists(final):
-            # Same step saved again (a run resumed from an older checkpoint): replace it.
-            remove_tree(final)
-            remove_tree(os.path.join(self.dir, CACHE, tag))
+            # Same step saved again (a run resumed from an older checkpoint): replace it. The old
+            # one is set aside, not deleted, until the new one is in place: a crash in between
+            # leaves it under a name _start() renames back (the only copy, with keep_last=1).
+            aside = os.path.join(self.dir, f".tmp-old-{tag}-{os.getpid()}")
+            remove_tree(aside)
+            os.rename(final, aside)
+            fsync_dir(self.dir)
+            remove_tree(os.path.join(self.dir, CACHE, tag))  # derived from the old one
         os.rename(root, final)
         fsync_dir(self.dir)
         write_text_atomic(os.path.join(self.dir, LATEST), tag + "\n")
         self._verified.pop(tag, None)
+        if aside is not None:
+            remove_tree(aside)
         self._prune(tag)
 
     def _prune(self, newest: str) -> None:

@@ -29,6 +29,9 @@ def main(argv: list[str]) -> int:
 
     # Validate everything we can before any process group exists (errors are one line).
     cfg = load_config(args.config, args.overrides, world_size=discover().world_size)
+    from launcher.env import set_accelerator_default
+
+    cfg.validate_accelerator(set_accelerator_default())
 
     from megalm.train.engine import init_distributed
     from megalm.train.loop import Trainer

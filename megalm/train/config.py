@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import yaml
 from megalm.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
+MAX_SCALE_POWER = 32  # fp16 dynamic loss scale starts at most at 2**32
 DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -27,6 +29,7 @@ class DataSection:
     paths: list[str] = field(default_factory=list)  # shard dirs (data_prep output)
     weights: list[float] | None = None  # blend weights, one per path
     seq_len: int = 256
+    verify: bool = False  # sha256 every shard at start-up (reads all the data once; catches corruption)
 
 
 @dataclass
@@ -60,7 +63,7 @@ class ParallelSection:
 class PrecisionSection:
     dtype: str = "bf16"  # bf16 | fp16 | fp32
     loss_scale: float = 0.0  # fp16 only; 0 = dynamic loss scaling
-    initial_scale_power: int = 16  # fp16 dynamic scaling starts at 2**this
+    initial_scale_power: int = 16  # fp16 dynamic scaling starts at 2**this (0..MAX_SCALE_POWER)
 
 
 @dataclass
@@ -181,7 +184,9 @@ class TrainConfig:
             raise self._err("parallel.offload_optimizer", "needs parallel.zero_stage >= 1")
         if o.schedule not in SCHEDULES:
             raise self._err("optimizer.schedule", f"expected one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
-        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        if o.lr <= 0:
+            raise self._err("optimizer.lr", f"expected a number > 0, got {o.lr}")
+        if o.min_lr < 0 or o.min_lr > o.lr:
             raise self._err("optimizer.min_lr", f"expected 0 <= min_lr <= lr (lr={o.lr}, min_lr={o.min_lr})")
         if o.warmup_steps < 0:
             raise self._err("optimizer.warmup_steps", "expected >= 0")
@@ -189,10 +194,22 @@ class TrainConfig:
             raise self._err("optimizer.decay_fraction", "expected 0 < decay_fraction <= 1")
         if len(o.betas) != 2 or not all(0.0 <= x < 1.0 for x in o.betas):
             raise self._err("optimizer.betas", f"expected two numbers in [0, 1), got {o.betas}")
-        if o.grad_clip < 0 or o.weight_decay < 0:
-            raise self._err("optimizer.grad_clip", "expected grad_clip >= 0 and weight_decay >= 0")
-        if self.precision.dtype not in DTYPES:
-            raise self._err("precision.dtype", f"expected one of {', '.join(DTYPES)}, got {self.precision.dtype!r}")
+        if o.grad_clip < 0:
+            raise self._err("optimizer.grad_clip", f"expected >= 0 (0 disables clipping), got {o.grad_clip}")
+        if o.weight_decay < 0:
+            raise self._err("optimizer.weight_decay", f"expected >= 0, got {o.weight_decay}")
+        if o.eps <= 0:
+            raise self._err("optimizer.eps", f"expected a number > 0, got {o.eps}")
+        prec = self.precision
+        if prec.dtype not in DTYPES:
+            raise self._err("precision.dtype", f"expected one of {', '.join(DTYPES)}, got {prec.dtype!r}")
+        if prec.loss_scale < 0:
+            raise self._err("precision.loss_scale", f"expected 0 (dynamic) or a positive scale, got {prec.loss_scale}")
+        if not 0 <= prec.initial_scale_power <= MAX_SCALE_POWER:
+            raise self._err("precision.initial_scale_power",
+                            f"expected 0..{MAX_SCALE_POWER} (the scale starts at 2**power), got {prec.initial_scale_power}")
+        if self.logging.peak_flops < 0:
+            raise self._err("logging.peak_flops", f"expected >= 0 (0 = default), got {self.logging.peak_flops}")
         if (self.train.steps > 0) == (self.train.tokens > 0):
             raise self._err("train.steps", "set exactly one of train.steps or train.tokens (> 0)")
         _positive(self, "checkpoint.interval", self.checkpoint.interval)
@@ -207,6 +224,12 @@ class TrainConfig:
         _positive(self, "bad_steps.max_consecutive", bs.max_consecutive)
         if world_size is not None:
             self.validate_world(world_size)
+
+    def validate_accelerator(self, accelerator: str) -> None:
+        """Settings the device kind rules out (`accelerator` as DeepSpeed's: "cuda" or "cpu")."""
+        if accelerator == "cpu" and self.precision.dtype == "fp16":
+            raise self._err("precision.dtype", "fp16 needs a GPU (DeepSpeed's CPU accelerator does not support "
+                            "fp16); use bf16 or fp32 on a CPU-only run")
 
     def validate_world(self, world_size: int) -> None:
         pp = self.parallel.pipeline_stages
@@ -255,17 +278,20 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise UserError(f"{source}: {key}: expected true/false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value):
             raise UserError(f"{source}: {key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
         if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{source}: {key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UserError(f"{source}: {key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

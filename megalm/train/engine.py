@@ -81,6 +81,9 @@ def _pipeline_module(cfg: TrainConfig, task: Task, model: nn.Module, guard: Step
 
     layers: list[Any] = list(task.pipeline_layers(model))
     first, last = layers[0], layers[-1]
+    # A last layer with its own `loss` (megalm's HeadPipe with fused_loss) outputs hidden states and
+    # projects inside the chunked fused CE, so [B, T, V] logits never exist on the last stage.
+    head_loss = getattr(last, "loss", None) or task.pipeline_loss
     shared = {id(p) for p in first.parameters()} & {id(p) for p in last.parameters()}
     if shared:
         # Tied embedding/head on different stages: DeepSpeed all-reduces the tied weight's grads
@@ -92,7 +95,7 @@ def _pipeline_module(cfg: TrainConfig, task: Task, model: nn.Module, guard: Step
         layers[-1] = TiedLayerSpec("tied_embedding", _Use, last, tied_weight_attr=[attr_of(last)])
 
     def loss_fn(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return guard.record(task.pipeline_loss(outputs, labels))
+        return guard.record(head_loss(outputs, labels))
 
     return PipelineModule(layers=layers, num_stages=cfg.parallel.pipeline_stages, loss_fn=loss_fn,
                           partition_method="parameters")
@@ -101,6 +104,9 @@ def _pipeline_module(cfg: TrainConfig, task: Task, model: nn.Module, guard: Step
 def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Built:
     import deepspeed
 
+    from launcher.env import set_accelerator_default
+
+    cfg.validate_accelerator(set_accelerator_default())
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = task.build_model()
     flops = int(model.flops_per_token(cfg.data.seq_len)) if hasattr(model, "flops_per_token") else 0

@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 import megalm
 from megalm.errors import UserError
-from megalm.train.checkpoint import CheckpointConfig, CheckpointManager
+from megalm.train.checkpoint import CheckpointConfig, CheckpointManager, published_tags
+from megalm.train.checkpoint_files import write_text_atomic
 from megalm.train.config import TrainConfig
 from megalm.train.engine import build, device_of, peak_memory_gib
 from megalm.train.guard import StepGuard
@@ -60,6 +61,10 @@ class Trainer:
         self.guard.device = self.device
         self.loader = task.build_loader("train", self.b.dp_rank, self.b.dp_world)
         self._it = iter(self.loader)
+        # Built (and so validated) now: an impossible eval split fails before step 1, not after
+        # the last one.
+        self.eval_loader = (task.build_eval_loader(self.b.dp_rank, self.b.dp_world)
+                            if cfg.eval.batches > 0 else None)
         ck = cfg.checkpoint
         self.ckpt = CheckpointManager(CheckpointConfig(cfg.checkpoint_dir(), ck.interval, ck.keep_last, ck.async_save),
                                       rank=rank, world_size=world_size)
@@ -80,10 +85,13 @@ class Trainer:
         """Collective (RNG states are gathered so each rank finds its own after a restart)."""
         rngs: list[Any] = [None] * self.world
         dist.all_gather_object(rngs, _rng_state())
+        data = dict(self.task.fingerprint())
+        if hasattr(self.task, "tokenizer_model"):  # lets `megalm sample` work after the shards moved
+            data["tokenizer_model"] = self.task.tokenizer_model()
         return {"step": self.step, "data_step": self.data_step, "tokens": self.tokens,
                 "loader": self.loader.state_dict(), "rng": rngs, "guard": self.guard.state_dict(),
                 "skip_plan": dict(self.skip_plan), "rollbacks": self.rollbacks,
-                "config": self.cfg.to_dict(), "data": self.task.fingerprint(), "world_size": self.world,
+                "config": self.cfg.to_dict(), "data": data, "world_size": self.world,
                 "megalm_version": megalm.__version__}
 
     def restore(self, cs: dict[str, Any]) -> None:
@@ -102,12 +110,22 @@ class Trainer:
         _set_rng_state(rngs[self.rank % len(rngs)])
 
     def resume(self, mode: str) -> bool:
+        own = published_tags(self.ckpt.dir)
         if mode == "none":
+            if own:
+                raise UserError(f"--resume none: {self.ckpt.dir} already holds checkpoints of a run (newest "
+                                f"{own[-1]}); use --resume auto to continue it, or set another checkpoint.dir "
+                                f"(or delete that directory) to start fresh")
             return False
         tag, source = None, self.ckpt
         if mode != "auto":
             path = os.path.abspath(mode)
             tag = os.path.basename(path)
+            if os.path.dirname(path) == os.path.abspath(self.ckpt.dir) and own and tag != own[-1]:
+                # Saving after an older checkpoint would interleave two histories in one directory.
+                raise UserError(f"--resume {mode}: {self.ckpt.dir} holds newer checkpoints (newest {own[-1]}); "
+                                f"resume from the newest (--resume auto), or copy {tag} into another "
+                                f"checkpoint.dir to branch from it")
             if os.path.dirname(path) != self.ckpt.dir:  # another run's checkpoint: read it, save in ours
                 source = CheckpointManager(CheckpointConfig(os.path.dirname(path)), rank=self.rank,
                                            world_size=self.world, read_only=True)
@@ -171,11 +189,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first `eval.batches` micro batches per rank of the valid split."""
-        if self.cfg.eval.batches <= 0:
+        if self.eval_loader is None:
             return float("nan")
         micro = [{k: v.to(self.device) for k, v in mb.items()}
-                 for _, mb in zip(range(self.cfg.eval.batches), self.task.build_eval_loader(self.b.dp_rank,
-                                                                                            self.b.dp_world))]
+                 for _, mb in zip(range(self.cfg.eval.batches), self.eval_loader)]
         self.guard.recording = False
         self.engine.eval()
         total, count = 0.0, 0
@@ -280,7 +297,8 @@ class Trainer:
                     now = time.perf_counter()
                     clock = {"t": now, "step": self.step, "start_t": now, "start_step": self.step}
                     continue
-                if cfg.eval.interval and self.step % cfg.eval.interval == 0:
+                # The final eval runs after the final save (below), so its failure loses no training.
+                if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < self.total_steps:
                     self._eval(metrics)
                 if self.step % cfg.checkpoint.interval == 0 and self.step < self.total_steps:
                     self.save()
@@ -290,12 +308,11 @@ class Trainer:
                     if self.rank == 0:
                         _warn(f"signal {self.stop_signal}: checkpointing at step {self.step} and stopping")
                     break
-            if self.step >= self.total_steps and cfg.eval.batches and not (
-                    cfg.eval.interval and self.step % cfg.eval.interval == 0):
-                self._eval(metrics)
             if self._saved_step != self.step:
                 self.save()
             self.ckpt.wait()
+            if self.step >= self.total_steps and cfg.eval.batches:
+                self._eval(metrics)
         finally:
             metrics.close()
             for sig, handler in previous.items():
@@ -309,10 +326,8 @@ class Trainer:
                    "weights_sha256": self.weights_digest(), "world_size": self.world,
                    "stopped_by_signal": self.stop_signal}
         if self.rank == 0:
-            path = self.cfg.run_dir() / "summary.json"
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(summary, indent=1))
-            os.replace(tmp, path)
+            self.cfg.run_dir().mkdir(parents=True, exist_ok=True)
+            write_text_atomic(str(self.cfg.run_dir() / "summary.json"), json.dumps(summary, indent=1))
         return summary
 
     def weights_digest(self) -> str:

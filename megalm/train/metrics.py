@@ -42,12 +42,11 @@ class Metrics:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        # tensorboard is a hard dependency: a missing install fails here, loudly, rather than
+        # silently training without the curves.
+        from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(tensorboard_dir)
-        except ImportError:  # tensorboard is a dependency; keep training if a site lacks it
-            self._tb = None
+        self._tb = SummaryWriter(tensorboard_dir)
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True, mininterval=2.0)

@@ -4,7 +4,8 @@ CHECKPOINT is a published checkpoint directory (`.../step_00000100`) or a checkp
 newest valid checkpoint is used). The checkpoint is verified (checksums) before it is read.
 Weights are consolidated without a DeepSpeed engine: ZeRO-1/2/3 from the fp32 optimizer
 partitions (DeepSpeed's zero_to_fp32 readers), ZeRO-0 from the module file, pipelines from the
-per-layer files. The model config and tokenizer come from what the trainer recorded.
+per-layer files. The model config and tokenizer come from what the trainer recorded (the tokenizer's bytes
+are stored in the checkpoint too, for when the shard directory has moved).
 """
 
 from __future__ import annotations
@@ -94,16 +95,22 @@ def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def load_tokenizer(meta: dict[str, Any]):
+    """The training run's tokenizer: the recorded file if it is still there, else the model bytes
+    stored in the checkpoint (shard directory moved or deleted); sha256-checked either way."""
     import sentencepiece as spm
 
     data = meta["data"]
     path = data["tokenizer_path"]
     try:
-        blob = open(path, "rb").read()
+        blob, where = open(path, "rb").read(), path
     except OSError as exc:
-        raise UserError(f"{path}: tokenizer recorded in the checkpoint is unreadable ({exc.strerror})") from None
+        blob, where = data.get("tokenizer_model"), "the checkpoint's stored tokenizer"
+        if blob is None:
+            raise UserError(f"{path}: tokenizer recorded in the checkpoint is unreadable ({exc.strerror}) and "
+                            f"the checkpoint stores no copy") from None
     if hashlib.sha256(blob).hexdigest() != data["tokenizer_sha256"]:
-        raise UserError(f"{path}: tokenizer changed since training (sha256 differs from the checkpoint's)")
+        raise UserError(f"{where}: tokenizer differs from the one used in training (sha256 differs from the "
+                        f"checkpoint's)")
     return spm.SentencePieceProcessor(model_proto=blob)
 
 

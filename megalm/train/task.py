@@ -51,6 +51,7 @@ class LMTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self._tok = _manifest_tokenizer(cfg.data.paths[0])
+        self._tok_bytes: bytes | None = None
         self._model_config = self._resolve_model_config()
 
     def _resolve_model_config(self):
@@ -73,6 +74,11 @@ class LMTask:
         if self.cfg.parallel.activation_checkpointing:
             base["activation_checkpointing"] = 1
         mc = LLMConfig.from_dict(base, source=f"{self.cfg.source}: model")
+        stages, layers = self.cfg.parallel.pipeline_stages, mc.n_layers + 2  # embedding, blocks, head
+        if stages > layers:
+            raise UserError(f"{self.cfg.source}: parallel.pipeline_stages: {stages} stages for a model of "
+                            f"{layers} pipeline layers (embedding, {mc.n_layers} blocks, head); expected at most "
+                            f"{layers}")
         if self.cfg.data.seq_len > mc.max_seq_len:
             if mc.positions == "learned" or "max_seq_len" in fields:
                 raise UserError(f"{self.cfg.source}: data.seq_len: {self.cfg.data.seq_len} exceeds "
@@ -94,7 +100,7 @@ class LMTask:
 
         d = self.cfg.data
         return DataConfig(paths=list(d.paths), weights=d.weights, seq_len=d.seq_len, seed=self.cfg.train.seed,
-                          split=split)
+                          split=split, verify=d.verify)
 
     def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader:
         from megalm.data.loader import build_loader
@@ -112,15 +118,34 @@ class LMTask:
                      labels=batch["labels"])
 
     def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
-        return model.pipeline_layers()
+        # The head stops at the final norm; its `loss` (the engine's loss_fn) runs the fused CE.
+        return model.pipeline_layers(fused_loss=True)
 
     def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss on logits; used only when the last pipeline layer has no `loss` of its own."""
         from megalm.models.pipeline import pipeline_loss
 
         return pipeline_loss(outputs, labels)
 
     def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         return (batch["input_ids"], batch["position_ids"], batch["doc_ids"]), batch["labels"]
+
+    def tokenizer_model(self) -> bytes:
+        """The sentencepiece model bytes (checked against the manifest's sha256), stored in
+        checkpoints so `megalm sample` works after the shard directory moved."""
+        import hashlib
+        import os
+
+        if self._tok_bytes is None:
+            path = os.path.join(self.cfg.data.paths[0], self._tok.path)
+            try:
+                blob = open(path, "rb").read()
+            except OSError as exc:
+                raise UserError(f"{path}: cannot read the tokenizer ({exc.strerror})") from None
+            if hashlib.sha256(blob).hexdigest() != self._tok.sha256:
+                raise UserError(f"{path}: tokenizer sha256 differs from the manifest's")
+            self._tok_bytes = blob
+        return self._tok_bytes
 
     def fingerprint(self) -> dict[str, Any]:
         import os

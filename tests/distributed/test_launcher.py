@@ -13,6 +13,7 @@ import time
 import pytest
 
 from launcher.env import discover, first_host
+from megalm.errors import UserError
 from tests.distributed.helper import REPO, cpu_env
 
 LAUNCH = [sys.executable, "-m", "megalm.cli", "launch"]
@@ -111,3 +112,43 @@ def test_mpirun_ranks_form_a_gloo_group(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("mpirun"))
     assert lines == ["mpirun 0 2 0 3", "mpirun 1 2 1 3"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--nproc", "2", "--", "/nonexistent/cmd"], "megalm launch: cannot run '/nonexistent/cmd': "),
+    (["--nproc", "1", "--"], "megalm launch: expected a command after `--`"),
+])
+def test_bad_command_is_one_line(argv, expected):
+    proc = subprocess.run([*LAUNCH, *argv], capture_output=True, text=True, cwd=REPO, env=cpu_env(), timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_failed_spawn_stops_ranks_already_started(monkeypatch):
+    """Rank 0 starts, rank 1's spawn fails: rank 0 must not be left running."""
+    from launcher import cli
+
+    real_popen, started = subprocess.Popen, []
+
+    def popen(cmd, **kw):
+        if started:
+            raise FileNotFoundError(2, "No such file or directory")
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(600)"], **kw))
+        return started[-1]
+
+    monkeypatch.setattr(cli.subprocess, "Popen", popen)
+    with pytest.raises(UserError, match="cannot run 'x': No such file or directory"):
+        cli.main(["--nproc", "2", "--", "x"])
+    assert started[0].poll() is not None  # killed by the launcher, not orphaned
+
+
+def test_single_process_gets_a_free_port_and_mpi_multinode_needs_master_addr():
+    ports = {discover({}).master_port for _ in range(3)}
+    assert 29500 not in ports and len(ports) > 1  # two single-process runs never share a fixed port
+    assert discover({"MASTER_PORT": "1234"}).master_port == 1234
+    multi = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    with pytest.raises(UserError, match="MASTER_ADDR"):
+        discover(multi)
+    assert discover(multi | {"MASTER_ADDR": "n0"}).master_addr == "n0"
+    one_node = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    assert discover(one_node).master_addr == "127.0.0.1"

@@ -14,13 +14,14 @@ import random
 import sys
 
 import pytest
+import torch
 
-from megalm.train.checkpoint import CheckpointConfig, CheckpointManager, published_tags  # noqa: E402
+from megalm.train.checkpoint import TAG_RE, CheckpointConfig, CheckpointManager, published_tags  # noqa: E402
 from megalm.train.checkpoint_files import verify_directory
 from megalm.train.checkpoint_universal import needs_universal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_checkpoint_toy import REPO, defaults, run_toy  # noqa: E402
+from test_checkpoint_toy import REPO, defaults, digest, run_toy  # noqa: E402
 
 
 def _files(ckdir: str) -> dict[str, str]:
@@ -111,6 +112,22 @@ def test_keep_last_corrupt_incomplete_and_leftover_tmp_are_handled(tmp_path):
     assert "No space left on device" in a[0]["save_errors"]["1"]
     assert published_tags(str(ck)) == ["step_00000003", "step_00000004"]
     assert (ck / "latest").read_text().strip() == "step_00000004"
+    # DeepSpeed copies its consolidation scripts on every ZeRO save; they belong to each checkpoint
+    # (in its manifest, published with it), never loose in the root.
+    stray = [n for n in os.listdir(ck) if not (TAG_RE.match(n) or n == "latest" or n.startswith("."))]
+    assert not stray, stray
+    for tag in published_tags(str(ck)):
+        assert {"zero_to_fp32.py", "zero_to_torch.py"} <= set(_files(str(ck / tag))), tag
+    # ... and the copy inside a checkpoint still consolidates it offline, to the weights saved.
+    # (Its CLI's default --max_shard_size needs huggingface_hub, not a megalm dependency: call the
+    # copied file's converter with max_shard_size=None, the unsharded path.)
+    spec = importlib.util.spec_from_file_location("copied_zero_to_fp32", ck / "step_00000003" / "zero_to_fp32.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fp32 = tmp_path / "fp32"
+    script.convert_zero_checkpoint_to_fp32_state_dict(str(ck), str(fp32), max_shard_size=None, tag="step_00000003")
+    consolidated = torch.load(fp32 / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    assert digest(consolidated) == a[0]["weights_at_save"]["3"]
     # Damage the newest: one flipped byte in the middle of the optimizer shard (size unchanged).
     victim = ck / "step_00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     data = bytearray(victim.read_bytes())

@@ -340,6 +340,59 @@ def test_manifest_detects_corruption_missing_and_truncation(tmp_path):
         verify_directory(str(root), full=False)
 
 
+def _stage(ckdir, tag: str, payload: bytes):
+    """A written-but-unpublished checkpoint `.tmp-<tag>` holding one file; returns (root, entries)."""
+    from megalm.train.checkpoint_files import FileEntry
+
+    root = ckdir / f".tmp-{tag}"
+    root.mkdir()
+    (root / "w.pt").write_bytes(payload)
+    return str(root), [FileEntry("w.pt", len(payload), hashlib.sha256(payload).hexdigest())]
+
+
+class _Crash(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", ["before_rename_in", "after_rename_in", "none"])
+def test_resave_of_a_step_never_loses_it(tmp_path, monkeypatch, crash_at):
+    """keep_last=1, step 5 saved again (a resumed run): a crash at any point of the replacement
+    leaves the old or the new step_5 after the next start, never none."""
+    from megalm.train import checkpoint as ckpt
+    from megalm.train.checkpoint import CheckpointManager
+
+    tag = "step_00000005"
+    mgr = CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep_last=1), rank=0, world_size=1)
+    mgr._start()
+    mgr._publish(tag, *_stage(tmp_path, tag, b"old"), {"step": 5})
+    root, entries = _stage(tmp_path, tag, b"new")
+    real_rename = os.rename
+    if crash_at == "before_rename_in":  # the old one is set aside, the new one not yet in place
+        def rename(src, dst):
+            if src == root:
+                raise _Crash()
+            return real_rename(src, dst)
+        monkeypatch.setattr(os, "rename", rename)
+    elif crash_at == "after_rename_in":  # the new one is in place, the old one not yet deleted
+        def latest(*a):
+            raise _Crash()
+        monkeypatch.setattr(ckpt, "write_text_atomic", latest)
+    if crash_at == "none":
+        mgr._publish(tag, root, entries, {"step": 5})
+    else:
+        with pytest.raises(_Crash):
+            mgr._publish(tag, root, entries, {"step": 5})
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-old-step_00000005-")]
+    monkeypatch.undo()
+    again = CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep_last=1), rank=0, world_size=1)
+    again._start()
+    assert again.list_valid() == [tag]
+    want = b"old" if crash_at == "before_rename_in" else b"new"
+    assert (tmp_path / tag / "w.pt").read_bytes() == want
+    assert again.select()[0] == tag  # fully verified
+    assert sorted(os.listdir(tmp_path)) == ["latest", tag]  # nothing set aside is left over
+
+
 if __name__ == "__main__":
     _single_rank_env()
     run(json.loads(sys.argv[1]))

@@ -131,3 +131,40 @@ def test_shipped_configs_load(name, world):
     assert ds["train_batch_size"] == cfg.batch.global_batch
     if name == "demo":
         assert cfg.parallel.zero_stage == 2 and cfg.grad_accum(2) == 2
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optimizer.lr=.nan", "optimizer.lr"), ("optimizer.lr=nan", "optimizer.lr"), ("optimizer.lr=inf", "optimizer.lr"),
+    ("optimizer.min_lr=.nan", "optimizer.min_lr"), ("optimizer.grad_clip=.inf", "optimizer.grad_clip"),
+    ("optimizer.weight_decay=-.inf", "optimizer.weight_decay"), ("optimizer.eps=.nan", "optimizer.eps"),
+    ("bad_steps.spike_factor=.nan", "bad_steps.spike_factor"), ("train.steps=.inf", "train.steps"),
+    ("train.tokens=.nan", "train.tokens"), ("precision.loss_scale=.inf", "precision.loss_scale"),
+    ("optimizer.betas=[0.9,.nan]", "optimizer.betas[1]"),
+])
+def test_non_finite_numbers_rejected_with_their_key(override, key):
+    assert f": {key}: expected" in error_of(override)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optimizer.lr=0", "optimizer.lr"), ("optimizer.lr=-1e-3", "optimizer.lr"),
+    ("optimizer.min_lr=1", "optimizer.min_lr"), ("optimizer.grad_clip=-1", "optimizer.grad_clip"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay"), ("optimizer.eps=0", "optimizer.eps"),
+    ("precision.loss_scale=-1", "precision.loss_scale"), ("precision.initial_scale_power=-1", "precision.initial_scale_power"),
+    ("precision.initial_scale_power=64", "precision.initial_scale_power"),
+])
+def test_out_of_range_numbers_name_their_key(override, key):
+    assert f": {key}: expected" in error_of(override)
+
+
+def test_fp16_rejected_on_cpu_accelerator():
+    cfg = cfg_of("precision.dtype=fp16")
+    cfg.validate_accelerator("cuda")  # fine on a GPU
+    with pytest.raises(UserError, match=r"config: precision\.dtype: fp16 needs a GPU") as exc:
+        cfg.validate_accelerator("cpu")
+    assert "\n" not in str(exc.value)
+    cfg_of("precision.dtype=bf16").validate_accelerator("cpu")
+
+
+def test_data_verify_option():
+    assert cfg_of().data.verify is False and cfg_of("data.verify=true").data.verify is True
+    assert "data.verify: expected true/false" in error_of("data.verify=3")
