@@ -19,9 +19,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 cuda-venv: $(CUDA_VENV)/.installed
-$(CUDA_VENV)/.installed:
+# pyyaml: megalm.models (presets) for tests/ops/test_no_triton.py, which runs a step here too.
+$(CUDA_VENV)/.installed: Makefile
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/pip install -q $(TORCH_CUDA) ninja numpy
+	$(CUDA_VENV)/bin/pip install -q $(TORCH_CUDA) ninja numpy pyyaml
 	touch $@
 
 demo: venv

@@ -54,7 +54,10 @@ def _port_from_job(job_id: str | None) -> int:
 def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
     addr = env.get("MASTER_ADDR", "127.0.0.1")
-    port = int(env.get("MASTER_PORT", "29500"))
+    text = env.get("MASTER_PORT", "29500")
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise UserError(f"MASTER_PORT: expected a port number 1..65535, got {text!r}")
+    port = int(text)
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, megalm launch
         world = int(env["WORLD_SIZE"])
         return DistEnv(

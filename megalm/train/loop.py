@@ -126,6 +126,10 @@ class Trainer:
                 raise UserError(f"--resume {mode}: {self.ckpt.dir} holds newer checkpoints (newest {own[-1]}); "
                                 f"resume from the newest (--resume auto), or copy {tag} into another "
                                 f"checkpoint.dir to branch from it")
+            if os.path.dirname(path) != self.ckpt.dir and own:
+                raise UserError(f"--resume {mode}: {self.ckpt.dir} already holds checkpoints of another run "
+                                f"(newest {own[-1]}); continuing from {path} there would mix two runs: set "
+                                f"another checkpoint.dir (or delete that directory)")
             if os.path.dirname(path) != self.ckpt.dir:  # another run's checkpoint: read it, save in ours
                 source = CheckpointManager(CheckpointConfig(os.path.dirname(path)), rank=self.rank,
                                            world_size=self.world, read_only=True)

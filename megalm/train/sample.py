@@ -95,23 +95,25 @@ def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def load_tokenizer(meta: dict[str, Any]):
-    """The training run's tokenizer: the recorded file if it is still there, else the model bytes
-    stored in the checkpoint (shard directory moved or deleted); sha256-checked either way."""
+    """The training run's tokenizer: the recorded file if it is still there and unchanged, else
+    the model bytes stored in the checkpoint (shard directory moved); sha256-checked either way."""
     import sentencepiece as spm
 
     data = meta["data"]
-    path = data["tokenizer_path"]
+    path, want, stored = data["tokenizer_path"], data["tokenizer_sha256"], data.get("tokenizer_model")
     try:
-        blob, where = open(path, "rb").read(), path
+        blob, problem = open(path, "rb").read(), "changed since training (sha256 differs from the checkpoint's)"
     except OSError as exc:
-        blob, where = data.get("tokenizer_model"), "the checkpoint's stored tokenizer"
-        if blob is None:
-            raise UserError(f"{path}: tokenizer recorded in the checkpoint is unreadable ({exc.strerror}) and "
-                            f"the checkpoint stores no copy") from None
-    if hashlib.sha256(blob).hexdigest() != data["tokenizer_sha256"]:
-        raise UserError(f"{where}: tokenizer differs from the one used in training (sha256 differs from the "
-                        f"checkpoint's)")
-    return spm.SentencePieceProcessor(model_proto=blob)
+        blob, problem = None, f"unreadable ({exc.strerror})"
+    if blob is not None and hashlib.sha256(blob).hexdigest() == want:
+        return spm.SentencePieceProcessor(model_proto=blob)
+    if stored is None:
+        raise UserError(f"{path}: tokenizer recorded in the checkpoint is {problem}, and the checkpoint "
+                        f"stores no copy of it")
+    if hashlib.sha256(stored).hexdigest() != want:
+        raise UserError(f"{path}: tokenizer is {problem}, and the copy stored in the checkpoint fails its "
+                        f"sha256 check")
+    return spm.SentencePieceProcessor(model_proto=stored)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -73,3 +73,78 @@ def nan_rollback(workdir: str, shards: str) -> dict[str, Any]:
 
 def modes_and_nan(workdir: str, shards: str, modes: list[str]) -> dict[str, Any]:
     return {"modes": train_modes(workdir, shards, modes), "nan": nan_rollback(workdir, shards)}
+
+
+def _attempt(fn) -> dict[str, Any]:
+    from megalm.errors import UserError
+
+    try:
+        return {"ok": True, "result": fn()}
+    except UserError as exc:
+        return {"ok": False, "error": str(exc)}
+
+
+def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str, Any]:
+    """On one rank: final save precedes the final eval; an impossible eval split fails at Trainer
+    init; --resume none / an older checkpoint of a dir with checkpoints are refused; fp16 on CPU
+    is refused; summary.json goes through write_text_atomic."""
+    import torch.distributed as dist
+
+    import megalm.train.loop as loop
+    from megalm.train.checkpoint import published_tags
+    from megalm.train.config import load_config
+    from megalm.train.task import LMTask
+
+    os.chdir(workdir)
+    out: dict[str, Any] = {}
+    base = ["parallel.zero_stage=0", "checkpoint.interval=1", "checkpoint.keep_last=5"]
+
+    written: list[str] = []
+    real_write = loop.write_text_atomic
+    loop.write_text_atomic = lambda path, text: (written.append(path), real_write(path, text))[1]
+    try:
+        out["ck"] = train(small_overrides(shards, "ck", steps=2) + base)
+    finally:
+        loop.write_text_atomic = real_write
+    out["summary_writes"] = written
+    ck_dir = os.path.abspath("runs/ck/checkpoints")
+    out["ck_tags"] = published_tags(ck_dir)
+    out["resume_none"] = _attempt(lambda: train(small_overrides(shards, "ck", steps=2) + base, resume="none"))
+    out["resume_older"] = _attempt(lambda: train(small_overrides(shards, "ck", steps=2) + base,
+                                                 resume=os.path.join(ck_dir, out["ck_tags"][0])))
+    out["resume_newest"] = _attempt(lambda: train(small_overrides(shards, "ck", steps=2) + base,
+                                                  resume=os.path.join(ck_dir, out["ck_tags"][-1]))["step"])
+    out["resume_foreign"] = _attempt(lambda: train(small_overrides(shards, "ck", steps=2) + base,
+                                                   resume=os.path.abspath("runs/other/checkpoints/step_00000001")))
+    out["fp16_cpu"] = _attempt(lambda: train(small_overrides(shards, "fp16", steps=1) + ["precision.dtype=fp16"]))
+
+    # An eval split with no shards: one line at Trainer init, nothing trained or saved.
+    stage = []
+
+    def bad_eval():
+        cfg = load_config(None, small_overrides(no_valid_shards, "noeval", steps=2) + ["eval.batches=2"],
+                          world_size=dist.get_world_size())
+        trainer = loop.Trainer(cfg, LMTask(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
+        stage.append("built")
+        trainer.run()
+
+    out["bad_eval"] = _attempt(bad_eval)
+    out["bad_eval_stage"] = stage
+    out["bad_eval_tags"] = published_tags(os.path.abspath("runs/noeval/checkpoints"))
+
+    # The final eval fails: the last steps are saved already.
+    class FailingEval(loop.Trainer):
+        def evaluate(self) -> float:
+            raise RuntimeError("eval failed")
+
+    cfg = load_config(None, small_overrides(shards, "evalfail", steps=3) + ["checkpoint.interval=100",
+                                                                            "eval.batches=1"],
+                      world_size=dist.get_world_size())
+    try:
+        FailingEval(cfg, LMTask(cfg), rank=dist.get_rank(), world_size=dist.get_world_size()).run()
+        out["evalfail"] = "no error"
+    except RuntimeError as exc:
+        out["evalfail"] = str(exc)
+    out["evalfail_tags"] = published_tags(os.path.abspath("runs/evalfail/checkpoints"))
+    gc.collect()
+    return out

@@ -146,6 +146,8 @@ def test_single_process_gets_a_free_port_and_mpi_multinode_needs_master_addr():
     ports = {discover({}).master_port for _ in range(3)}
     assert 29500 not in ports and len(ports) > 1  # two single-process runs never share a fixed port
     assert discover({"MASTER_PORT": "1234"}).master_port == 1234
+    with pytest.raises(UserError, match="MASTER_PORT: expected a port number"):
+        discover({"MASTER_PORT": "x29500"})
     multi = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
     with pytest.raises(UserError, match="MASTER_ADDR"):
         discover(multi)
