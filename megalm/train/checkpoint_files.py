@@ -20,11 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from megalm.fsio import atomic_write, fsync_dir, sha256_file
+
 MANIFEST = "manifest.json"
 MARKER = "COMPLETE"
 FORMAT = "megalm-checkpoint"
 FORMAT_VERSION = 1
-_HASH_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -69,33 +70,9 @@ def write_durably(path: str, write_fn) -> tuple[int, str]:
     return writer.bytes, writer.hexdigest()
 
 
-def fsync_dir(path: str) -> None:
-    """Make a directory's entries (creates, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_text_atomic(path: str, text: str) -> None:
     """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".tmp-{os.path.basename(path)}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(directory)
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    atomic_write(path, text)
 
 
 def list_files(root: str) -> list[str]:
