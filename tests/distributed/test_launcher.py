@@ -9,12 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from launcher.env import discover, first_host
 from megalm.errors import UserError
+from megalm.train.checkpoint import published_tags
+from megalm.train.checkpoint_files import verify_directory
+from tests.distributed.corpus import make_corpus
 from tests.distributed.helper import REPO, cpu_env
+from tests.distributed.jobs import small_overrides
 
 LAUNCH = [sys.executable, "-m", "megalm.cli", "launch"]
 
@@ -59,6 +64,84 @@ def test_dead_rank_stops_the_job(tmp_path):
     assert "rank 1 exited with status 7" in proc.stderr
     assert time.monotonic() - t0 < 110  # generous bound: what matters is that it returned at all
     assert (tmp_path / "env0").read_text() == "0 0 2 2" and (tmp_path / "env1").read_text() == "1 1 2 2"
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids |= {int(x) for x in f.read().split()}
+        except FileNotFoundError:
+            pass
+    return kids
+
+
+def _alive_in_groups(pgids: set[int]) -> list[str]:
+    """Live (non-zombie) processes whose process group is one of `pgids` (a rank and anything it forked)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+        if fields[0] not in ("Z", "X") and int(fields[2]) in pgids:
+            alive.append(f"pid {entry}: {stat[:80]}")
+    return alive
+
+
+def test_killed_training_rank_stops_the_job(tmp_path):
+    """A real 2-rank DeepSpeed (ZeRO-2, gloo) training run; rank 1 is SIGKILLed mid-training:
+    the launcher exits non-zero promptly, no rank process survives, and every published
+    checkpoint verifies (a half-written save stays a .tmp- directory)."""
+    shards = make_corpus(str(tmp_path / "shards"))
+    megalm = os.path.join(os.path.dirname(sys.executable), "megalm")
+    train = [megalm] if os.path.exists(megalm) else [sys.executable, "-m", "megalm.cli"]
+    (tmp_path / "run.yaml").write_text("name: killed\nparallel: {zero_stage: 2}\n")
+    overrides = small_overrides(shards, "killed", steps=100000)[1:] + [
+        "checkpoint.interval=1", "checkpoint.keep_last=100"]
+    cmd = [*LAUNCH, "--nproc", "2", "--", *train, "train", str(tmp_path / "run.yaml"), *overrides]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=cpu_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = tmp_path / "runs/killed/metrics.jsonl"
+        deadline = time.monotonic() + 60
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # 2 steps done: mid-training
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+            time.sleep(0.05)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2, ranks
+        rank1 = next(pid for pid in ranks if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes())
+        t0 = time.monotonic()
+        os.kill(rank1, signal.SIGKILL)
+        try:
+            _, err = launcher.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("launcher still running 60 s after a rank was killed (hang)")
+        elapsed = time.monotonic() - t0
+    finally:  # on a failed assertion above, leave nothing running
+        if launcher.poll() is None:
+            leftover = _children(launcher.pid)
+            launcher.kill()
+            launcher.wait()
+            for pgid in leftover:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert "rank 1 exited with status -9" in err, err[-3000:]
+    assert elapsed < 30, elapsed
+    assert _alive_in_groups(ranks) == []  # each rank leads its own process group (start_new_session)
+    ckpt = tmp_path / "runs/killed/checkpoints"
+    tags = published_tags(str(ckpt))
+    assert tags, "no checkpoint was published before the kill"
+    for tag in tags:
+        verify_directory(str(ckpt / tag))
 
 
 def test_sigterm_is_forwarded(tmp_path):
