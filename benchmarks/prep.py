@@ -42,6 +42,7 @@ from data_prep import tokenizer
 from data_prep.builtin import iter_python_docs, write_python_docs_jsonl
 from data_prep.config import PrepConfig
 from data_prep.pipeline import run
+from megalm.fsio import atomic_write
 
 _sp = None
 
@@ -168,7 +169,7 @@ def main() -> None:
         text = json.dumps(result, indent=2)
         print(text)
         if args.out:
-            Path(args.out).write_text(text + "\n")
+            atomic_write(args.out, text + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

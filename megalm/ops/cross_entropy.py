@@ -32,10 +32,12 @@ def ce_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
         safe = torch.where(valid, lab, torch.zeros_like(lab)).long()
         if bool(((safe < 0) | (safe >= v)).any()):
             raise IndexError(f"cross_entropy: label out of range [0, {v}) (and != ignore_index)")
-        lse = torch.logsumexp(lf, dim=-1)
-        tgt = lf.gather(1, safe[:, None]).squeeze(1)
-        loss[s:e] = torch.where(valid, lse - tgt, torch.zeros_like(lse))
-        p = torch.exp(lf - lse[:, None])
+        # One fused log_softmax pass, then softmax = exp of it in place: ~3x fewer passes over
+        # the [rows, V] block than logsumexp + subtract + exp (this is the CPU training path).
+        lsm = torch.log_softmax(lf, dim=-1)
+        tgt = lsm.gather(1, safe[:, None]).squeeze(1)
+        loss[s:e] = torch.where(valid, -tgt, torch.zeros_like(tgt))
+        p = lsm.exp_()
         p.scatter_add_(1, safe[:, None], torch.full_like(tgt[:, None], -1.0))
         p.mul_((valid.to(p.dtype) * grad_scale.to(p.dtype))[:, None])
         grad[s:e] = p.to(grad.dtype)
