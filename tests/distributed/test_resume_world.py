@@ -47,7 +47,9 @@ def _train_until_sigterm(tmp_path, overrides: list[str]) -> int:
     metrics = tmp_path / "runs/world/metrics.jsonl"
     deadline = time.monotonic() + 400
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()  # never wait on a run that may still be going
+            pytest.fail(f"no step logged (exit {proc.poll()}): {proc.communicate()[1][-3000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
