@@ -16,9 +16,10 @@ import inspect
 import json
 import os
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from megalm.fsio import atomic_write
 
 NAME = "builtin:python-docs"
 
@@ -74,25 +75,13 @@ def write_python_docs_jsonl(path: str | os.PathLike, max_bytes: int | None = Non
 
     Written to a temp name and renamed, so `path` is either absent or complete.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    count = written = 0
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for text in iter_python_docs():
-                line = json.dumps({text_key: text}, ensure_ascii=False) + "\n"
-                size = len(line.encode("utf-8"))
-                if max_bytes is not None and written + size > max_bytes:
-                    break
-                f.write(line)
-                written += size
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return count
+    lines, written = [], 0
+    for text in iter_python_docs():
+        line = json.dumps({text_key: text}, ensure_ascii=False) + "\n"
+        size = len(line.encode("utf-8"))
+        if max_bytes is not None and written + size > max_bytes:
+            break
+        lines.append(line)
+        written += size
+    atomic_write(path, "".join(lines))  # the corpus is a few MB: build it whole, publish once
+    return len(lines)

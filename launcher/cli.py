@@ -37,13 +37,18 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, cmd
 
 
-def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
+    """Signal each live rank's process group (each rank leads its own session)."""
     for p in procs:
         if p.poll() is None:
             try:
                 os.killpg(p.pid, sig)
             except ProcessLookupError:
                 pass
+
+
+def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+    _signal_all(procs, sig)
     deadline = time.monotonic() + GRACE_S
     for p in procs:
         try:
@@ -64,12 +69,7 @@ def main(argv: list[str]) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signum)
-                except ProcessLookupError:
-                    pass
+        _signal_all(procs, signum)
 
     # Handlers first and every spawn inside the try: a signal or a failed spawn mid-way still
     # stops the ranks already started (the finally kills them).

@@ -128,5 +128,5 @@ def test_training_step_never_imports_triton():
 
 def test_training_step_never_imports_triton_where_triton_is_installed():
     if not CUDA_PY.exists():
-        pytest.skip(".venv-cuda missing: run `make cuda-venv` (CI must have it)")
+        pytest.fail(".venv-cuda missing: `make test` creates it (make cuda-venv)")
     _run(str(CUDA_PY), "--need-triton")
