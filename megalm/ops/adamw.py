@@ -127,44 +127,52 @@ class FusedAdamW(torch.optim.Optimizer):
 
 def selftest_cases(device: torch.device) -> list[Case]:
     """More tensors and chunks than one launch's metadata holds, odd sizes, a misaligned view,
-    a param skipping a step; params AND moments (and masters) compared after steps large
-    enough that a kernel doing nothing fails."""
+    a param skipping a step. After EVERY step the kernel's params, moments (and masters) must
+    equal one fp32 AdamW step taken from its own previous state and rounded once to the state
+    dtype (within one ulp of it) — with lr = 0.1 a kernel that does nothing fails at once."""
+    ulp = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+    hyper = dict(lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     cases = []
     for dtype, master in ((torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False),
-                          (torch.float16, True)):
+                          (torch.float16, True), (torch.float16, False)):
         def run(dtype=dtype, master=master):
             g = torch.Generator(device=device).manual_seed(0)
-            base = torch.randn(3 * 65536 + 9, generator=g, device=device)
-            inits = [base, torch.randn(17, 33, generator=g, device=device),
-                     torch.randn(1, generator=g, device=device)]
-            inits += [torch.randn(37, generator=g, device=device) for _ in range(60)]
-            runs = {}
-            for backend in ("cuda", "reference"):
-                ps = [torch.nn.Parameter(t.clone().to(dtype)) for t in inits]
-                owner = torch.nn.Parameter(base.clone().to(dtype))
-                ps.append(torch.nn.Parameter(owner.data[1:1001]))  # starts 1 element in
-                start = [p.detach().float().clone() for p in ps]
-                opt = FusedAdamW(ps, lr=0.1, weight_decay=0.1, master_weights=master, backend=backend)
-                gg = torch.Generator(device=device).manual_seed(1)
-                for step in range(5):
-                    for i, p in enumerate(ps):
-                        skip = step == 2 and i == 1  # a param at a different step count
-                        p.grad = None if skip else torch.randn(p.shape, generator=gg, device=device).to(dtype)
-                    opt.step()
-                runs[backend] = (ps, opt, start)
-            # fp32 state: same math; bf16 state: one rounding vs torch's per-op roundings; a param
-            # rounded from masters one fp32 ulp apart may land on the neighbouring bf16/fp16 value.
-            tol = 1e-5 if dtype == torch.float32 or master else 2e-2
-            ptol = 1e-5 if dtype == torch.float32 else 2e-2
-            moved = (runs["reference"][0][0].detach().float() - runs["reference"][2][0]).abs().max()
-            assert moved.item() > 10 * ptol, f"the reference moved only {moved.item():.2e}"
-            for i, (pk, pr) in enumerate(zip(runs["cuda"][0], runs["reference"][0])):
-                sk, sr = runs["cuda"][1].state[pk], runs["reference"][1].state[pr]
-                names = ["exp_avg", "exp_avg_sq"] + (["master"] if "master" in sr else [])
-                for name in names:
-                    torch.testing.assert_close(sk[name].float(), sr[name].float(), rtol=tol, atol=tol * 1e-2,
-                                               msg=lambda m, name=name, i=i: f"tensor {i} {name}: {m}")
-                torch.testing.assert_close(pk.detach().float(), pr.detach().float(), rtol=ptol, atol=ptol,
-                                           msg=lambda m, i=i: f"tensor {i} param: {m}")
+            shapes = [(3 * 65536 + 9,), (17, 33), (1,)] + [(37,)] * 60
+            ps = [torch.nn.Parameter(torch.randn(s, generator=g, device=device).to(dtype)) for s in shapes]
+            owner = torch.randn(1001, generator=g, device=device).to(dtype)
+            ps.append(torch.nn.Parameter(owner[1:]))  # starts one element in: not 16-byte aligned
+            opt = FusedAdamW(ps, master_weights=master, backend="cuda", **hyper)
+            lr, (b1, b2), eps, wd = hyper["lr"], hyper["betas"], hyper["eps"], hyper["weight_decay"]
+            gg = torch.Generator(device=device).manual_seed(1)
+            for step in range(4):
+                for i, p in enumerate(ps):
+                    skip = step == 2 and i == 1  # a param left at a different step count
+                    p.grad = None if skip else torch.randn(p.shape, generator=gg, device=device).to(dtype)
+                before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+                          for p in ps]
+                opt.step()
+                for i, p in enumerate(ps):
+                    pb, sb = before[i]
+                    if p.grad is None:
+                        assert torch.equal(p.detach(), pb), f"tensor {i} moved without a grad"
+                        continue
+                    st = opt.state[p]
+                    zeros = torch.zeros(p.shape, device=device)
+                    w = (sb["master"] if "master" in sb else pb).float().clone()
+                    m = sb["exp_avg"].float().clone() if sb else zeros.clone()
+                    v = sb["exp_avg_sq"].float().clone() if sb else zeros.clone()
+                    _adamw_tensor_reference(w, p.grad.float(), m, v, st["step"].item(), lr, b1, b2,
+                                            eps, wd)
+                    sdt = st["exp_avg"].dtype
+                    for name, got, want, tol in (
+                            ("exp_avg", st["exp_avg"], m.to(sdt), ulp[sdt]),
+                            ("exp_avg_sq", st["exp_avg_sq"], v.to(sdt), ulp[sdt]),
+                            ("master", st.get("master"), w, ulp[torch.float32]),
+                            ("param", p.detach(), w.to(dtype), ulp[dtype])):
+                        if got is None:
+                            continue
+                        torch.testing.assert_close(
+                            got.float(), want.float(), rtol=tol, atol=tol * 1e-2,
+                            msg=lambda msg, name=name, i=i, step=step: f"step {step} tensor {i} {name}: {msg}")
         cases.append(Case(f"{dtype} master={master}", run))
     return cases

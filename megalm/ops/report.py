@@ -60,9 +60,17 @@ def report_lines() -> list[str]:
             record = selftest.run_all(device, where)
     arch = ";".join(builds[0][1]["archs"]) if builds else "-"
     lines.append("-" * 60)
-    lines.append(f"{'op':<28} {'built':<6} {'arch':<14} {'self-test':<10} path for CUDA tensors here")
+    lines += kernel_table(ext, reason, record, has_gpu, arch, built_any=bool(builds))
+    lines.append("CPU tensors always run the PyTorch reference.")
+    return lines
+
+
+def kernel_table(ext, reason: str, record: dict | None, has_gpu: bool, arch: str,
+                 built_any: bool = True) -> list[str]:
+    """Header + one row per registered kernel: built, arch, self-test verdict, path in use."""
+    lines = [f"{'op':<28} {'built':<6} {'arch':<14} {'self-test':<10} path for CUDA tensors here"]
     for k in KERNELS:
-        built = "yes" if builds else "no"
+        built = "yes" if built_any else "no"
         if ext is not None and not all(hasattr(ext, f) for f in k.entry_points):
             built = "no"
         res = (record or {}).get("kernels", {}).get(k.name)
@@ -80,7 +88,6 @@ def report_lines() -> list[str]:
         else:
             path = "cuda kernel"
         lines.append(f"{k.name:<28} {built:<6} {arch:<14} {test:<10} {path}")
-    lines.append("CPU tensors always run the PyTorch reference.")
     return lines
 
 

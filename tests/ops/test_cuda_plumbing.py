@@ -127,11 +127,14 @@ class ContractModel:
         assert labels.dtype == torch.int64 and labels.is_contiguous()
         lf = logits.float()
         valid = labels != ignore_index
-        safe = torch.where(valid, labels, 0)
+        in_range = (labels >= 0) & (labels < logits.shape[1])
+        safe = torch.where(valid & in_range, labels, 0)
         lse = lf.logsumexp(-1)
         loss = torch.where(valid, lse - lf.gather(1, safe[:, None])[:, 0], 0.0)
+        loss = torch.where(valid & ~in_range, float("nan"), loss)  # bad label: NaN, no fault
         p = (lf - lse[:, None]).exp()
-        p[torch.arange(len(labels)), safe] -= 1
+        hit = torch.nonzero(valid & in_range)[:, 0]
+        p[hit, safe[hit]] -= 1
         grad = (p * valid.float()[:, None]).to(logits.dtype)  # unscaled: backward applies 1/n
         if not need_grad:
             return loss, None
