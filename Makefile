@@ -34,9 +34,12 @@ test: venv cuda-venv
 clean:
 	rm -rf build runs data/demo
 
-# GPU-only checks (kernels vs references, ops benchmark); run on a machine with a CUDA GPU.
+# GPU-only checks on a machine with a CUDA GPU, using that machine's own CUDA torch (python3), not
+# the CPU .venv: build the ops (default arch list), self-test every kernel on the GPU and record
+# the verdicts, then the GPU test suite. Then `python benchmarks/ops.py` measures them.
 .PHONY: test-gpu
-# Uses the machine's own CUDA torch (python3), not the CPU .venv.
 test-gpu:
+	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'test-gpu: $(PYTHON) sees no CUDA GPU')"
+	@$(PYTHON) -c "import pytest" 2>/dev/null || { echo "test-gpu: pytest is not installed for $(PYTHON)"; exit 1; }
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m megalm.ops.build
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -p no:cacheprovider gpu_tests

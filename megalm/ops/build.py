@@ -169,7 +169,8 @@ def _compile(archs: list[str], final: Path, cuda_home: str, verbose: bool) -> Pa
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
-    os.environ.setdefault("MAX_JOBS", "2")
+    # nvcc takes 1-2 GB per job: use the cores, but at most 8 jobs.
+    os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 8))))
     os.environ.setdefault("CUDA_HOME", cuda_home)
     print(f"megalm ops: compiling {len(compiled_sources())} sources for {';'.join(archs)} "
           f"into {final} (MAX_JOBS={os.environ['MAX_JOBS']}) ...", flush=True)

@@ -120,17 +120,21 @@ def run_kernel(kernel: Kernel, device: torch.device) -> dict:
     cases = kernel.cases(device)
     for case in cases:
         try:
-            with torch.inference_mode(False), torch.enable_grad(), \
-                    torch.autocast(device.type, enabled=False):
-                case.run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # surface asynchronous kernel faults here
+            run_case(case, device)
         except (AssertionError, RuntimeError, IndexError, ValueError) as exc:
             last = traceback.format_exception_only(type(exc), exc)[-1].strip()
             return {"ok": False, "detail": f"{case.name}: {last}"[:500], "cases": len(cases),
                     "seconds": round(time.monotonic() - start, 3)}
     return {"ok": True, "detail": f"{len(cases)} cases passed", "cases": len(cases),
             "seconds": round(time.monotonic() - start, 3)}
+
+
+def run_case(case: Case, device: torch.device) -> None:
+    """Run one case whatever the caller's grad/autocast mode; raise if the kernel is wrong."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        case.run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # surface asynchronous kernel faults here
 
 
 def device_tag(device: torch.device) -> str:
