@@ -31,7 +31,7 @@ def _fp32_out_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cuda":
         return False
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(24, 40, generator=g, device=device).to(dtype)
+    a = torch.randn(40, 24, generator=g, device=device).to(dtype).t()  # transposed, as g.t()
     b = torch.randn(40, 16, generator=g, device=device).to(dtype)
     acc = torch.randn(24, 16, generator=g, device=device)
     want = acc + a.float() @ b.float()

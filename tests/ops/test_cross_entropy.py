@@ -185,6 +185,22 @@ def test_fp16_gradient_survives_loss_scale_2_16_with_16k_targets():
     assert _max_rel_err(lg.grad, ref.grad) <= 1e-2
 
 
+def test_fp16_backward_factor_above_fp16_max_is_not_cast_to_inf():
+    """Loss scale 2^20 over 8 targets: dloss / n = 131072 > fp16 max. Entries whose true value
+    fits fp16 must come out finite and right (a factor cast to fp16 would make them all inf/NaN)."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(8, 1000, generator=g)
+    labels = torch.randint(0, 1000, (8,), generator=g)
+    lg = x.half().requires_grad_(True)
+    (cross_entropy(lg, labels) * 2.0**20).backward()
+    ref = x.half().float().requires_grad_(True)
+    (F.cross_entropy(ref, labels) * 2.0**20).backward()
+    fits = ref.grad.abs() < 30000
+    assert fits.float().mean() > 0.9
+    assert torch.isfinite(lg.grad[fits]).all()
+    torch.testing.assert_close(lg.grad[fits].float(), ref.grad[fits], rtol=2e-3, atol=1.0)
+
+
 def test_fp16_fused_linear_ce_under_loss_scale():
     g = torch.Generator().manual_seed(12)
     h = torch.randn(16384, 32, generator=g)
