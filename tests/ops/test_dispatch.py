@@ -189,3 +189,29 @@ def test_fatbin_arch_parser_reads_container_headers(tmp_path):
     f = tmp_path / "x.so"
     f.write_bytes(blob)
     assert build.fatbin_archs(f) == ["compute_90", "sm_80", "sm_90"]
+
+
+def test_a_jit_build_is_rechecked_for_coverage(tmp_path, monkeypatch):
+    """MEGALM_OPS_JIT=1 with TORCH_CUDA_ARCH_LIST naming another GPU: the fresh build must not be
+    loaded on this one (it would fail at the first kernel launch)."""
+    import json
+
+    monkeypatch.setenv("MEGALM_OPS_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEGALM_OPS_JIT", "1")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    built = []
+
+    def fake_build(arch):
+        d = tmp_path / "fake"
+        d.mkdir()
+        (d / "build.json").write_text(json.dumps({"archs": build.parse_arch(arch)}))
+        built.append(arch)
+        return d
+
+    monkeypatch.setattr(build, "build", fake_build)
+    ext, reason, where = build.load_extension()
+    assert built == ["8.6"]
+    assert ext is None and where is None and "does not cover sm_90" in reason
