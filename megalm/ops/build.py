@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jit", action="store_true",
                     help="build only for the visible GPU's arch (what MEGALM_OPS_JIT=1 does)")
     ap.add_argument("-v", "--verbose", action="store_true", help="show compiler commands")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 1 when a kernel fails its self-test on the visible GPU (CI use)")
     args = ap.parse_args(argv)
     arch = args.arch
     if args.jit and arch is None:
@@ -300,29 +302,32 @@ def main(argv: list[str] | None = None) -> int:
                             "pass --arch instead")
         arch = "{}.{}".format(*torch.cuda.get_device_capability())
     d = build(arch, verbose=args.verbose)
-    _selftest_here()
+    ok = _selftest_here()
     print(d)  # last line: the build dir (scripts read it)
-    return 0
+    return 1 if args.strict and not ok else 0
 
 
-def _selftest_here() -> None:
-    """On a GPU, self-test every kernel now so the first training step does not have to."""
+def _selftest_here() -> bool:
+    """On a GPU, self-test every kernel now so the first training step does not have to.
+
+    False when a kernel failed, or when there was a GPU but the build could not be loaded."""
     import torch
 
     if not torch.cuda.is_available():
         print("megalm ops: no CUDA device visible: kernels not self-tested (the first use on a "
               "GPU will)")
-        return
+        return True
     from megalm.ops import _backend, selftest
 
     if _backend.extension() is None:
         print(f"megalm ops: not self-tested: {_backend.unavailable_reason()}")
-        return
+        return False
     device = torch.device("cuda", torch.cuda.current_device())
     record = selftest.run_all(device, _backend.build_dir())
     for name, res in record["kernels"].items():
         verdict = "pass" if res["ok"] else "FAIL (auto falls back to the reference)"
         print(f"megalm ops: self-test {name:<28} {verdict}: {res['detail']} ({res['seconds']} s)")
+    return all(res["ok"] for res in record["kernels"].values())
 
 
 if __name__ == "__main__":
