@@ -140,3 +140,11 @@ def test_auto_backend_uses_the_kernel(monkeypatch):
     x = randn(8, 64).bfloat16()
     w = torch.ones(64, device=DEV)
     assert torch.equal(rms_norm(x, w), rms_norm(x, w, backend="cuda"))
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.bfloat16, True), (torch.float32, False)])
+def test_adamw_more_blocks_than_one_launch_holds(dtype, master):
+    """330 chunks of 65536 in one tensor: the launch batches split it (kAdamMaxBlocks = 320)."""
+    from megalm.ops.adamw import check_against_fp32_steps
+
+    check_against_fp32_steps(DEV, dtype, master, [(330 * 65536 + 7,), (5,)] * 2, steps=2)

@@ -122,3 +122,21 @@ def test_report_table_has_the_self_test_column(first_record):
     assert "pass" in rows["layer_norm"] and rows["layer_norm"].rstrip().endswith("cuda kernel")
     cpu_lines = report.kernel_table(None, "no CUDA device visible", None, has_gpu=False, arch="-")
     assert all("no GPU" in line for line in cpu_lines[1:])
+
+
+@pytest.mark.parametrize("broken", ["no-op", "moments not stored"])
+def test_adamw_self_test_fails_a_kernel_that_does_too_little(broken, monkeypatch, tmp_path):
+    class BadAdam(ContractModel):
+        @staticmethod
+        def multi_tensor_adamw(ps, gs, ms, vs, masters, *hyper):
+            if broken == "no-op":
+                return
+            saved = [m.clone() for m in ms]
+            ContractModel.multi_tensor_adamw(ps, gs, ms, vs, masters, *hyper)
+            for m, s in zip(ms, saved):
+                m.copy_(s)  # params updated, first moment never written back
+
+    monkeypatch.setattr(_backend, "_load", lambda: (BadAdam, "", tmp_path))
+    monkeypatch.setattr(_backend, "kernel_device", lambda t: True)
+    res = selftest.run_kernel(next(k for k in KERNELS if k.name == "FusedAdamW"), CPU)
+    assert res["ok"] is False and "step 0 tensor 0 exp_avg" in res["detail"], res["detail"]
