@@ -83,15 +83,20 @@ def target_scale(labels: torch.Tensor, ignore_index: int, logits_dtype: torch.dt
     return (1.0 / n).reshape(1)
 
 
-def scale_into(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def scale_into(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype,
+               cuda: bool = False) -> torch.Tensor:
     """grad * factor with the factor kept in fp32 (fp64), written once in `dtype`: one pass.
 
-    On CUDA the factor is given shape [1], so type promotion makes the multiply fp32 even for
-    fp16 grads (a 0-d device tensor would first be cast to fp16: 65536 -> inf) and the cast
-    happens on the write. On CPU a 0-d factor is read at full precision by the multiply kernel of
-    reduced-precision dtypes, which stays on its vectorised same-dtype path (3x faster there).
+    The kernel reads the factor on the device. On the reference path the factor gets shape [1]
+    on CUDA, so type promotion makes the multiply fp32 even for fp16 grads (a 0-d device tensor
+    would first be cast to fp16: 65536 -> inf) and the cast happens on the write; on CPU a 0-d
+    factor is read at full precision by the multiply kernel of reduced-precision dtypes, which
+    stays on its vectorised same-dtype path (3x faster there).
     """
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    if cuda and factor.dtype == torch.float32:
+        extension().scale_cast(grad, factor, out)
+        return out
     f = factor.reshape(()) if grad.device.type == "cpu" else factor.reshape(1)
     return torch.mul(grad, f, out=out)
 
@@ -108,12 +113,14 @@ class _CrossEntropy(torch.autograd.Function):
         loss_rows, grad = ce_rows(logits.contiguous(), labels.long().contiguous(), ignore_index,
                                   cuda)
         ctx.save_for_backward(grad, scale)
+        ctx.cuda = cuda
         return (loss_rows.sum() * scale).reshape(())
 
     @staticmethod
     def backward(ctx, dloss):
         grad, scale = ctx.saved_tensors
-        return scale_into(grad, backward_factor(dloss, scale), grad.dtype), None, None, None
+        factor = backward_factor(dloss, scale)
+        return scale_into(grad, factor, grad.dtype, ctx.cuda), None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,

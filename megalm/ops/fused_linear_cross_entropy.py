@@ -84,6 +84,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 accumulate_fp32(dw, g.t(), hc)
             del logits, g
         ctx.save_for_backward(dh, dw, scale)
+        ctx.cuda = cuda
         ctx.hidden_shape, ctx.hidden_dtype, ctx.weight_dtype = hidden.shape, hidden.dtype, weight.dtype
         return (total * scale).reshape(())
 
@@ -91,8 +92,9 @@ class _FusedLinearCE(torch.autograd.Function):
     def backward(ctx, dloss):
         dh, dw, scale = ctx.saved_tensors
         factor = backward_factor(dloss, scale)
-        gh = scale_into(dh, factor, ctx.hidden_dtype).view(ctx.hidden_shape) if dh is not None else None
-        gw = scale_into(dw, factor, ctx.weight_dtype) if dw is not None else None
+        gh = (scale_into(dh, factor, ctx.hidden_dtype, ctx.cuda).view(ctx.hidden_shape)
+              if dh is not None else None)
+        gw = scale_into(dw, factor, ctx.weight_dtype, ctx.cuda) if dw is not None else None
         return gh, gw, None, None, None, None
 
 

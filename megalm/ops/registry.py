@@ -12,8 +12,8 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("adaln_layer_norm", ("adaln_fwd", "adaln_bwd"), "megalm.ops.adaln"),
     Kernel("apply_rope", ("rope_fwd",), "megalm.ops.rope"),
     Kernel("swiglu", ("swiglu_fwd", "swiglu_bwd"), "megalm.ops.swiglu"),
-    Kernel("cross_entropy", ("cross_entropy_fwd",), "megalm.ops.cross_entropy"),
-    Kernel("fused_linear_cross_entropy", ("cross_entropy_fwd",),
+    Kernel("cross_entropy", ("cross_entropy_fwd", "scale_cast"), "megalm.ops.cross_entropy"),
+    Kernel("fused_linear_cross_entropy", ("cross_entropy_fwd", "scale_cast"),
            "megalm.ops.fused_linear_cross_entropy"),
     Kernel("FusedAdamW", ("multi_tensor_adamw",), "megalm.ops.adamw"),
 )

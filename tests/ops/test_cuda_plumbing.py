@@ -144,6 +144,12 @@ class ContractModel:
         return loss, grad
 
     @staticmethod
+    def scale_cast(x, factor, out):
+        assert x.is_contiguous() and factor.dtype == torch.float32 and factor.numel() == 1
+        assert out.shape == x.shape and (out.dtype == x.dtype or x.dtype == torch.float32)
+        out.copy_(x.float() * factor)
+
+    @staticmethod
     def multi_tensor_adamw(ps, gs, ms, vs, masters, lr, b1, b2, eps, wd, bc1, bc2):
         assert len(ps) == len(gs) == len(ms) == len(vs) and len(masters) in (0, len(ps))
         for i, p in enumerate(ps):

@@ -165,6 +165,21 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor&
   return megalm::cross_entropy_fwd(logits, labels, ignore_index, inplace, need_grad);
 }
 
+void scale_cast(const Tensor& x, const Tensor& factor, const Tensor& out) {
+  check_cuda(x, "x");
+  check_cuda(out, "out");
+  check_float_like(x, "x");
+  TORCH_CHECK(x.sizes() == out.sizes() && x.device() == out.device(),
+              "x and out must share shape and device");
+  const auto in = x.scalar_type(), o = out.scalar_type();
+  TORCH_CHECK(in == o || (in == at::kFloat && (o == at::kHalf || o == at::kBFloat16)),
+              "scale_cast: out must have x's dtype, or float16/bfloat16 for float32 x");
+  TORCH_CHECK(factor.is_cuda() && factor.scalar_type() == at::kFloat && factor.numel() == 1 &&
+                  factor.device() == x.device(),
+              "factor must be a one-element float32 tensor on x's device");
+  megalm::scale_cast(x, factor, out);
+}
+
 void multi_tensor_adamw(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                         const std::vector<Tensor>& exp_avgs,
                         const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& masters,
@@ -218,5 +233,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_fwd", &swiglu_fwd);
   m.def("swiglu_bwd", &swiglu_bwd);
   m.def("cross_entropy_fwd", &cross_entropy_fwd);
+  m.def("scale_cast", &scale_cast);
   m.def("multi_tensor_adamw", &multi_tensor_adamw);
 }

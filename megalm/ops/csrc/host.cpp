@@ -237,6 +237,22 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
   return {loss, grad};
 }
 
+void scale_cast(const at::Tensor& x, const at::Tensor& factor, const at::Tensor& out) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  const float* f = factor.data_ptr<float>();
+  if (x.scalar_type() == out.scalar_type()) {
+    MEGALM_DISPATCH(x.scalar_type(), "scale_cast", [&] {
+      C10_CUDA_CHECK(launch::scale(ptr<scalar_t>(x), f, ptr<scalar_t>(out), n, stream()));
+    });
+  } else if (out.scalar_type() == at::kHalf) {
+    C10_CUDA_CHECK(launch::scale(x.data_ptr<float>(), f, ptr<at::Half>(out), n, stream()));
+  } else {
+    C10_CUDA_CHECK(launch::scale(x.data_ptr<float>(), f, ptr<at::BFloat16>(out), n, stream()));
+  }
+}
+
 void multi_tensor_adamw(const std::vector<at::Tensor>& params,
                         const std::vector<at::Tensor>& grads,
                         const std::vector<at::Tensor>& exp_avgs,

@@ -45,6 +45,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
                                                      const at::Tensor& labels,
                                                      int64_t ignore_index, bool inplace,
                                                      bool need_grad);
+// out = x * factor (fp32 one-element tensor on the device), computed in fp32; out has x's shape
+// and x's dtype, or half/bfloat16 when x is float32.
+void scale_cast(const at::Tensor& x, const at::Tensor& factor, const at::Tensor& out);
 void multi_tensor_adamw(const std::vector<at::Tensor>& params,
                         const std::vector<at::Tensor>& grads,
                         const std::vector<at::Tensor>& exp_avgs,

@@ -53,6 +53,10 @@ template <typename T>
 cudaError_t cross_entropy_fwd(const T* logits, const int64_t* labels, T* grad, float* loss,
                               int64_t N, int64_t V, int64_t ignore_index, cudaStream_t s);
 
+// y = x * (*factor) in fp32, stored as Out (In == Out, or float -> half / bfloat16).
+template <typename In, typename Out>
+cudaError_t scale(const In* x, const float* factor, Out* y, int64_t n, cudaStream_t s);
+
 struct AdamHyper {
   float lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt;
 };
