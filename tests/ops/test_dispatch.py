@@ -117,7 +117,7 @@ def test_concurrent_builds_compile_once(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MEGALM_OPS_CACHE", str(tmp_path))
     ctx = mp.get_context("fork")
-    ready = ctx.Barrier(3)
+    ready = ctx.Barrier(3, timeout=60)  # a child dying before it must not hang the others
     results = ctx.Queue()
     procs = [ctx.Process(target=_build_with_fake_compiler, args=(str(tmp_path), ready, results))
              for _ in range(3)]
