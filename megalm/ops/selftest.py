@@ -15,6 +15,7 @@ import functools
 import importlib
 import json
 import re
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ def run_kernel(kernel: Kernel, device: torch.device) -> dict:
     for case in cases:
         try:
             run_case(case, device)
-        except (AssertionError, RuntimeError, IndexError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 — any failure (a stale binding too) means untrusted
             last = traceback.format_exception_only(type(exc), exc)[-1].strip()
             return {"ok": False, "detail": f"{case.name}: {last}"[:500], "cases": len(cases),
                     "seconds": round(time.monotonic() - start, 3)}
@@ -168,8 +169,12 @@ def run_all(device: torch.device, build_dir: Path | None) -> dict:
               "tested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "kernels": results}
     if build_dir is not None:
         path = record_path(build_dir, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(record, indent=2, sort_keys=True))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(record, indent=2, sort_keys=True))
+        except OSError as exc:  # a read-only shared cache: the verdicts still hold in this process
+            print(f"megalm.ops: note: cannot record self-test results in {path}: {exc}",
+                  file=sys.stderr, flush=True)
     return record
 
 

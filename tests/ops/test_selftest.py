@@ -140,3 +140,21 @@ def test_adamw_self_test_fails_a_kernel_that_does_too_little(broken, monkeypatch
     monkeypatch.setattr(_backend, "kernel_device", lambda t: True)
     res = selftest.run_kernel(next(k for k in KERNELS if k.name == "FusedAdamW"), CPU)
     assert res["ok"] is False and "step 0 tensor 0 exp_avg" in res["detail"], res["detail"]
+
+
+def test_an_unwritable_cache_still_gives_verdicts(tmp_path, monkeypatch, capfd):
+    _as_broken_build(monkeypatch, tmp_path)
+
+    def refuse(path, data, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(selftest, "atomic_write", refuse)
+    monkeypatch.setattr(selftest, "registry",
+                        lambda: tuple(k for k in KERNELS if k.name in ("rms_norm", "swiglu")))
+    try:
+        assert selftest.verdict("rms_norm", CPU)[0] is False
+        assert selftest.verdict("swiglu", CPU)[0] is True
+    finally:
+        selftest._verdicts.cache_clear()
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "cannot record self-test results" in err
