@@ -21,7 +21,7 @@ import numpy as np
 from megalm.fsio import atomic_write, sha256_file
 
 from .shards import encode_shard
-from .tokenizer import Encoder
+from .encoder import Encoder
 
 
 @dataclass
