@@ -34,31 +34,33 @@ def percentiles(histogram: dict[int, int], qs: tuple[float, ...] = (0.5, 0.9, 0.
     return out
 
 
-def build(units: list[dict], tokenizer: dict, dtype: str, bad_lines: int) -> dict:
-    """Combine unit results (in unit order) into the manifest dict."""
+SHARD_KEYS = ("file", "rows", "tokens", "bytes", "sha256", "max_token_id")
+
+
+def build(results: list[dict], tokenizer: dict, dtype: str, bad_lines: int) -> dict:
+    """Combine shard results (in shard order) into the manifest dict."""
     splits = {s: {"documents": 0, "tokens": 0, "shards": []} for s in ("train", "valid")}
     removed = dict.fromkeys(REMOVED_KEYS, 0)
     removed["bad_lines"] = bad_lines
     hist: dict[int, int] = {}
     documents_in = 0
-    for unit in units:
-        documents_in += unit["documents_in"]
+    for result in results:
+        documents_in += result["documents_in"]
         for key in ("duplicates", "too_short_chars", "too_short_tokens"):
-            removed[key] += unit["removed"][key]
-        for length, count in unit["lengths"]:
+            removed[key] += result["removed"][key]
+        for length, count in result["lengths"]:
             hist[length] = hist.get(length, 0) + count
-        for shard in unit["shards"]:
+        for shard in result["shards"]:
             split = splits[shard["split"]]
             split["documents"] += shard["rows"]
             split["tokens"] += shard["tokens"]
-            split["shards"].append({k: shard[k] for k in ("file", "rows", "tokens", "bytes",
-                                                          "sha256")})
+            split["shards"].append({k: shard[k] for k in SHARD_KEYS})
     documents = splits["train"]["documents"] + splits["valid"]["documents"]
     stats = {"documents_in": documents_in, "documents": documents,
              "tokens": splits["train"]["tokens"] + splits["valid"]["tokens"],
              "shards": len(splits["train"]["shards"]) + len(splits["valid"]["shards"]),
              "removed": removed, "tokens_per_document": percentiles(hist),
-             "work_units": len(units)}
+             "work_units": sum(r["units"] for r in results)}
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
             "tokenizer": {"path": TOKENIZER_FILE, **tokenizer}, "dtype": dtype,
             "splits": splits, "stats": stats}

@@ -34,12 +34,27 @@ class TokenizerSpec:
                 raise UserError(f"--special-tokens: {tok!r} must be non-empty without spaces")
 
 
+class _Guarded:
+    """The training lines, keeping the reader's own error: raised inside sentencepiece's C++
+    it would come back as a RuntimeError that no longer names the file and line."""
+
+    def __init__(self, lines: Iterable[str]):
+        self.lines, self.error = lines, None
+
+    def __iter__(self):
+        try:
+            yield from self.lines
+        except Exception as exc:  # re-raised by train() once sentencepiece has returned
+            self.error = exc
+
+
 def train(lines: Iterable[str], spec: TokenizerSpec, num_threads: int = 2) -> bytes:
     """Train a sentencepiece model on `lines`; returns the serialized model."""
     out = io.BytesIO()
+    guarded = _Guarded(lines)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=out, model_type=spec.model_type,
+            sentence_iterator=iter(guarded), model_writer=out, model_type=spec.model_type,
             vocab_size=spec.vocab_size, byte_fallback=spec.byte_fallback,
             user_defined_symbols=list(spec.special_tokens), pad_id=PAD_ID, bos_id=BOS_ID,
             eos_id=EOS_ID, unk_id=UNK_ID, num_threads=num_threads,
@@ -48,8 +63,12 @@ def train(lines: Iterable[str], spec: TokenizerSpec, num_threads: int = 2) -> by
             hard_vocab_limit=False, minloglevel=2,
         )
     except RuntimeError as exc:
+        if guarded.error is not None:
+            raise guarded.error from None
         raise UserError(f"--vocab-size {spec.vocab_size}: tokenizer training failed: "
                         f"{str(exc).strip().splitlines()[-1]}") from None
+    if guarded.error is not None:
+        raise guarded.error
     return out.getvalue()
 
 

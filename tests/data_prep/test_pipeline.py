@@ -101,3 +101,26 @@ def test_empty_input_is_refused(tmp_path, model_path):
     with pytest.raises(UserError, match="empty input"):
         run(_cfg(src, tmp_path / "o", model_path))
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_units_smaller_than_shards_feed_every_worker_identically(tmp_path, corpus, model_path,
+                                                                 monkeypatch):
+    """Shards of many work units: workers share a shard's units, output stays identical."""
+    import data_prep.units as units
+
+    monkeypatch.setattr(units, "UNIT_CHARS", 20_000)
+    one = run(_cfg(corpus, tmp_path / "w1", model_path, shard_size_mb=0.2, dedup=True))
+    two = run(_cfg(corpus, tmp_path / "w2", model_path, shard_size_mb=0.2, dedup=True,
+                   workers=2))
+    assert one == two and tree_digest(tmp_path / "w1") == tree_digest(tmp_path / "w2")
+    shards = len(one["splits"]["train"]["shards"])
+    assert shards >= 2 and one["stats"]["work_units"] >= 5 * shards
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    rows = _rows(tmp_path / "w1", one, "train") + _rows(tmp_path / "w1", one, "valid")
+    assert sorted(map(tuple, rows)) == sorted(tuple(sp.encode(d)) for d in dict.fromkeys(
+        json.loads(line)["text"] for line in corpus.read_text().splitlines()))
+    for split in ("train", "valid"):
+        for shard, ids in zip(one["splits"][split]["shards"], [
+                _rows(tmp_path / "w1", {"splits": {split: {"shards": [s]}}}, split)
+                for s in one["splits"][split]["shards"]]):
+            assert shard["max_token_id"] == max(max(r) for r in ids if r)
