@@ -25,7 +25,7 @@ long documents are encoded in pieces cut at whitespace, so memory stays a few ti
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain, repeat
 
 import numpy as np
@@ -61,7 +61,7 @@ _CACHE_SAFE_NORMALIZERS = {"nmt_nfkc", "nmt_nfkc_cf"}
 _WS = " \t\n\r"
 _SPACE_MARK = "\u2581"
 _WS_CHAR = re.compile(r"[ \t\n\r]")
-PIECE_CHARS = 1 << 20  # long documents are encoded in pieces of about this many characters
+PIECE_CHARS = 1 << 18  # documents are encoded in batches of about this many characters
 CACHE_ENTRIES = 1 << 21  # segments remembered per cache before it starts afresh
 _PLAIN, _WORDS = 0, 1
 
@@ -181,17 +181,33 @@ def _run_patterns(bare: spm.SentencePieceProcessor) -> tuple[re.Pattern, re.Patt
     return (re.compile(f"[ \t\n\r]*(?:{ascii_runs})"), re.compile(f"[ \t\n\r]*(?:{mixed})"))
 
 
-def _pieces(text: str) -> list[str]:
+def _pieces(text: str) -> Iterator[str]:
     """`text` cut just before whitespace into pieces of about PIECE_CHARS characters."""
-    out, start = [], 0
+    start = 0
     while len(text) - start > PIECE_CHARS:
         m = _WS_CHAR.search(text, start + PIECE_CHARS)
         if m is None:
             break
-        out.append(text[start:m.start()])
+        yield text[start:m.start()]
         start = m.start()
-    out.append(text[start:])
-    return out
+    yield text[start:] if start else text
+
+
+def _batches(texts: list[str]) -> Iterator[tuple[list[int], list[str]]]:
+    """(owning document of each piece, pieces) in batches of about PIECE_CHARS characters."""
+    owners: list[int] = []
+    batch: list[str] = []
+    size = 0
+    for i, text in enumerate(texts):
+        for piece in _pieces(text):
+            if batch and size + len(piece) > PIECE_CHARS:
+                yield owners, batch
+                owners, batch, size = [], [], 0
+            owners.append(i)
+            batch.append(piece)
+            size += len(piece)
+    if batch:
+        yield owners, batch
 
 
 class Encoder:
@@ -260,21 +276,12 @@ class Encoder:
             return self._encode_list(texts)
         # Long documents in pieces cut before whitespace: a piece then starts a word, which
         # is exactly how the cached segmentation treats a document start. Batches of about
-        # PIECE_CHARS characters bound the per-word arrays below.
-        pieces = [_pieces(t) if len(t) > PIECE_CHARS else [t] for t in texts]
-        owner = np.repeat(np.arange(len(texts)), [len(p) for p in pieces])
-        flat = list(chain.from_iterable(pieces))
+        # PIECE_CHARS characters bound the per-token index arrays below.
         parts_ids, lens = [], np.zeros(len(texts), np.int64)
-        lo = 0
-        while lo < len(flat):
-            hi, size = lo, 0
-            while hi < len(flat) and (hi == lo or size + len(flat[hi]) <= PIECE_CHARS):
-                size += len(flat[hi])
-                hi += 1
-            ids, per_piece = self._segments(flat[lo:hi])
+        for owners, batch in _batches(texts):
+            ids, per_piece = self._segments(batch)
             parts_ids.append(ids)
-            np.add.at(lens, owner[lo:hi], per_piece)
-            lo = hi
+            np.add.at(lens, owners, per_piece)
         return (np.concatenate(parts_ids) if parts_ids else np.zeros(0, self.dtype)), lens
 
     def _segments(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

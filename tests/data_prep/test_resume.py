@@ -133,3 +133,26 @@ def test_verify_of_a_damaged_manifest_is_one_line_naming_the_key(tmp_path, corpu
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "splits.train.shards[0].sha256" in lines[0], proc.stderr
+
+
+def test_verify_checks_token_ids_against_the_tokenizer(tmp_path, corpus, model_path):
+    import json
+
+    out = tmp_path / "o"
+    m = run(PrepConfig(inputs=(str(corpus),), output=str(out), tokenizer=str(model_path),
+                       shard_size_mb=0.1, valid_fraction=0.05))
+    first = m["splits"]["train"]["shards"][0]
+    assert 0 < first["max_token_id"] < 500
+    assert run_prep("--verify", out).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_size"] = 100  # contradicts tokenizer.model and the shards
+    manifest["splits"]["train"]["shards"][0]["max_token_id"] = first["max_token_id"] - 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_prep("--verify", out, check=False)
+    assert proc.returncode == 1, proc.stdout
+    lines = proc.stdout.splitlines()
+    assert "manifest.json: tokenizer.vocab_size is 100 but tokenizer.model has 500 pieces" in lines
+    assert f"{first['file']}: largest token id is {first['max_token_id']}, manifest " \
+           f"max_token_id says {first['max_token_id'] - 1}" in lines
+    assert any(ln.startswith(f"{first['file']}: max_token_id") and "outside the tokenizer's "
+               "vocabulary (vocab_size 100)" in ln for ln in lines), lines
