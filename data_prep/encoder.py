@@ -61,7 +61,7 @@ _CACHE_SAFE_NORMALIZERS = {"nmt_nfkc", "nmt_nfkc_cf"}
 _WS = " \t\n\r"
 _SPACE_MARK = "\u2581"
 _WS_CHAR = re.compile(r"[ \t\n\r]")
-PIECE_CHARS = 1 << 18  # documents are encoded in batches of about this many characters
+PIECE_CHARS = 1 << 20  # documents are encoded in batches of about this many characters
 CACHE_ENTRIES = 1 << 21  # segments remembered per cache before it starts afresh
 _PLAIN, _WORDS = 0, 1
 
@@ -140,15 +140,25 @@ class _Cache:
         rows = np.fromiter(map(self._index.get, keys, repeat(-1)), np.int64, n)
         missing = np.flatnonzero(rows < 0)
         if len(missing):
-            new = sorted({keys[i] for i in missing})
+            # First sight, in order of appearance; only the missing positions are looked up again.
+            new = list(dict.fromkeys(keys[i] for i in missing))
             if len(self._index) + len(new) > self._max:
                 self._reset()
-                new = sorted(set(keys))
+                return self.lookup(keys) if len(new) < self._max else self._uncached(keys)
+            base = len(self._index)
             self._add(new)
-            rows = np.fromiter(map(self._index.__getitem__, keys), np.int64, n)
+            fresh = dict(zip(new, range(base, base + len(new))))
+            rows[missing] = np.fromiter(map(fresh.__getitem__, (keys[i] for i in missing)),
+                                        np.int64, len(missing))
+        return self._gather(rows)
+
+    def _uncached(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self._encode(keys)
+
+    def _gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lens = self._lens[rows]
         ends = np.cumsum(lens)
-        total = int(ends[-1]) if n else 0
+        total = int(ends[-1]) if len(ends) else 0
         # Output position k takes table[start(key) + (k - first output position of key)].
         gather = np.repeat(self._starts[rows] - (ends - lens), lens) + np.arange(total)
         return self._table[gather], lens
@@ -239,12 +249,27 @@ class Encoder:
 
     def _encode_words(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Words by their runs, each run's ids from the run cache."""
-        runs = [(self._ascii_runs if w.isascii() else self._mixed_runs).findall(" " + w)
-                for w in words]
-        ids, run_lens = self._runs.lookup(list(chain.from_iterable(runs)))
-        run_ends = np.cumsum(np.fromiter(map(len, runs), np.int64, len(runs)))
-        tok_ends = np.concatenate([[0], np.cumsum(run_lens)])[run_ends]
-        return ids, np.diff(np.concatenate([[0], tok_ends]))  # an empty word has no runs
+        is_ascii = np.fromiter(map(str.isascii, words), bool, len(words))
+        groups = []
+        for mask, pattern in ((is_ascii, self._ascii_runs), (~is_ascii, self._mixed_runs)):
+            idx = np.flatnonzero(mask)
+            if len(idx):
+                groups.append((idx, *self._word_runs([words[i] for i in idx], pattern)))
+        return _merge(len(words), groups, self.dtype)
+
+    def _word_runs(self, words: list[str], pattern: re.Pattern) -> tuple[np.ndarray, np.ndarray]:
+        """One regex pass over the words joined by spaces; each run goes to the word holding
+        its last character (an empty word holds none)."""
+        runs = pattern.findall(" " + " ".join(words))
+        # Runs repeat a lot (brackets, `self`): look each distinct one up once.
+        coded = pc.dictionary_encode(pa.array(runs, pa.large_string()))
+        table, lens_d = self._runs.lookup(coded.dictionary.to_pylist())
+        ids, run_tokens = _expand(table, lens_d, coded.indices.to_numpy(zero_copy_only=False))
+        run_last = np.cumsum(np.fromiter(map(len, runs), np.int64, len(runs))) - 1
+        spans = np.fromiter(map(len, words), np.int64, len(words)) + 1
+        word_starts = np.cumsum(spans) - spans
+        owner = np.searchsorted(word_starts, run_last, side="right") - 1
+        return ids, np.bincount(owner, run_tokens, len(words)).astype(np.int64)
 
     def _encode_runs(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """A key with leading whitespace starts a word (gets the space marker); one without
@@ -291,16 +316,22 @@ class Encoder:
         words = pc.ascii_split_whitespace(pa.array(texts, pa.large_string()))
         per_doc = np.diff(words.offsets.to_numpy())
         coded = pc.dictionary_encode(words.flatten())
-        distinct = coded.dictionary.to_pylist()
-        which = coded.indices.to_numpy(zero_copy_only=False)
-        table, lens_d = self._words.lookup(distinct)
-        starts_d = np.cumsum(lens_d) - lens_d
-        lens = lens_d[which]
+        table, lens_d = self._words.lookup(coded.dictionary.to_pylist())
+        ids, lens = _expand(table, lens_d, coded.indices.to_numpy(zero_copy_only=False))
         ends = np.cumsum(lens)
-        gather = np.repeat(starts_d[which] - (ends - lens), lens) + np.arange(
-            int(ends[-1]) if len(ends) else 0)
         tok_ends = np.concatenate([[0], ends])[np.cumsum(per_doc)]
-        return table[gather], np.diff(np.concatenate([[0], tok_ends]))
+        return ids, np.diff(np.concatenate([[0], tok_ends]))
+
+
+def _expand(table: np.ndarray, lens_d: np.ndarray, which: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of a sequence of distinct keys `which`, from their concatenated ids `table`."""
+    starts_d = np.cumsum(lens_d) - lens_d
+    lens = lens_d[which]
+    ends = np.cumsum(lens)
+    gather = np.repeat(starts_d[which] - (ends - lens), lens) + np.arange(
+        int(ends[-1]) if len(ends) else 0)
+    return table[gather], lens
 
 
 def _merge(n: int, groups: list, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
