@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import chain, repeat
 
 import numpy as np
@@ -61,6 +62,10 @@ _CACHE_SAFE_NORMALIZERS = {"nmt_nfkc", "nmt_nfkc_cf"}
 _WS = " \t\n\r"
 _SPACE_MARK = "\u2581"
 _WS_CHAR = re.compile(r"[ \t\n\r]")
+# Inside one ASCII piece body (bodies are joined by newlines, which no piece holds): a letter
+# next to another printable ASCII character, or the space marker after the first character.
+_MIXED_PIECE = re.compile(r"(?m)^(?=[\x21-\x7e\u2581]+$)(?:.*[A-Za-z][\x21-\x40\x5b-\x60\x7b-\x7e]"
+                          r"|.*[\x21-\x40\x5b-\x60\x7b-\x7e][A-Za-z]|.*\u2581)")
 PIECE_CHARS = 1 << 20  # documents are encoded in batches of about this many characters
 CACHE_ENTRIES = 1 << 21  # segments remembered per cache before it starts afresh
 _PLAIN, _WORDS = 0, 1
@@ -76,41 +81,44 @@ def _proto(model: bytes):
     return pb, proto
 
 
-def word_cache_is_exact(model: bytes) -> bool:
-    """True when encoding word by word provably equals encoding the whole text."""
+def exact_caches(model: bytes) -> tuple[bool, bool]:
+    """(whether the word cache is exact, whether ASCII words may also be cut into runs of
+    letters / other characters); see the module doc. One parse, one pass over the pieces:
+    every worker runs this at start."""
     pb, proto = _proto(model)
     if proto is None:
-        return False
+        return False, False
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
     if (norm.name not in _CACHE_SAFE_NORMALIZERS or norm.normalization_rule_tsv
             or not norm.add_dummy_prefix or not norm.remove_extra_whitespaces
             or not trainer.split_by_whitespace or trainer.treat_whitespace_as_suffix
             or trainer.model_type != pb.TrainerSpec.BPE):
-        return False
-    if any(any(c.isspace() for c in p.piece) for p in proto.pieces):
-        return False
+        return False, False
+    kinds = pb.ModelProto.SentencePiece
+    pieces = [(p.piece, p.type) for p in proto.pieces]
+    if any(c.isspace() for c in set("".join(piece for piece, _ in pieces))):
+        return False, False
     # The spec says so; check that the ASCII separators really act as spaces for this model.
     sp = spm.SentencePieceProcessor(model_proto=model)
-    return sp.encode("ab\tcd\nef\rgh  ij ") == sp.encode("ab cd ef gh ij")
+    if sp.encode("ab\tcd\nef\rgh  ij ") != sp.encode("ab cd ef gh ij"):
+        return False, False
+    if any(kind == kinds.USER_DEFINED for _, kind in pieces):
+        return True, False
+    # Piece bodies (without the leading space marker) one per line; those that can match inside
+    # an ASCII document must not hold the marker again nor mix letters with other characters.
+    bodies = "\n".join(piece[1:] if piece.startswith(_SPACE_MARK) else piece
+                       for piece, kind in pieces if kind == kinds.NORMAL)
+    return True, _MIXED_PIECE.search(bodies) is None
+
+
+def word_cache_is_exact(model: bytes) -> bool:
+    """True when encoding word by word provably equals encoding the whole text."""
+    return exact_caches(model)[0]
 
 
 def fine_split_is_exact(model: bytes) -> bool:
     """True when ASCII words may be cut between letters and non-letters (see module doc)."""
-    if not word_cache_is_exact(model):
-        return False
-    pb, proto = _proto(model)
-    kinds = pb.ModelProto.SentencePiece
-    for p in proto.pieces:
-        if p.type == kinds.USER_DEFINED:
-            return False
-        if p.type != kinds.NORMAL:
-            continue
-        body = p.piece[1:] if p.piece.startswith(_SPACE_MARK) else p.piece
-        if not body.isascii():
-            continue  # can never match inside an ASCII document
-        if _SPACE_MARK in body or len({c.isalpha() for c in body}) > 1:
-            return False
-    return True
+    return exact_caches(model)[1]
 
 
 def cache_safe(text: str) -> bool:
@@ -220,23 +228,44 @@ def _batches(texts: list[str]) -> Iterator[tuple[list[int], list[str]]]:
         yield owners, batch
 
 
+@dataclass(frozen=True)
+class EncoderPlan:
+    """What an Encoder needs besides the model, worked out once (reading the model's pieces
+    takes ~50 ms at 32k) and handed to every worker."""
+
+    word_cache: bool
+    fine_split: bool
+    bare_model: bytes | None  # the model without the dummy prefix, for runs inside words
+
+    @classmethod
+    def of(cls, model: bytes, word_cache: bool | None = None,
+           fine_split: bool | None = None) -> "EncoderPlan":
+        words_exact, runs_exact = exact_caches(model)
+        word_cache = words_exact if word_cache is None else word_cache
+        fine_split = word_cache and (runs_exact if fine_split is None else fine_split)
+        bare = None
+        if fine_split:
+            pb, proto = _proto(model)
+            proto.normalizer_spec.add_dummy_prefix = False
+            bare = proto.SerializeToString()
+        return cls(word_cache, fine_split, bare)
+
+
 class Encoder:
     """Encodes batches of documents to one flat id array plus per-document lengths."""
 
     def __init__(self, model: bytes, num_threads: int = 1, word_cache: bool | None = None,
-                 fine_split: bool | None = None, cache_entries: int = CACHE_ENTRIES):
+                 fine_split: bool | None = None, cache_entries: int = CACHE_ENTRIES,
+                 plan: EncoderPlan | None = None):
         self.sp = spm.SentencePieceProcessor(model_proto=model)
         self.dtype = np.dtype(token_dtype(self.sp.get_piece_size()))
         self.num_threads = num_threads
-        self.word_cache = word_cache_is_exact(model) if word_cache is None else word_cache
-        self.fine_split = self.word_cache and (
-            fine_split_is_exact(model) if fine_split is None else fine_split)
+        plan = plan or EncoderPlan.of(model, word_cache, fine_split)
+        self.word_cache, self.fine_split = plan.word_cache, plan.fine_split
         self._words = _Cache(self._encode_words if self.fine_split else self._encode_list,
                              self.dtype, cache_entries)
         if self.fine_split:
-            pb, proto = _proto(model)
-            proto.normalizer_spec.add_dummy_prefix = False
-            self._bare = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+            self._bare = spm.SentencePieceProcessor(model_proto=plan.bare_model)
             self._runs = _Cache(self._encode_runs, self.dtype, cache_entries)
             self._ascii_runs, self._mixed_runs = _run_patterns(self._bare)
 

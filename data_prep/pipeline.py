@@ -16,6 +16,7 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 from tqdm import tqdm
 
 from megalm.errors import UserError
@@ -23,17 +24,17 @@ from megalm.errors import UserError
 from . import manifest, mpi, outdir, readers, tokenizer
 from .config import PrepConfig
 from megalm.fsio import atomic_write, fsync_dir
-from .encoder import Encoder
+from .encoder import Encoder, EncoderPlan
 from .units import Filter, Layout, Unit, encode_unit, finished, split_units, write_shard
 
 _worker_state: dict = {}  # per worker process: its Encoder and settings (set by _init)
 PAUSE_ENV = "MEGALM_PREP_PAUSE_AFTER_SHARD"
 
 
-def _init(model: bytes, min_tokens: int, valid_fraction: float) -> None:
+def _init(model: bytes, plan: EncoderPlan, min_tokens: int, valid_fraction: float) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the pool; workers stay quiet.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_state.update(encoder=Encoder(model), min_tokens=min_tokens,
+    _worker_state.update(encoder=Encoder(model, plan=plan), min_tokens=min_tokens,
                          valid_fraction=valid_fraction)
 
 
@@ -107,7 +108,7 @@ def _process_all(cfg: PrepConfig, sources: list[readers.Source], model: bytes, r
     Shards go to ranks round-robin; within a rank, work units go to `workers` processes and
     come back in input order."""
     out = Path(cfg.output)
-    dtype = tokenizer.token_dtype(tokenizer.describe(model)["vocab_size"])
+    dtype = tokenizer.token_dtype(spm.SentencePieceProcessor(model_proto=model).get_piece_size())
     layout = Layout.for_shards(cfg.shard_size_mb, np.dtype(dtype).itemsize)
     counters = readers.ReadCounters()
     docs = readers.iter_documents(sources, cfg.text_key, cfg.skip_bad, counters,
@@ -122,7 +123,8 @@ def _process_all(cfg: PrepConfig, sources: list[readers.Source], model: bytes, r
         # only sentencepiece, numpy and Arrow compute (Arrow re-creates its thread pools after
         # a fork). Under MPI spawn instead: forking an initialised MPI process is not supported.
         ctx = mp.get_context("spawn" if size > 1 or mpi.launched_under_mpi() else "fork")
-        pool = ctx.Pool(cfg.workers, _init, (model, cfg.min_tokens, cfg.valid_fraction))
+        pool = ctx.Pool(cfg.workers, _init,
+                        (model, EncoderPlan.of(model), cfg.min_tokens, cfg.valid_fraction))
     else:
         encoder = Encoder(model)
     progress = _Progress(rank)

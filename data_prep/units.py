@@ -5,7 +5,7 @@ Unit boundaries depend only on the input (a unit closes once it holds `chars_per
 characters) and shard `s` is units `[s*k, (s+1)*k)`, so shard `s` always produces the same
 `train-s.arrow` / `valid-s.arrow` whichever workers or ranks tokenized its units: that is what
 makes the output byte-identical for any parallelism, and what lets a re-run skip the shards
-whose result file (`.units/shard-s.json`) and files check out. Units are small (~2M
+whose result file (`.units/shard-s.json`) and files check out. Units are small (~1M
 characters) so that every worker has work from the first megabytes of input, whatever
 `--shard-size-mb` says. A shard's renames are made durable by one directory fsync before the
 manifest; until then a crash can at worst lose a rename, which the checksum check on resume
@@ -27,7 +27,7 @@ from megalm.fsio import atomic_write, sha256_file
 from .encoder import Encoder
 from .shards import encode_shard
 
-UNIT_CHARS = 2 << 20  # characters of input per work unit (when shards are larger)
+UNIT_CHARS = 1 << 20  # characters of input per work unit (when shards are larger)
 REMOVED = ("duplicates", "too_short_chars", "too_short_tokens")
 
 
