@@ -131,8 +131,8 @@ def cache_safe(text: str) -> bool:
 class _Cache:
     """Ids of segments, each encoded once: rows of one flat table."""
 
-    def __init__(self, encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]], dtype: np.dtype,
-                 max_entries: int):
+    def __init__(self, encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
+                 dtype: np.dtype, max_entries: int):
         self._encode, self._dtype, self._max = encode, dtype, max_entries
         self._reset()
 
@@ -164,12 +164,7 @@ class _Cache:
         return self._encode(keys)
 
     def _gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lens = self._lens[rows]
-        ends = np.cumsum(lens)
-        total = int(ends[-1]) if len(ends) else 0
-        # Output position k takes table[start(key) + (k - first output position of key)].
-        gather = np.repeat(self._starts[rows] - (ends - lens), lens) + np.arange(total)
-        return self._table[gather], lens
+        return take_ranges(self._table, self._starts, self._lens, rows)
 
     def _add(self, new: list[str]) -> None:
         flat, lens = self._encode(new)
@@ -293,7 +288,8 @@ class Encoder:
         # Runs repeat a lot (brackets, `self`): look each distinct one up once.
         coded = pc.dictionary_encode(pa.array(runs, pa.large_string()))
         table, lens_d = self._runs.lookup(coded.dictionary.to_pylist())
-        ids, run_tokens = _expand(table, lens_d, coded.indices.to_numpy(zero_copy_only=False))
+        ids, run_tokens = _take_distinct(table, lens_d,
+                                         coded.indices.to_numpy(zero_copy_only=False))
         run_last = np.cumsum(np.fromiter(map(len, runs), np.int64, len(runs))) - 1
         spans = np.fromiter(map(len, words), np.int64, len(words)) + 1
         word_starts = np.cumsum(spans) - spans
@@ -346,21 +342,28 @@ class Encoder:
         per_doc = np.diff(words.offsets.to_numpy())
         coded = pc.dictionary_encode(words.flatten())
         table, lens_d = self._words.lookup(coded.dictionary.to_pylist())
-        ids, lens = _expand(table, lens_d, coded.indices.to_numpy(zero_copy_only=False))
+        ids, lens = _take_distinct(table, lens_d, coded.indices.to_numpy(zero_copy_only=False))
         ends = np.cumsum(lens)
         tok_ends = np.concatenate([[0], ends])[np.cumsum(per_doc)]
         return ids, np.diff(np.concatenate([[0], tok_ends]))
 
 
-def _expand(table: np.ndarray, lens_d: np.ndarray, which: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Ids of a sequence of distinct keys `which`, from their concatenated ids `table`."""
-    starts_d = np.cumsum(lens_d) - lens_d
+def take_ranges(table: np.ndarray, starts: np.ndarray, lens_d: np.ndarray, which: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(concatenated ranges, their lengths) for rows `which` of ranges `table[starts:+lens_d]`,
+    with one vectorised index."""
     lens = lens_d[which]
     ends = np.cumsum(lens)
-    gather = np.repeat(starts_d[which] - (ends - lens), lens) + np.arange(
+    # Output position k takes table[start(key) + (k - first output position of key)].
+    gather = np.repeat(starts[which] - (ends - lens), lens) + np.arange(
         int(ends[-1]) if len(ends) else 0)
     return table[gather], lens
+
+
+def _take_distinct(table: np.ndarray, lens_d: np.ndarray, which: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`take_ranges` for distinct keys whose ids are concatenated in order in `table`."""
+    return take_ranges(table, np.cumsum(lens_d) - lens_d, lens_d, which)
 
 
 def _merge(n: int, groups: list, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from megalm.fsio import atomic_write, sha256_file
 
-from .encoder import Encoder
+from .encoder import Encoder, take_ranges
 from .shards import encode_shard
 
 UNIT_CHARS = 1 << 20  # characters of input per work unit (when shards are larger)
@@ -113,15 +113,10 @@ def is_valid(texts: list[str], valid_fraction: float) -> np.ndarray:
 
 
 def _take(ids: np.ndarray, lens: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The id ranges of documents `rows` (sorted), with one vectorised index."""
+    """The id ranges of documents `rows` (sorted)."""
     if len(rows) == len(lens):
         return ids, lens
-    offsets = np.concatenate([[0], np.cumsum(lens)])
-    part_lens = lens[rows]
-    ends = np.cumsum(part_lens)
-    total = int(ends[-1]) if len(ends) else 0
-    return ids[np.repeat(offsets[rows] - (ends - part_lens), part_lens) + np.arange(total)], \
-        part_lens
+    return take_ranges(ids, np.cumsum(lens) - lens, lens, rows)
 
 
 def encode_unit(unit: Unit, encoder: Encoder, min_tokens: int, valid_fraction: float) -> dict:
