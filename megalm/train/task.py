@@ -104,7 +104,10 @@ class LMTask:
 
     def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader:
         from megalm.data.loader import build_loader
+        from megalm.data.manifest import check_token_ids, load_manifest
 
+        # Ids the embedding cannot hold would fail deep inside the first step; name the shard.
+        check_token_ids([load_manifest(p) for p in self.cfg.data.paths], self._model_config.vocab_size)
         return build_loader(self._data_config(split), self.cfg.batch.global_batch, self.cfg.batch.micro_batch,
                             dp_rank, dp_world)
 
