@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from megalm.checkpoint.config import CheckpointConfig
 from megalm.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -67,14 +68,6 @@ class PrecisionSection:
 
 
 @dataclass
-class CheckpointSection:
-    dir: str = ""  # default: runs/<name>/checkpoints
-    interval: int = 1000  # optimizer steps between saves (and always at the end)
-    keep_last: int = 3
-    async_save: bool = False
-
-
-@dataclass
 class LoggingSection:
     interval: int = 10
     tensorboard_dir: str = ""  # default: runs/<name>/tb
@@ -119,7 +112,7 @@ class TrainConfig:
     batch: BatchSection = field(default_factory=BatchSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -212,8 +205,7 @@ class TrainConfig:
             raise self._err("logging.peak_flops", f"expected >= 0 (0 = default), got {self.logging.peak_flops}")
         if (self.train.steps > 0) == (self.train.tokens > 0):
             raise self._err("train.steps", "set exactly one of train.steps or train.tokens (> 0)")
-        _positive(self, "checkpoint.interval", self.checkpoint.interval)
-        _positive(self, "checkpoint.keep_last", self.checkpoint.keep_last)
+        self.checkpoint.validate(self.source)
         _positive(self, "logging.interval", self.logging.interval)
         if self.eval.interval < 0 or self.eval.batches < 0:
             raise self._err("eval.interval", "expected interval >= 0 and batches >= 0")

@@ -7,6 +7,7 @@ loader state and every rank's RNG state go into the checkpoint, so a resumed run
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,13 +24,17 @@ import torch.distributed as dist
 
 import megalm
 from megalm.errors import UserError
-from megalm.train.checkpoint import CheckpointConfig, CheckpointManager, published_tags
-from megalm.train.checkpoint_files import write_text_atomic
+from megalm.checkpoint.manager import CheckpointManager
+from megalm.fsio import atomic_write
 from megalm.train.config import TrainConfig
 from megalm.train.engine import build, device_of, peak_memory_gib
 from megalm.train.guard import StepGuard
 from megalm.train.metrics import Metrics
 from megalm.train.task import Batch, Task
+
+
+# Model fields a resumed run may change: they do not change what the saved weights mean.
+RESUMABLE_CHANGES = {"activation_checkpointing", "dropout", "init", "init_std"}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -65,9 +70,9 @@ class Trainer:
         # the last one.
         self.eval_loader = (task.build_eval_loader(self.b.dp_rank, self.b.dp_world)
                             if cfg.eval.batches > 0 else None)
-        ck = cfg.checkpoint
-        self.ckpt = CheckpointManager(CheckpointConfig(cfg.checkpoint_dir(), ck.interval, ck.keep_last, ck.async_save),
+        self.ckpt = CheckpointManager(dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint_dir()),
                                       rank=rank, world_size=world_size)
+        self.ckpt.check_space(self.engine)
         self.total_steps = cfg.total_steps()
         self.tokens_per_step = cfg.batch.global_batch * cfg.data.seq_len
         self.step = self.data_step = self.tokens = self.rollbacks = 0
@@ -110,39 +115,35 @@ class Trainer:
         _set_rng_state(rngs[self.rank % len(rngs)])
 
     def resume(self, mode: str) -> bool:
-        own = published_tags(self.ckpt.dir)
-        if mode == "none":
-            if own:
-                raise UserError(f"--resume none: {self.ckpt.dir} already holds checkpoints of a run (newest "
-                                f"{own[-1]}); use --resume auto to continue it, or set another checkpoint.dir "
-                                f"(or delete that directory) to start fresh")
-            return False
-        tag, source = None, self.ckpt
-        if mode != "auto":
-            path = os.path.abspath(mode)
-            tag = os.path.basename(path)
-            if os.path.dirname(path) == os.path.abspath(self.ckpt.dir) and own and tag != own[-1]:
-                # Saving after an older checkpoint would interleave two histories in one directory.
-                raise UserError(f"--resume {mode}: {self.ckpt.dir} holds newer checkpoints (newest {own[-1]}); "
-                                f"resume from the newest (--resume auto), or copy {tag} into another "
-                                f"checkpoint.dir to branch from it")
-            if os.path.dirname(path) != self.ckpt.dir and own:
-                raise UserError(f"--resume {mode}: {self.ckpt.dir} already holds checkpoints of another run "
-                                f"(newest {own[-1]}); continuing from {path} there would mix two runs: set "
-                                f"another checkpoint.dir (or delete that directory)")
-            if os.path.dirname(path) != self.ckpt.dir:  # another run's checkpoint: read it, save in ours
-                source = CheckpointManager(CheckpointConfig(os.path.dirname(path)), rank=self.rank,
-                                           world_size=self.world, read_only=True)
-        cs = source.load(self.engine, tag)
-        if cs is None:
-            if mode != "auto":
-                raise UserError(f"--resume {mode}: no loadable checkpoint there")
-            return False
-        self.restore(cs)
+        """Collective: take the run lock, then continue from `mode` (auto | none | a checkpoint
+        folder). On a refusal the lock is released again, so the process may try otherwise."""
+        try:
+            found = self.ckpt.resume(self.engine, mode, check=self._same_model)
+            if found is None:
+                return False
+            self.restore(found[0])
+        except BaseException:
+            self.ckpt.close()
+            raise
         self._saved_step = self.step
         if self.rank == 0:
-            print(f"resumed from step {self.step} ({source.dir})", flush=True)
+            print(f"resumed from step {self.step} ({found[1]})", flush=True)
         return True
+
+    def _same_model(self, cs: dict[str, Any]) -> None:
+        """Refuse, naming each differing field, a checkpoint of another model shape (before
+        DeepSpeed would fail deep inside load_state_dict)."""
+        saved = cs.get("data", {}).get("model_config")
+        ours = self.task.fingerprint().get("model_config")
+        if saved is None or ours is None:
+            return
+        diffs = [f"model.{k} is {saved.get(k)!r} there, {ours.get(k)!r} here"
+                 for k in sorted((set(saved) | set(ours)) - RESUMABLE_CHANGES) if saved.get(k) != ours.get(k)]
+        if not diffs:
+            return
+        raise UserError(f"a checkpoint of another model ({'; '.join(diffs)}): resume with the model settings it "
+                        f"was trained with, or start a new run (another name= or checkpoint.dir=, or --resume none "
+                        f"with a fresh checkpoint.dir)")
 
     def save(self) -> None:
         self.ckpt.save(self.engine, self.step, self.client_state())
@@ -321,6 +322,7 @@ class Trainer:
             metrics.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.ckpt.close()
         return self._summary()
 
     def _summary(self) -> dict[str, Any]:
@@ -331,7 +333,7 @@ class Trainer:
                    "stopped_by_signal": self.stop_signal}
         if self.rank == 0:
             self.cfg.run_dir().mkdir(parents=True, exist_ok=True)
-            write_text_atomic(str(self.cfg.run_dir() / "summary.json"), json.dumps(summary, indent=1))
+            atomic_write(str(self.cfg.run_dir() / "summary.json"), json.dumps(summary, indent=1))
         return summary
 
     def weights_digest(self) -> str:
