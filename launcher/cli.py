@@ -74,13 +74,20 @@ def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
                 pass
 
 
-def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
-    _signal_all(procs, sig)
-    deadline = time.monotonic() + GRACE_S
+def _wait(procs: list[subprocess.Popen], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
     for p in procs:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            return
+
+
+def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+    _signal_all(procs, sig)
+    _wait(procs, GRACE_S)
+    for p in procs:
+        if p.poll() is None:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -121,7 +128,11 @@ def main(argv: list[str]) -> int:
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 rank, code = failed[0]
-                if not received:
+                if code - 128 in STOP_SIGNALS:
+                    # Stopped on request (a signal sent to the ranks themselves): they agreed on the
+                    # step and checkpointed together, so the others are exiting too; let them.
+                    _wait(procs, GRACE_S)
+                elif not received:
                     print(f"megalm launch: rank {rank} exited with status {code}; stopping the other ranks",
                           file=sys.stderr)
                 _stop(procs)

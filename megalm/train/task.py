@@ -6,6 +6,7 @@ diffusion) plugs in by writing another Task; `LMTask` is next-token pretraining.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
@@ -86,10 +87,6 @@ class LMTask:
             mc.max_seq_len = self.cfg.data.seq_len
         return mc
 
-    @property
-    def model_config(self):
-        return self._model_config
-
     def build_model(self) -> nn.Module:
         from megalm.models.llm import LLM
 
@@ -105,13 +102,13 @@ class LMTask:
     def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader:
         from megalm.data.loader import build_loader
 
-        return build_loader(self._data_config(split), self.cfg.batch.global_batch, self.cfg.batch.micro_batch,
-                            dp_rank, dp_world)
+        return build_loader(dataclasses.replace(self.cfg.data, split=split), self.cfg.batch.global_batch,
+                            self.cfg.batch.micro_batch, dp_rank, dp_world)
 
     def build_eval_loader(self, dp_rank: int, dp_world: int) -> Iterable[Batch]:
         from megalm.data.loader import build_eval_loader
 
-        return build_eval_loader(self._data_config("train"), self.cfg.batch.micro_batch, dp_rank, dp_world)
+        return build_eval_loader(self.cfg.data, self.cfg.batch.micro_batch, dp_rank, dp_world)
 
     def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor:
         return model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
@@ -119,7 +116,9 @@ class LMTask:
 
     def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
         # The head stops at the final norm; its `loss` (the engine's loss_fn) runs the fused CE.
-        return model.pipeline_layers(fused_loss=True)
+        from megalm.models.pipeline import pipeline_layers
+
+        return pipeline_layers(model, fused_loss=True)
 
     def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss on logits; used only when the last pipeline layer has no `loss` of its own."""
@@ -133,18 +132,14 @@ class LMTask:
     def tokenizer_model(self) -> bytes:
         """The sentencepiece model bytes (checked against the manifest's sha256), stored in
         checkpoints so `megalm sample` works after the shard directory moved."""
-        import hashlib
         import os
+
+        from megalm.fsio import read_checked
 
         if self._tok_bytes is None:
             path = os.path.join(self.cfg.data.paths[0], self._tok.path)
-            try:
-                blob = open(path, "rb").read()
-            except OSError as exc:
-                raise UserError(f"{path}: cannot read the tokenizer ({exc.strerror})") from None
-            if hashlib.sha256(blob).hexdigest() != self._tok.sha256:
-                raise UserError(f"{path}: tokenizer sha256 differs from the manifest's")
-            self._tok_bytes = blob
+            manifest = os.path.join(self.cfg.data.paths[0], "manifest.json")
+            self._tok_bytes = read_checked(path, self._tok.sha256, f"{manifest}: tokenizer.sha256")
         return self._tok_bytes
 
     def fingerprint(self) -> dict[str, Any]:

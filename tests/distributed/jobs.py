@@ -134,7 +134,7 @@ def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str,
 
     # The final eval fails: the last steps are saved already.
     class FailingEval(loop.Trainer):
-        def evaluate(self) -> float:
+        def evaluate(self) -> tuple[float, list[float]]:
             raise RuntimeError("eval failed")
 
     cfg = load_config(None, small_overrides(shards, "evalfail", steps=3) + ["checkpoint.interval=100",
