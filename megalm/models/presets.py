@@ -8,10 +8,11 @@ from typing import Any
 
 import yaml
 
+from megalm import CONFIGS_DIR
 from megalm.errors import UserError
 from megalm.models.config import LLMConfig
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+PRESET_DIR = CONFIGS_DIR / "models"
 
 
 def preset_names() -> list[str]:

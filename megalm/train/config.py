@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from megalm import CONFIGS_DIR
 from megalm.checkpoint.config import CheckpointConfig
 from megalm.data.sources import DataConfig
 from megalm.errors import UserError
@@ -314,12 +315,9 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> No
     node[parts[-1]] = value
 
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data: in a wheel too
-
-
 def _example_or_path(path: str) -> str:
     """A file path as given, or the name of a shipped example config (`demo`, `gpt2-124m`)."""
-    example = EXAMPLES_DIR / f"{path}.yaml"
+    example = CONFIGS_DIR / f"{path}.yaml"
     return str(example) if not Path(path).exists() and "/" not in path and example.is_file() else path
 
 
@@ -333,7 +331,7 @@ def load_config(path: str | None, overrides: list[str] = (), *, world_size: int 
             text = Path(path).read_text()
         except OSError as exc:
             raise UserError(f"{path}: cannot read config ({exc.strerror}); shipped examples: "
-                            f"{', '.join(sorted(p.stem for p in EXAMPLES_DIR.glob('*.yaml')))}") from None
+                            f"{', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.yaml')))}") from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
