@@ -65,7 +65,7 @@ class PrecisionSection:
 class LoggingSection:
     interval: int = 10
     tensorboard_dir: str = ""  # default: runs/<name>/tb
-    peak_flops: float = 0.0  # per device; 0 = 989e12 on CUDA (H100 bf16 dense), MFU blank on CPU
+    peak_flops: float = 0.0  # per device; 0 = from the GPU model and dtype (train/peak_flops.py); no MFU on CPU
     progress: bool = True  # tqdm bar on rank 0 (plain lines otherwise)
 
 
@@ -197,7 +197,7 @@ class TrainConfig:
             raise self._err("precision.initial_scale_power",
                             f"expected 0..{MAX_SCALE_POWER} (the scale starts at 2**power), got {prec.initial_scale_power}")
         if self.logging.peak_flops < 0:
-            raise self._err("logging.peak_flops", f"expected >= 0 (0 = default), got {self.logging.peak_flops}")
+            raise self._err("logging.peak_flops", f"expected >= 0 (0 = look up the GPU model), got {self.logging.peak_flops}")
         if (self.train.steps > 0) == (self.train.tokens > 0):
             raise self._err("train.steps", "set exactly one of train.steps or train.tokens (> 0)")
         self.checkpoint.validate(self.source)
