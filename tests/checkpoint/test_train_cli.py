@@ -1,18 +1,20 @@
 """Checkpointing through `megalm train` itself (one rank unless stated): the run lock, the
-one-line refusals of bad checkpoint input, `megalm sample` on empty folders, and a full disk on a
-real small tmpfs (sync and async saves)."""
+one-line refusals of bad checkpoint input (a planted pickle among them), `megalm sample` on empty
+folders, a full disk on a real small tmpfs (sync and async saves), and async saves on 2 ranks."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from megalm.checkpoint.files import verify_directory
+from megalm.checkpoint.files import complete_directory, verify_directory
 from megalm.checkpoint.layout import published_tags
 from megalm.checkpoint.lock import RunLock
 from tests.distributed.corpus import make_corpus
@@ -35,6 +37,14 @@ def megalm(args: list[str], cwd, timeout: float = 300) -> subprocess.CompletedPr
 def train(shards: str, cwd, name: str, *extra: str, steps: int = 2) -> subprocess.CompletedProcess:
     overrides = small_overrides(shards, name, steps=steps) + ["parallel.zero_stage=0", *extra]
     return megalm(["train", os.path.join(REPO, "configs", "demo.yaml"), *overrides], cwd)
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -75,6 +85,22 @@ def test_bad_checkpoint_inputs_are_one_line_each(shards, tmp_path):
     assert "step_00000001: a checkpoint of another model (model.dim is 32 there, 48 here" in line, line
     assert "--resume none" in line and "name=" in line, line
     assert published_tags(str(tmp_path / "runs" / "shape" / "checkpoints")) == ["step_00000001"]
+
+    # The same checkpoint with a pickle that would run code (manifest re-made to match, so only
+    # the unpickle allowlist stands in the way): sample and resume refuse it in one line.
+    evil = tmp_path / "evil" / "step_00000001"
+    shutil.copytree(tmp_path / "runs" / "shape" / "checkpoints" / "step_00000001", evil)
+    marker = tmp_path / "code-ran"
+    torch.save({"client": _RunsCode(str(marker))}, evil / "mp_rank_00_model_states.pt")
+    (evil / "manifest.json").unlink()
+    (evil / "COMPLETE").unlink()
+    complete_directory(str(evil), [], {"step": 1})
+    for args in (["sample", str(evil), "--prompt", "x"],
+                 ["train", os.path.join(REPO, "configs", "demo.yaml"), *small_overrides(shards, "evil"),
+                  "parallel.zero_stage=0", "--resume", str(evil)]):
+        line = one_error_line(megalm(args, tmp_path))
+        assert f"{evil / 'mp_rank_00_model_states.pt'}: refusing to load" in line and "system" in line, line
+    assert not marker.exists()
 
     (tmp_path / "runs" / "empty" / "checkpoints").mkdir(parents=True)
     for target in ("runs/empty/checkpoints", "runs/empty"):

@@ -114,6 +114,7 @@ def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str,
                                                  resume=os.path.join(ck_dir, out["ck_tags"][0])))
     out["resume_newest"] = _attempt(lambda: train(small_overrides(shards, "ck", steps=2) + base,
                                                   resume=os.path.join(ck_dir, out["ck_tags"][-1]))["step"])
+    os.makedirs("runs/other/checkpoints/step_00000001", exist_ok=True)  # (a missing path is refused first)
     out["resume_foreign"] = _attempt(lambda: train(small_overrides(shards, "ck", steps=2) + base,
                                                    resume=os.path.abspath("runs/other/checkpoints/step_00000001")))
     out["fp16_cpu"] = _attempt(lambda: train(small_overrides(shards, "fp16", steps=1) + ["precision.dtype=fp16"]))
