@@ -2,7 +2,7 @@
 """SIGKILL a whole 2-rank `megalm train` run (ZeRO-2, async saves) at random moments, resume it,
 and check the chain of runs against one uninterrupted run of the same config.
 
-  python scripts/stress_checkpoint.py --trials 12 [--workdir DIR] [--seed 0] [--steps 40]
+  python scripts/stress_checkpoint.py --trials 12 [--workdir DIR] [--seed 0] [--steps 40] [--out FILE]
 
 Data: a real sentencepiece corpus (Python's help topics, tests/distributed/corpus.py). Config:
 configs/demo.yaml (the `tiny` model, ZeRO-2, fp32) with a checkpoint every 2 steps, keep_last 2,
@@ -36,17 +36,18 @@ sys.path.insert(0, REPO)
 
 from megalm.checkpoint.files import verify_directory  # noqa: E402
 from megalm.checkpoint.layout import LATEST, published_tags, step_of  # noqa: E402
+from megalm.fsio import atomic_write  # noqa: E402
 from tests.distributed.corpus import make_corpus  # noqa: E402
 from tests.distributed.helper import cpu_env  # noqa: E402
 
 RESUMED = re.compile(r"^resumed from step (\d+) ")
 
 
-def command(shards: str, name: str, steps: int) -> list[str]:
+def command(shards: str, name: str, steps: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "megalm.cli", "launch", "--nproc", "2", "--", sys.executable, "-m", "megalm.cli",
             "train", os.path.join(REPO, "configs", "demo.yaml"), f"name={name}", f"data.paths=[{shards}]",
             f"train.steps={steps}", "checkpoint.interval=2", "checkpoint.keep_last=2", "checkpoint.async_save=true",
-            "logging.interval=1", "logging.progress=false", "eval.batches=0", "eval.interval=0",
+            "logging.interval=1", "logging.progress=false", "eval.batches=0", "eval.interval=0", *extra,
             "--resume", "auto"]
 
 
@@ -187,13 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40, help="horizon of the reference run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
+    p.add_argument("--out", default=None, help="also write the JSON counts there")
     args = p.parse_args(argv)
     work = args.workdir or tempfile.mkdtemp(prefix="megalm-stress-")
     os.makedirs(work, exist_ok=True)
     shards = make_corpus(os.path.join(work, "shards"))
     ref = run_reference(work, shards, args.steps)
     summary = summarize(chain(work, shards, args.steps, args.trials, random.Random(args.seed), ref))
-    print(json.dumps(summary, indent=1))
+    summary.update(seed=args.seed, steps=args.steps, date=time.strftime("%Y-%m-%d"))
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.out:
+        atomic_write(args.out, text + "\n")
     return 0 if summary["ok"] else 1
 
 
