@@ -8,12 +8,16 @@ The file itself is never deleted (deleting a lock file races with a newcomer ope
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import sys
 import time
 
 from megalm.errors import UserError
+
+UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
 class RunLock:
@@ -37,6 +41,14 @@ class RunLock:
             os.close(fd)
             raise UserError(f"{os.path.dirname(self.path)}: another trainer is running this run (held by {holder}); "
                             f"stop it first, or use another run name / checkpoint.dir") from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in UNSUPPORTED:
+                raise
+            # Lustre mounted without `flock`, some FUSE filesystems: train anyway, unguarded.
+            print(f"warning: {self.path}: this filesystem cannot lock files ({exc.strerror}); a second trainer "
+                  f"of this run would not be stopped", file=sys.stderr, flush=True)
+            return
         except BaseException:
             os.close(fd)
             raise

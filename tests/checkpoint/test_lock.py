@@ -53,3 +53,16 @@ def test_lock_of_a_sigkilled_holder_is_released_by_the_kernel(tmp_path):
     mine = RunLock(path)
     mine.acquire()  # no stale lock to clean up by hand
     mine.release()
+
+
+def test_a_filesystem_without_flock_warns_and_trains_unguarded(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = RunLock(str(tmp_path / ".lock"))
+    lock.acquire()
+    assert not lock.held and "cannot lock files (Function not implemented)" in capsys.readouterr().err
