@@ -17,7 +17,7 @@ from megalm.errors import UserError
 
 from . import manifest, readers, tokenizer
 from .config import PrepConfig
-from megalm.fsio import atomic_write
+from megalm.fsio import atomic_write, sha256_file
 
 from .shards import remove_temp_files
 
@@ -115,7 +115,7 @@ def prepare(cfg: PrepConfig, sources: list[readers.Source]) -> tuple[bytes, bool
     if cfg.tokenizer is not None:
         model = tokenizer.load_bytes(cfg.tokenizer)
     elif (not cfg.overwrite and state and state.get("settings") == settings and tok_copy.is_file()
-          and hashlib.sha256(tok_copy.read_bytes()).hexdigest() == state.get("tokenizer_sha256")):
+          and sha256_file(tok_copy) == state.get("tokenizer_sha256")):
         model = tok_copy.read_bytes()  # resuming: the tokenizer trained by the first attempt
     else:
         model = _train(cfg, sources)
