@@ -34,4 +34,10 @@ def muon_modes(workdir: str, shards: str, modes: list[str]) -> dict[str, Any]:
         out[mode] = {"one_dir": os.path.abspath(one["run_dir"]), "straight": straight, "first": first, "second": second,
                      "straight_losses": [r["loss"] for r in train_records(straight["run_dir"])],
                      "split_losses": [r["loss"] for r in train_records(second["run_dir"])]}
+    for mode in ("zero2", "zero3"):
+        # ZeRO 2/3 fold the gradient into Muon's momentum during the reduction, before the guard
+        # decides: a NaN step must still leave the momentum (and so every later step) finite.
+        nan = train(small_overrides(shards, f"muon-{mode}-nan", steps=5) + MUON + MODES[mode] + NO_CLIP[mode]
+                    + ["debug.nan_at_data_steps=[3]", "bad_steps.max_consecutive=3"])
+        out[f"nan-{mode}"] = {"summary": nan, "records": train_records(nan["run_dir"])}
     return out

@@ -1,10 +1,12 @@
 """optimizer.name=muon through the trainer on 2 real gloo ranks, ZeRO 0/1/2/3:
 - the applied update of a hidden matrix is orthogonalised (its singular values are about equal),
   while the untied head `output` and the embedding get AdamW's first step (|Δw| = lr everywhere);
-- 2 steps + a new engine resuming + 2 steps == 4 straight steps, bit for bit."""
+- 2 steps + a new engine resuming + 2 steps == 4 straight steps, bit for bit;
+- a NaN step is skipped without poisoning Muon's momentum (ZeRO 2/3 update it before the guard)."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -62,3 +64,13 @@ def test_hidden_matrices_get_orthogonalised_updates_head_gets_adamw(job, mode):
 @pytest.mark.parametrize("mode", STAGES)
 def test_exact_resume_with_muon_state(job, mode):
     assert_exact_resume(job["modes"][mode])
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_nan_step_is_skipped_and_momentum_stays_finite(job, mode):
+    s, records = job["modes"][f"nan-{mode}"]["summary"], job["modes"][f"nan-{mode}"]["records"]
+    assert s["finished"] and s["skipped_steps"] == 1 and s["rollbacks"] == 0
+    by_data = {r["data_step"]: r["loss"] for r in records}
+    assert by_data[3] is None  # the poisoned step (strict JSON: NaN written as null)
+    later = [by_data[d] for d in (4, 5)]
+    assert all(loss is not None and math.isfinite(loss) for loss in later), later
