@@ -12,11 +12,11 @@ from typing import Any
 
 from megalm.errors import UserError
 
-MLPS = ("swiglu", "gelu")
+MLPS = ("swiglu", "gelu", "relu2")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 INITS = ("normal", "scaled_normal")
-_FLOAT_KEYS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "dropout", "init_std")
+_FLOAT_KEYS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "dropout", "init_std", "logit_softcap")
 
 
 @dataclass
@@ -47,6 +47,13 @@ class LLMConfig:
     init_std: float = 0.02
     # Recompute every k-th block (blocks 0, k, 2k, ...) in backward; 0 = off, 1 = every block.
     activation_checkpointing: int = 0
+    # Recipe options (modded-nanogpt), all off by default so presets keep their parameter counts.
+    # RMSNorm (learned weight [head_dim]) on each head's q and k, before RoPE.
+    qk_norm: bool = False
+    # Attention and MLP output projections (wo, w2) start at zero: every block starts as identity.
+    zero_init_proj: bool = False
+    # Logits become logit_softcap * tanh(logits / logit_softcap); None = uncapped.
+    logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
@@ -60,13 +67,14 @@ class LLMConfig:
         for key, choices in (("mlp", MLPS), ("norm", NORMS), ("positions", POSITIONS), ("init", INITS)):
             if getattr(self, key) not in choices:
                 raise UserError(f"{key}: expected one of {', '.join(choices)}, got {getattr(self, key)!r}")
-        for key in ("tie_embeddings", "bias"):
+        for key in ("tie_embeddings", "bias", "qk_norm", "zero_init_proj"):
             if not isinstance(getattr(self, key), bool):
                 raise UserError(f"{key}: expected true or false, got {getattr(self, key)!r}")
         for key in ("norm_eps", "rope_theta", "init_std"):
             _check_positive_float(key, getattr(self, key))
-        if self.ffn_dim_multiplier is not None:
-            _check_positive_float("ffn_dim_multiplier", self.ffn_dim_multiplier)
+        for key in ("ffn_dim_multiplier", "logit_softcap"):
+            if getattr(self, key) is not None:
+                _check_positive_float(key, getattr(self, key))
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
                 or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")

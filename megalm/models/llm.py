@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megalm.models.config import LLMConfig
-from megalm.ops import apply_rope, fused_linear_cross_entropy, layer_norm, rms_norm, rope_cos_sin, swiglu
+from megalm.ops import (apply_rope, cross_entropy, fused_linear_cross_entropy, layer_norm, rms_norm, rope_cos_sin,
+                        swiglu)
 
-__all__ = ["LLM", "LLMConfig", "Block", "default_position_ids", "document_mask"]
+__all__ = ["LLM", "LLMConfig", "Block", "default_position_ids", "document_mask", "head_logits", "head_loss"]
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [B or 1, T, head_dim // 2]
 
@@ -50,6 +51,22 @@ def rope_for(config: LLMConfig, position_ids: torch.Tensor, dtype: torch.dtype) 
     # activation dtype, and bf16 angles would lose the phase at long positions.
     table_dtype = torch.promote_types(dtype, torch.float32)
     return rope_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype=table_dtype)
+
+
+def head_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Output projection, then (when set) Gemma-2's soft cap: softcap * tanh(logits / softcap)."""
+    logits = F.linear(h, weight)
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def head_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Mean cross-entropy over labels != -100 of `head_logits(h, weight, softcap)`."""
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    if softcap is None:
+        # Chunked over tokens: the [N, V] logits never exist in full.
+        return fused_linear_cross_entropy(h, weight, labels)
+    # The fused op has no cap inside its chunks, so capped logits are materialised once.
+    return cross_entropy(head_logits(h, weight, softcap), labels)
 
 
 class Norm(nn.Module):
@@ -79,6 +96,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.bias)
         self.dropout = config.dropout
+        # QK-norm (OLMo-2 / modded-nanogpt): RMSNorm of each head's q and k, before RoPE, bounds
+        # the attention logits so higher learning rates stay stable.
+        self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm else None
+        self.norm_eps = config.norm_eps
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
                 cache=None) -> torch.Tensor:
@@ -86,6 +108,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = rms_norm(q, self.q_norm, self.norm_eps), rms_norm(k, self.k_norm, self.norm_eps)
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
@@ -109,7 +133,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU (w2(silu(w1 x) * w3 x), Llama) or GELU (w2(gelu(w1 x)), GPT-2's tanh approximation)."""
+    """SwiGLU (w2(silu(w1 x) * w3 x), Llama), GELU (w2(gelu(w1 x)), GPT-2's tanh approximation) or
+    ReLU² (w2(relu(w1 x)^2), Primer / modded-nanogpt)."""
 
     def __init__(self, config: LLMConfig):
         super().__init__()
@@ -121,6 +146,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w3 is not None:
             return self.w2(swiglu(self.w1(x), self.w3(x)))
+        if self.kind == "relu2":
+            return self.w2(F.relu(self.w1(x)).square())
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
@@ -181,6 +208,9 @@ class LLM(nn.Module):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, Attention) and module.q_norm is not None:
+                nn.init.ones_(module.q_norm)
+                nn.init.ones_(module.k_norm)
         if self.config.init == "scaled_normal":
             # GPT-2: each block adds two residual branches, so their output projections shrink
             # by sqrt(2 * n_layers) to keep the residual stream's variance independent of depth.
@@ -188,6 +218,12 @@ class LLM(nn.Module):
             for block in self.layers:
                 nn.init.normal_(block.attention.wo.weight, mean=0.0, std=resid_std)
                 nn.init.normal_(block.feed_forward.w2.weight, mean=0.0, std=resid_std)
+        if self.config.zero_init_proj:
+            # modded-nanogpt: every block starts as the identity on the residual stream; the
+            # projections still get gradients (their inputs are non-zero), so they learn at once.
+            for block in self.layers:
+                nn.init.zeros_(block.attention.wo.weight)
+                nn.init.zeros_(block.feed_forward.w2.weight)
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(input_ids)
@@ -206,9 +242,8 @@ class LLM(nn.Module):
             h = block(h, rope, mask)
         h = self.norm(h)
         if labels is None:
-            return F.linear(h, self.head_weight)
-        # Chunked over tokens: the [N, V] logits never exist in full.
-        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head_weight, labels.reshape(-1))
+            return head_logits(h, self.head_weight, self.config.logit_softcap)
+        return head_loss(h, self.head_weight, labels, self.config.logit_softcap)
 
     @torch.no_grad()
     def forward_cached(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: list) -> torch.Tensor:
@@ -217,7 +252,7 @@ class LLM(nn.Module):
         rope = rope_for(self.config, position_ids, h.dtype)
         for block, layer_cache in zip(self.layers, cache):
             h = block(h, rope, None, layer_cache)
-        return F.linear(self.norm(h[:, -1]), self.head_weight)
+        return head_logits(self.norm(h[:, -1]), self.head_weight, self.config.logit_softcap)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,

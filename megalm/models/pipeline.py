@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megalm.models.config import LLMConfig
-from megalm.models.llm import LLM, Block, default_position_ids, document_mask, rope_for
-from megalm.ops import cross_entropy, fused_linear_cross_entropy
+from megalm.models.llm import LLM, Block, default_position_ids, document_mask, head_logits, head_loss, rope_for
+from megalm.ops import cross_entropy
 
 Activations = tuple[torch.Tensor, ...]
 
@@ -78,16 +77,16 @@ class HeadPipe(nn.Module):
         self.proj = model.tok_embeddings if model.output is None else model.output
         self.tied = model.output is None
         self.fused_loss = fused_loss
+        self.softcap = model.config.logit_softcap
 
     def forward(self, inputs) -> torch.Tensor:
         hidden = self.norm(_as_tuple(inputs)[0])
-        return hidden if self.fused_loss else F.linear(hidden, self.proj.weight)
+        return hidden if self.fused_loss else head_logits(hidden, self.proj.weight, self.softcap)
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """`loss_fn` for PipelineModule, right for either mode: mean CE over labels != -100."""
         if self.fused_loss:
-            return fused_linear_cross_entropy(outputs.reshape(-1, outputs.shape[-1]), self.proj.weight,
-                                              labels.reshape(-1))
+            return head_loss(outputs, self.proj.weight, labels, self.softcap)
         return pipeline_loss(outputs, labels)
 
 

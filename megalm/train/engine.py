@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from megalm.train.config import TrainConfig, to_deepspeed_config
 from megalm.train.guard import GuardedAdamW, StepGuard
+from megalm.train.muon import guarded_muon, muon_param_groups
 from megalm.train.schedule import LRSchedule
 from megalm.train.task import Task
 
@@ -111,9 +112,12 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
     pipeline = cfg.parallel.pipeline_stages > 1
     module = _pipeline_module(cfg, task, model, guard) if pipeline else model
     o = cfg.optimizer
-    optimizer = GuardedAdamW(_param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                             weight_decay=o.weight_decay)
-    optimizer.guard_decide = guard.decide
+    if o.name == "muon":  # config validation keeps pipelines off this path: module is model
+        optimizer = guarded_muon(muon_param_groups(model, o), guard.decide)
+    else:
+        optimizer = GuardedAdamW(_param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                 weight_decay=o.weight_decay)
+        optimizer.guard_decide = guard.decide
     if not pipeline:
         # A PipelineEngine built earlier in this process leaves its grid in DeepSpeed's module
         # globals; a plain engine would otherwise inherit that model-parallel layout.

@@ -31,8 +31,9 @@ def lr_at(step: int, total_steps: int, opt: OptimizerSection) -> float:
 
 
 class LRSchedule:
-    """Sets the LR of every param group from the step count; DeepSpeed calls `step()` after each
-    applied optimizer step and saves/loads `state_dict()` with its checkpoint."""
+    """Sets the LR of every param group from the step count (times the group's `lr_scale`, e.g.
+    Muon's peak LR over AdamW's); DeepSpeed calls `step()` after each applied optimizer step and
+    saves/loads `state_dict()` with its checkpoint."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, opt: OptimizerSection):
         self.optimizer, self.total_steps, self.opt = optimizer, total_steps, opt
@@ -42,7 +43,7 @@ class LRSchedule:
     def _apply(self) -> None:
         lr = lr_at(self.last_step, self.total_steps, self.opt)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def step(self, *_: Any, **__: Any) -> None:
         self.last_step += 1

@@ -46,3 +46,11 @@ def run_distributed(target: str, kwargs: dict[str, Any], nproc: int = 2, timeout
         raise AssertionError(f"{target} on {nproc} ranks: launcher exit {proc.returncode}\n"
                              + "\n".join(problems) + f"\n--- stderr tail ---\n{tail}")
     return results
+
+
+def assert_exact_resume(r: dict[str, Any]) -> None:
+    """A train_modes-style record: 2 steps + a new engine resuming + 2 steps == 4 straight steps."""
+    assert r["first"]["step"] == 2 and not r["first"]["finished"]
+    assert r["second"]["finished"] and r["second"]["step"] == 4
+    assert r["split_losses"] == r["straight_losses"]  # exact float equality
+    assert r["second"]["weights_sha256"] == r["straight"]["weights_sha256"]

@@ -16,7 +16,7 @@ import torch
 
 from megalm.checkpoint.reader import load_model
 from tests.distributed.corpus import make_corpus
-from tests.distributed.helper import REPO, cpu_env, run_distributed
+from tests.distributed.helper import REPO, assert_exact_resume, cpu_env, run_distributed
 from tests.distributed.jobs import MODES, small_overrides
 from tests.distributed.reference import reference_run
 
@@ -52,11 +52,7 @@ def test_matches_single_process_reference(job, mode):
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_exact_resume(job, mode):
-    r = job["modes"][mode]
-    assert r["first"]["step"] == 2 and not r["first"]["finished"]
-    assert r["second"]["finished"] and r["second"]["step"] == 4
-    assert r["split_losses"] == r["straight_losses"]  # exact float equality
-    assert r["second"]["weights_sha256"] == r["straight"]["weights_sha256"]
+    assert_exact_resume(job["modes"][mode])
 
 
 def test_nan_steps_skipped_then_rolled_back(job):

@@ -66,6 +66,9 @@ def naive_logits(model, input_ids, position_ids=None, doc_ids=None):
             q = _linear(h, sd, p + "attention.wq").view(T, H, D)
             k = _linear(h, sd, p + "attention.wk").view(T, Hk, D)
             v = _linear(h, sd, p + "attention.wv").view(T, Hk, D)
+            if cfg.qk_norm:
+                q = _norm(q, sd[p + "attention.q_norm"], None, "rmsnorm", cfg.norm_eps)
+                k = _norm(k, sd[p + "attention.k_norm"], None, "rmsnorm", cfg.norm_eps)
             if cfg.positions == "rope":
                 q, k = _rotate(q, pos, cfg.rope_theta), _rotate(k, pos, cfg.rope_theta)
             heads = []
@@ -84,11 +87,19 @@ def naive_logits(model, input_ids, position_ids=None, doc_ids=None):
             if cfg.mlp == "swiglu":
                 g = _linear(h, sd, p + "feed_forward.w1")
                 m = g * torch.sigmoid(g) * _linear(h, sd, p + "feed_forward.w3")
+            elif cfg.mlp == "relu2":
+                g = _linear(h, sd, p + "feed_forward.w1")
+                m = torch.where(g > 0, g * g, torch.zeros_like(g))
             else:
                 m = _gelu_tanh(_linear(h, sd, p + "feed_forward.w1"))
             x = x + _linear(m, sd, p + "feed_forward.w2")
         x = _norm(x, sd["norm.weight"], sd.get("norm.bias"), cfg.norm, cfg.norm_eps)
-        out.append(x @ head.T)
+        logits = x @ head.T
+        if cfg.logit_softcap is not None:
+            c = cfg.logit_softcap
+            e = torch.exp(2 * logits / c)  # tanh(z) = (e^2z - 1) / (e^2z + 1), written out
+            logits = c * (e - 1) / (e + 1)
+        out.append(logits)
     return torch.stack(out)
 
 

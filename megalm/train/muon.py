@@ -1,0 +1,60 @@
+"""Muon for the hidden matrices, AdamW for the rest, as ONE optimizer DeepSpeed's ZeRO knows.
+
+DeepSpeed's `MuonWithAuxAdam` orthogonalises inside ZeRO (stage 1/2 while flattening the reduced
+gradient, stage 3 per sub-group, stage 0 in `step`), keyed by each parameter's `use_muon`
+attribute. DeepSpeed sets that attribute by parameter NAME when its config names Muon ("embed"
+and "lm_head" stay on Adam), which would hand megalm's untied head `output` to Muon. So megalm
+builds the optimizer itself and tags by structure: a 2-D parameter inside the transformer blocks
+(`model.layers`) is a hidden matrix; embeddings, head, norms and biases are not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from megalm.errors import UserError
+from megalm.train.config import OptimizerSection
+
+
+def hidden_matrices(model: nn.Module) -> set[int]:
+    """ids of the parameters Muon updates: the 2-D weights of the blocks in `model.layers`."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(f"optimizer.name: muon needs a model whose transformer blocks are `.layers`; "
+                        f"{type(model).__name__} has none")
+    return {id(p) for p in layers.parameters() if p.requires_grad and p.dim() == 2}
+
+
+def muon_param_groups(model: nn.Module, o: OptimizerSection) -> list[dict[str, Any]]:
+    """[Muon: hidden matrices] + [AdamW, decayed: other matrices] + [AdamW, no decay: the rest];
+    each parameter gets the `use_muon` attribute DeepSpeed's ZeRO optimizers read."""
+    hidden = hidden_matrices(model)
+    muon, adam_decay, adam_other = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        p.use_muon = id(p) in hidden
+        (muon if p.use_muon else adam_decay if p.dim() >= 2 else adam_other).append(p)
+    adam = dict(use_muon=False, lr=o.lr, lr_scale=1.0, betas=tuple(o.betas), eps=o.eps)
+    groups = [dict(params=muon, use_muon=True, lr=o.muon_lr, lr_scale=o.muon_lr / o.lr,
+                   momentum=o.muon_momentum, weight_decay=o.weight_decay, ns_method="gram"),
+              dict(params=adam_decay, weight_decay=o.weight_decay, **adam),
+              dict(params=adam_other, weight_decay=0.0, **adam)]
+    return [g for g in groups if g["params"]]
+
+
+def guarded_muon(groups: list[dict[str, Any]], guard_decide: Callable[[], bool]):
+    """MuonWithAuxAdam (its own inline AdamW for the Adam half) that asks the bad-step guard first.
+
+    The class name keeps "Muon": DeepSpeed's ZeRO-1/2 tests the optimizer's class name for it."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    class GuardedMuon(MuonWithAuxAdam):
+        def step(self, closure=None, step_id=None):  # noqa: D102 - torch.optim.Optimizer.step
+            if guard_decide():
+                return None
+            return super().step(closure, step_id)
+
+    return GuardedMuon(groups)

@@ -1,0 +1,67 @@
+"""optimizer.name=muon without ranks: which parameters Muon gets, the schedule's per-group scale,
+the config's refusals, and the DeepSpeed config it derives. (Real ranks: tests/distributed/test_muon.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megalm.errors import UserError
+from megalm.models.llm import LLM, LLMConfig
+from megalm.train.config import load_config, to_deepspeed_config
+from megalm.train.muon import muon_param_groups
+from megalm.train.schedule import LRSchedule, lr_at
+from tests.train.test_config import cfg_of, error_of
+
+MUON = ("optimizer.name=muon", "optimizer.grad_clip=0")  # ZeRO-1 (the default) refuses clipping with Muon
+SMALL = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, max_seq_len=64)
+
+
+def test_hidden_matrices_get_muon_and_the_untied_head_does_not():
+    model = LLM(LLMConfig(**SMALL, qk_norm=True))
+    groups = muon_param_groups(model, cfg_of(*MUON).optimizer)
+    muon = {n for n, p in model.named_parameters() if p.use_muon}
+    assert muon == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.dim() == 2}
+    assert "output.weight" not in muon and "tok_embeddings.weight" not in muon  # DeepSpeed's name rule
+    # would hand `output` to Muon: it only spares names with "embed" or "lm_head".
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_g, decay_g, other_g = groups
+    assert muon_g["use_muon"] and {names[id(p)] for p in muon_g["params"]} == muon
+    assert {names[id(p)] for p in decay_g["params"]} == {"tok_embeddings.weight", "output.weight"}
+    assert decay_g["weight_decay"] == 0.1 and other_g["weight_decay"] == 0.0
+    assert all(p.dim() == 1 for p in other_g["params"])  # norms, QK-norm weights
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_schedule_scales_each_group_by_its_lr_scale():
+    o = cfg_of(*MUON, "optimizer.lr=1e-3", "optimizer.muon_lr=0.05").optimizer
+    opt = torch.optim.SGD(muon_param_groups(LLM(LLMConfig(**SMALL)), o), lr=1.0)
+    sched = LRSchedule(opt, 10, o)
+    sched.step()
+    sched.step()
+    base = lr_at(2, 10, o)
+    assert opt.param_groups[0]["lr"] == pytest.approx(base * 50)
+    assert [g["lr"] for g in opt.param_groups[1:]] == [base, base]
+
+
+def test_muon_config_refusals_name_the_key():
+    assert "optimizer.name: expected one of adamw, muon, got 'sgd'" in error_of("optimizer.name=sgd")
+    assert "optimizer.grad_clip: muon under ZeRO-2 needs 0" in error_of("optimizer.name=muon",
+                                                                       "parallel.zero_stage=2")
+    assert "optimizer.name: muon is not supported with parallel.pipeline_stages" in error_of(
+        "optimizer.name=muon", "parallel.pipeline_stages=2", "parallel.zero_stage=1", "optimizer.grad_clip=0")
+    assert "optimizer.muon_momentum" in error_of(*MUON, "optimizer.muon_momentum=1.0")
+    assert cfg_of("optimizer.name=muon", "parallel.zero_stage=0").optimizer.grad_clip == 1.0  # stage 0 clips
+    # the raw gradient before Muon's step, which is right
+
+
+def test_zero3_muon_turns_reduce_scatter_off():
+    cfg = cfg_of(*MUON, "parallel.zero_stage=3")
+    assert to_deepspeed_config(cfg, 1)["zero_optimization"]["reduce_scatter"] is False
+    plain = load_config(None, ["data.paths=[d]", "train.steps=10", "parallel.zero_stage=3"])
+    assert "reduce_scatter" not in to_deepspeed_config(plain, 1)["zero_optimization"]
+
+
+def test_a_model_without_blocks_is_refused():
+    with pytest.raises(UserError, match="optimizer.name: muon needs a model whose transformer blocks"):
+        muon_param_groups(torch.nn.Linear(3, 3), cfg_of(*MUON).optimizer)
