@@ -138,6 +138,22 @@ def _jsonl(path: str, key: str, skip_bad: bool, counters: ReadCounters,
     yield from _jsonl_lines(path, key, skip_bad, counters, max_chars, skip_docs=done)
 
 
+JSON_BLOCK = 8 << 20  # bytes Arrow parses at a time (and the largest line it takes whole)
+HEAD_BLOCK = 4 << 20  # the first bytes are parsed alone: workers get work before a full block
+
+
+def _head(path: str) -> tuple[bytes, bool]:
+    """The file's first HEAD_BLOCK bytes cut after their last newline (b"" if the first line
+    is longer), and whether that is the whole file."""
+    import pyarrow as pa
+
+    with pa.input_stream(path, compression="detect") as stream:
+        head = stream.read(HEAD_BLOCK + 1)
+    if len(head) <= HEAD_BLOCK:
+        return head, True
+    return head[:head.rfind(b"\n") + 1], False
+
+
 def _jsonl_arrow(path: str, key: str, max_chars: int) -> Iterator[list[str]]:
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -145,16 +161,27 @@ def _jsonl_arrow(path: str, key: str, max_chars: int) -> Iterator[list[str]]:
 
     opts = pj.ParseOptions(explicit_schema=pa.schema([(key, pa.string())]),
                            unexpected_field_behavior="ignore")
+
+    def texts(col) -> list[str]:
+        if col.null_count or (len(col) and pc.max(pc.utf8_length(col)).as_py() > max_chars):
+            raise _SlowPath
+        return col.to_pylist()
+
     try:
+        # Lines are independent records and a newline byte never occurs inside a UTF-8
+        # character, so parsing the head and then the rest yields the same records.
+        read_options = pj.ReadOptions(block_size=JSON_BLOCK)
+        head, whole = _head(path)
+        if head:
+            yield texts(pj.read_json(pa.BufferReader(head), read_options=read_options,
+                                     parse_options=opts).column(0))
+        if whole:
+            return
         with pa.input_stream(path, compression="detect") as stream:
-            reader = pj.open_json(stream, read_options=pj.ReadOptions(block_size=8 << 20),
-                                  parse_options=opts)
+            stream.read(len(head))
+            reader = pj.open_json(stream, read_options=read_options, parse_options=opts)
             for batch in reader:
-                col = batch.column(0)
-                if col.null_count or (len(col) and pc.max(pc.utf8_length(col)).as_py()
-                                      > max_chars):
-                    raise _SlowPath
-                yield col.to_pylist()
+                yield texts(batch.column(0))
     except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError):
         raise _SlowPath from None
 

@@ -1,4 +1,6 @@
+import gc
 import json
+import multiprocessing as mp
 
 import numpy as np
 import pyarrow as pa
@@ -6,6 +8,7 @@ import pytest
 import sentencepiece as spm
 
 from data_prep.config import PrepConfig
+from data_prep import pipeline
 from data_prep.pipeline import run
 from data_prep.shards import encode_shard
 from megalm.errors import UserError
@@ -151,3 +154,21 @@ def test_one_huge_document_keeps_memory_bounded(tmp_path, model_path):
     growth, rc = proc.stdout.split("GROWTH ")[1].split()
     assert rc == "0", proc.stderr
     assert int(growth) < 20 * len(text), (int(growth) / len(text), proc.stdout)
+
+
+def _freeze_count(_: int) -> int:
+    return gc.get_freeze_count()
+
+
+def test_forked_workers_leave_inherited_objects_to_the_gc_freeze(monkeypatch):
+    """Forked workers must not walk (and copy) the parent's heap at each full collection: they
+    start with the parent's objects frozen, while the parent itself keeps nothing frozen."""
+    monkeypatch.setattr(pipeline, "_init", lambda *args: None)
+    assert gc.get_freeze_count() == 0
+    pool = pipeline._start_pool(mp.get_context("fork"), 2, ())
+    try:
+        assert gc.get_freeze_count() == 0
+        assert all(n > 1000 for n in pool.map(_freeze_count, range(2)))
+    finally:
+        pool.close()
+        pool.join()

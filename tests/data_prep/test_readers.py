@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from data_prep import readers
 from data_prep.readers import ReadCounters, iter_documents, resolve
 from megalm.errors import UserError
 
@@ -90,6 +91,27 @@ def test_fast_reader_hands_over_midway_without_loss(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert _read([p]) == texts + ["", "after"]
+
+
+@pytest.mark.parametrize("head", [1, 18, 19, 20, 700, 1 << 20])
+def test_head_then_rest_reads_every_record_once(tmp_path, monkeypatch, head):
+    """The first HEAD_BLOCK bytes are parsed on their own (the first work units reach the
+    workers before a whole block is parsed); wherever that cut falls (inside the first line,
+    just before or after a newline, beyond the end) every record comes once, in order, on the
+    fast path, for plain and compressed files."""
+    def no_slow_path(*args, **kwargs):
+        raise AssertionError("the line reader was used")
+
+    monkeypatch.setattr(readers, "HEAD_BLOCK", head)
+    monkeypatch.setattr(readers, "_jsonl_lines", no_slow_path)
+    texts = [f"doc {i} " + "é✓" * (i % 5) for i in range(300)]
+    data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+    assert data.index(b"\n") == 18  # head 18 ends inside line 1, 19 just after its newline
+    (tmp_path / "a.jsonl").write_bytes(data)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst"):
+        assert _read([tmp_path / name]) == texts, name
 
 
 def test_document_cap_names_the_place_in_every_format(tmp_path):
