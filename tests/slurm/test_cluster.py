@@ -1,0 +1,69 @@
+"""Real jobs on the local 2-node Slurm cluster: (a) a 2-node job (one CPU task per node, gloo)
+trains the small model; (b) USR1 mid-run -> checkpoint -> requeue -> resume -> final weights
+identical to the uninterrupted run, three times; (c) a killed rank fails the job fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pytest
+
+from tests.slurm.cluster import preempt_and_resume, submit_training, wait_final, wait_until
+
+STEPS = 6
+
+
+def _summary(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def baseline(slurm_cluster, slurm_workdir):
+    job = submit_training(slurm_workdir, "straight", steps=STEPS)
+    info = wait_final(job.job_id, job.log)
+    return job, info
+
+
+def test_two_node_job_trains(baseline):
+    job, info = baseline
+    log = job.log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert info["NumNodes"] == "2" and info["NodeList"] == "node[1-2]"
+    s = _summary(job.run_dir)
+    assert s["finished"] and s["step"] == STEPS and s["world_size"] == 2 and s["stopped_by_signal"] == 0
+    assert "requeueing" not in log and "training exited with status 0" in log
+
+
+@pytest.mark.parametrize("trial", [1, 2, 3])
+def test_preempt_checkpoint_requeue_resume(baseline, slurm_workdir, trial):
+    job = submit_training(slurm_workdir, f"preempt{trial}", steps=STEPS, hooks={"MEGALM_TEST_PAUSE_AT": "3"})
+    info = preempt_and_resume(job, pause_at=3)
+    log = job.log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    # 138 = 128+SIGUSR1 from the trainer; 143 when srun's --kill-on-bad-exit reached a rank that
+    # had already passed the final barrier (nothing left to lose) before it exited by itself.
+    assert re.search(r"training stopped on a signal \(exit 1(38|43)\) after checkpointing; requeueing", log)
+    assert "warning: signal 10: checkpointing at step 3 and stopping" in log
+    assert "resumed from step 3" in log
+    assert (job.run_dir / "checkpoints/step_00000003/COMPLETE").exists()
+    s = _summary(job.run_dir)
+    assert s["finished"] and s["step"] == STEPS
+    assert s["weights_sha256"] == _summary(baseline[0].run_dir)["weights_sha256"]
+
+
+def test_killed_rank_fails_the_job_fast(baseline, slurm_workdir):
+    job = submit_training(slurm_workdir, "killed", steps=1000, hooks={"MEGALM_TEST_DIE_AT": "1:3"})
+    wait_until(lambda: (job.markers / "dying.rank1").exists(), "rank 1 to kill itself", 300, job.log)
+    t0 = time.monotonic()
+    info = wait_final(job.job_id, job.log, timeout=120)
+    elapsed = time.monotonic() - t0
+    log = job.log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
+    assert elapsed < 60, elapsed  # srun --kill-on-bad-exit, not the collective timeout (120 s here)
+    assert "requeueing" not in log
+    rank0 = int((job.markers / "pid.rank0").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(rank0, 0)
