@@ -137,7 +137,7 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
     return int(text)
 
 
-def _timeout(env: Mapping[str, str]) -> float:
+def collective_timeout(env: Mapping[str, str]) -> float:
     text = env.get("MEGALM_COLLECTIVE_TIMEOUT", str(DEFAULT_TIMEOUT_S))
     try:
         value = float(text)
@@ -188,7 +188,7 @@ def discover(environ: Mapping[str, str] | None = None, exchange: Exchange | None
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise UserError(f"MASTER_PORT: expected a port number 1..65535, got {text!r}")
     port = int(text)
-    timeout = _timeout(env)
+    timeout = collective_timeout(env)
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, megalm launch
         world = _int(env, "WORLD_SIZE")
         rank = _int(env, "RANK")

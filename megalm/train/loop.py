@@ -79,6 +79,9 @@ class Trainer:
                                and cfg.precision.dtype == "fp32")
         self._gnorm = float("nan")
         self.stop_signal = 0  # set by SIGTERM/SIGUSR1 (preemption); acted on at the end of a step
+        from launcher.diagnose import CollectiveWatch
+
+        self.watch = CollectiveWatch.for_job(rank, world_size)  # names ranks missing a collective
 
     # ---- state -------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
@@ -246,7 +249,9 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Collective: any rank signalled -> every rank checkpoints and stops after this step."""
         t = torch.tensor([float(self.stop_signal)], device=self.device)
+        self.watch.arrive(self.step)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.watch.left()
         self.stop_signal = int(t.item())
         return self.stop_signal != 0
 
@@ -318,6 +323,7 @@ class Trainer:
             if self.step >= self.total_steps and cfg.eval.batches:
                 self._eval(metrics)
         finally:
+            self.watch.close()
             metrics.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -82,6 +82,11 @@ def wait_until(check: Callable[[], object], what: str, timeout: float, log: Path
         time.sleep(0.1)
 
 
+def nodes_completing() -> bool:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=60).stdout
+    return any("completing" in state or state.endswith("*") for state in out.split()) or not out.strip()
+
+
 def wait_final(job_id: str, log: Path, timeout: float = 600) -> dict[str, str]:
     return wait_until(lambda: (lambda i: i if i.get("JobState") in FINAL else None)(job_info(job_id)),
                       f"job {job_id} to end", timeout, log)
@@ -95,7 +100,8 @@ class TrainJob:
     run_dir: Path
 
 
-def submit_training(workdir: Path, name: str, steps: int = 6, hooks: dict[str, str] | None = None) -> TrainJob:
+def submit_training(workdir: Path, name: str, steps: int = 6, hooks: dict[str, str] | None = None,
+                    collective_timeout_s: int = 120) -> TrainJob:
     """The small 2-layer model, ZeRO-2, 2 nodes x 1 CPU task (gloo), through `megalm submit`'s
     library path with the hooked entry point."""
     shards = make_corpus(str(workdir / "shards"))
@@ -106,7 +112,7 @@ def submit_training(workdir: Path, name: str, steps: int = 6, hooks: dict[str, s
     markers.mkdir(parents=True, exist_ok=True)
     spec = SubmitSpec(str(config), nodes=2, gpus_per_node=0, time="10", job_name=name, log_dir=str(workdir / "logs"),
                       workdir=str(workdir), overrides=small_overrides(shards, name, steps=steps),
-                      collective_timeout_s=120, entry=[sys.executable, "-m", "tests.slurm.hooked_train"])
+                      collective_timeout_s=collective_timeout_s, entry=[sys.executable, "-m", "tests.slurm.hooked_train"])
     env = cpu_env() | {"MEGALM_TEST_MARKERS": str(markers), **(hooks or {})}
     job_id, _ = submit(spec, env=env)
     return TrainJob(job_id, log_path(spec, job_id), markers, workdir / "runs" / name)
@@ -122,5 +128,9 @@ def preempt_and_resume(job: TrainJob, pause_at: int) -> dict[str, str]:
     # Requeued: pending again with Restarts=1; a requeued job waits for a begin time unless released.
     wait_until(lambda: (lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING")(job_info(job.job_id))
                or job_info(job.job_id).get("JobState") in FINAL, f"job {job.job_id} to be requeued", 300, job.log)
-    subprocess.run(["scontrol", "update", f"jobid={job.job_id}", "StartTime=now"], check=True, timeout=60)
+    # Slurm holds a requeued job ~2 minutes; release it sooner, but only once the nodes finished
+    # cleaning up the first run, and in a later second: slurmd refuses a credential for this job
+    # id created no later than the second in which it revoked the old one.
+    wait_until(lambda: not nodes_completing(), "the nodes to finish the first run", 300, job.log)
+    subprocess.run(["scontrol", "update", f"jobid={job.job_id}", "StartTime=now+2"], check=True, timeout=60)
     return wait_final(job.job_id, job.log)

@@ -5,6 +5,8 @@ MEGALM_TEST_MARKERS=DIR       every rank writes DIR/pid.rank<r> when its first s
 MEGALM_TEST_PAUSE_AT=K        first run only: after step K each rank writes DIR/paused.rank<r> and
                               waits until a stop signal (SIGUSR1/SIGTERM) reached it
 MEGALM_TEST_DIE_AT=R:K        first run only: rank R SIGKILLs itself after step K
+MEGALM_TEST_SLEEP_AT=R:K:S    first run only: rank R writes DIR/sleeping.rank<R> after step K,
+                              then sleeps S seconds inside the step (a stuck rank)
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def install() -> None:
     pause_at = int(os.environ.get("MEGALM_TEST_PAUSE_AT") or 0) if first_run else 0
     die = os.environ.get("MEGALM_TEST_DIE_AT", "") if first_run else ""
     die_rank, die_step = (int(x) for x in die.split(":")) if die else (-1, -1)
+    sleep = os.environ.get("MEGALM_TEST_SLEEP_AT", "") if first_run else ""
+    sleep_rank, sleep_step, sleep_s = (int(x) for x in sleep.split(":")) if sleep else (-1, -1, 0)
     original = loop.Trainer.train_step
 
     def train_step(self, micro):
@@ -45,6 +49,10 @@ def install() -> None:
         if self.rank == die_rank and self.step == die_step:
             _mark(f"dying.rank{self.rank}", str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+
+        if self.rank == sleep_rank and self.step == sleep_step:
+            _mark(f"sleeping.rank{self.rank}", str(os.getpid()))
+            time.sleep(sleep_s)
 
     loop.Trainer.train_step = train_step
 

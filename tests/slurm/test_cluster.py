@@ -1,12 +1,15 @@
 """Real jobs on the local 2-node Slurm cluster: (a) a 2-node job (one CPU task per node, gloo)
 trains the small model; (b) USR1 mid-run -> checkpoint -> requeue -> resume -> final weights
-identical to the uninterrupted run, three times; (c) a killed rank fails the job fast."""
+identical to the uninterrupted run, three times; (c) a killed rank fails the job fast; (d) a
+stuck rank: USR2 dumps every rank's stack, the log names the rank that never reached the
+collective, and the job fails at the collective timeout."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
 import time
 
 import pytest
@@ -67,3 +70,21 @@ def test_killed_rank_fails_the_job_fast(baseline, slurm_workdir):
     rank0 = int((job.markers / "pid.rank0").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(rank0, 0)
+
+
+def test_stuck_rank_is_named_and_stacks_are_dumped(baseline, slurm_workdir):
+    job = submit_training(slurm_workdir, "stuck", steps=1000, hooks={"MEGALM_TEST_SLEEP_AT": "1:3:900"},
+                          collective_timeout_s=60)
+    wait_until(lambda: (job.markers / "sleeping.rank1").exists(), "rank 1 to get stuck", 300, job.log)
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=60)
+    info = wait_final(job.job_id, job.log, timeout=240)  # 60 s collective timeout, not 900 s of sleep
+    log = job.log.read_text()
+    assert info["JobState"] == "FAILED", log[-3000:]
+    assert "megalm: hang: rank 0 has waited" in log and "collective of step 3; rank(s) 1 never reached it" in log
+    # Rank 1's stack (from USR2 and from the hang report) shows where it is stuck; rank 0 waits in
+    # the all_reduce of the end-of-step collective.
+    rank1 = "\n".join(line for line in log.splitlines() if line.startswith("1: "))
+    rank0 = "\n".join(line for line in log.splitlines() if line.startswith("0: "))
+    assert rank1.count("most recent call first") >= 2 and "hooked_train.py" in rank1, log[-4000:]
+    assert "megalm: hang reported" in rank1
+    assert rank0.count("most recent call first") >= 2 and "_stop_requested" in rank0, log[-4000:]
