@@ -66,7 +66,7 @@ class CollectiveWatch:
     def arrive(self, step: int) -> None:
         if self.store is not None:
             self.store.set(f"megalm/diagnose/arrived/{self.rank}", str(step))
-        self._step, self._since = step, time.monotonic()
+        self._step, self._since, self._reported = step, time.monotonic(), False  # one report per wait
 
     def left(self) -> None:
         self._since = None

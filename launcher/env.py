@@ -104,7 +104,8 @@ def _resolvable(host: str) -> bool:
 
 def node_address(node: str) -> str:
     """An address for a Slurm node name: the name itself when it resolves, else the NodeAddr
-    Slurm uses to reach it (node names need not be DNS names, e.g. an emulated cluster)."""
+    Slurm uses to reach it (node names need not be DNS names, e.g. an emulated cluster). When
+    Slurm cannot say either, the name is kept and the rendezvous reports it."""
     if _resolvable(node):
         return node
     try:
@@ -113,10 +114,7 @@ def node_address(node: str) -> str:
     except (OSError, subprocess.TimeoutExpired):
         out = ""
     m = re.search(r"\bNodeAddr=(\S+)", out)
-    if not m:
-        raise UserError(f"SLURM_JOB_NODELIST: node {node!r} does not resolve and `scontrol show node` gives no "
-                        f"NodeAddr for it; set MASTER_ADDR to rank 0's host")
-    return m.group(1)
+    return m.group(1) if m else node
 
 
 def port_from_job(job_id: str | None) -> int:

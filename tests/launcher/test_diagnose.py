@@ -60,18 +60,21 @@ def test_sigusr2_dumps_stacks_and_the_process_keeps_running(tmp_path):
     script = ("import sys, time\nfrom launcher.diagnose import install_stack_dump\ninstall_stack_dump()\n"
               "def waiting_here():\n    print('ready', flush=True)\n    sys.stdin.readline()\n"
               "    print('still alive', flush=True)\nwaiting_here()\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=cpu_env(), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        proc.send_signal(signal.SIGUSR2)
-        line = proc.stderr.readline()  # faulthandler's header, written from the signal handler
-        assert "most recent call first" in line or "Stack" in line or "Thread" in line, line
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=cpu_env(), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err_file, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            proc.send_signal(signal.SIGUSR2)
+            # faulthandler writes the whole dump from the signal handler; wait until it is there.
+            _wait(lambda: "waiting_here" in err_path.read_text(), "the stack dump")
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    err = err_path.read_text()
     assert "still alive" in out and proc.returncode == 0
-    assert "waiting_here" in line + err
+    assert "most recent call first" in err and "waiting_here" in err

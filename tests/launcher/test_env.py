@@ -106,3 +106,20 @@ def test_inconsistent_worlds_are_one_line(env, message):
 def test_collective_timeout_default_and_override():
     assert discover({}).timeout_s == DEFAULT_TIMEOUT_S
     assert discover({"MEGALM_COLLECTIVE_TIMEOUT": "45"}).timeout_s == 45.0
+
+
+def test_unresolvable_node_name_uses_slurms_node_address(monkeypatch):
+    import launcher.env as env_mod
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return type("P", (), {"stdout": "NodeName=node7 Arch=x86_64\n   NodeAddr=10.1.2.3 NodeHostName=h7\n"})()
+
+    monkeypatch.setattr(env_mod.subprocess, "run", fake_run)
+    d = discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node[7-8].invalid"})
+    assert d.master_addr == "10.1.2.3" and calls == [["scontrol", "show", "node", "node7.invalid"]]
+    monkeypatch.setattr(env_mod.subprocess, "run", lambda cmd, **kw: (_ for _ in ()).throw(FileNotFoundError()))
+    assert discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "x[1-2].invalid"}).master_addr \
+        == "x1.invalid"
