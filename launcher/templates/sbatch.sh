@@ -23,7 +23,7 @@ trap 'echo "megalm: batch shell got SIGUSR1; waiting for the training step"' USR
 
 # --kill-on-bad-exit: one rank dying ends every other rank at once (no peer left waiting in a
 # collective); a stuck rank ends the job after MEGALM_COLLECTIVE_TIMEOUT.
-export MEGALM_COLLECTIVE_TIMEOUT="${MEGALM_COLLECTIVE_TIMEOUT:-{{COLLECTIVE_TIMEOUT_S}}}"
+export MEGALM_COLLECTIVE_TIMEOUT={{COLLECTIVE_TIMEOUT_S}}
 srun --kill-on-bad-exit=1 --label {{COMMAND}} &
 step=$!
 # `wait` returns early when a trapped signal arrives; keep waiting for srun itself.

@@ -38,9 +38,8 @@ class _Use(nn.Module):
 
 def init_distributed() -> tuple[int, int]:
     """Start the process group from whatever launcher started us (torchrun, mpirun, srun)."""
-    from launcher.env import discover, set_accelerator_default
-
     from launcher.diagnose import install_stack_dump
+    from launcher.env import discover, set_accelerator_default
 
     install_stack_dump()  # SIGUSR2: every thread's stack to the log; the rank keeps running
     accel = set_accelerator_default()

@@ -101,9 +101,10 @@ class TrainJob:
 
 
 def submit_training(workdir: Path, name: str, steps: int = 6, hooks: dict[str, str] | None = None,
-                    collective_timeout_s: int = 120) -> TrainJob:
-    """The small 2-layer model, ZeRO-2, 2 nodes x 1 CPU task (gloo), through `megalm submit`'s
-    library path with the hooked entry point."""
+                    collective_timeout_s: int = 120, via_cli: bool = False) -> TrainJob:
+    """The small 2-layer model, ZeRO-2, 2 nodes x 1 CPU task (gloo). `via_cli`: the real
+    `megalm submit` command and plain `megalm train` in the tasks; else the library path with
+    the hooked entry point (tests/slurm/hooked_train.py)."""
     shards = make_corpus(str(workdir / "shards"))
     config = workdir / "slurm.yaml"
     if not config.exists():
@@ -114,6 +115,15 @@ def submit_training(workdir: Path, name: str, steps: int = 6, hooks: dict[str, s
                       workdir=str(workdir), overrides=small_overrides(shards, name, steps=steps),
                       collective_timeout_s=collective_timeout_s, entry=[sys.executable, "-m", "tests.slurm.hooked_train"])
     env = cpu_env() | {"MEGALM_TEST_MARKERS": str(markers), **(hooks or {})}
+    if via_cli:
+        cmd = [sys.executable, "-m", "megalm.cli", "submit", str(config), *spec.overrides, "--nodes", "2",
+               "--gpus-per-node", "0", "--time", spec.time, "--job-name", name, "--log-dir", spec.log_dir,
+               "--collective-timeout", str(collective_timeout_s)]
+        proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+        if proc.returncode:
+            raise AssertionError(f"megalm submit failed: {proc.stderr}")
+        job_id = proc.stdout.strip()
+        return TrainJob(job_id, log_path(spec, job_id), markers, workdir / "runs" / name)
     job_id, _ = submit(spec, env=env)
     return TrainJob(job_id, log_path(spec, job_id), markers, workdir / "runs" / name)
 

@@ -25,7 +25,7 @@ def _summary(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def baseline(slurm_cluster, slurm_workdir):
-    job = submit_training(slurm_workdir, "straight", steps=STEPS)
+    job = submit_training(slurm_workdir, "straight", steps=STEPS, via_cli=True)  # plain megalm submit + train
     info = wait_final(job.job_id, job.log)
     return job, info
 
@@ -38,6 +38,8 @@ def test_two_node_job_trains(baseline):
     s = _summary(job.run_dir)
     assert s["finished"] and s["step"] == STEPS and s["world_size"] == 2 and s["stopped_by_signal"] == 0
     assert "requeueing" not in log and "training exited with status 0" in log
+    (script,) = job.log.parent.glob("straight-*.sbatch")  # what `megalm submit` rendered and queued
+    assert "-m megalm.cli train" in script.read_text() and "hooked_train" not in script.read_text()
 
 
 @pytest.mark.parametrize("trial", [1, 2, 3])

@@ -31,6 +31,7 @@ def test_dry_run_script(tmp_path):
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=4:00:00", "#SBATCH --partition=gpu", "#SBATCH --requeue",
                  "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@300", "#SBATCH --job-name=megalm-run",
+                 "export MEGALM_COLLECTIVE_TIMEOUT=600",
                  f"#SBATCH --output={tmp_path}/slurm-logs/%x-%j.out", "srun --kill-on-bad-exit=1",
                  f"-m megalm.cli train {tmp_path}/run.yaml batch.micro_batch=1 --resume auto",
                  'scontrol requeue "$SLURM_JOB_ID"', "138|143)"):
