@@ -12,7 +12,6 @@ import argparse
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,8 +22,6 @@ from pathlib import Path
 from megalm.errors import UserError
 from megalm.fsio import atomic_write
 
-# The trainer exits 128+signum after checkpointing on these (megalm/train/cli.py).
-REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 
 
@@ -118,7 +115,6 @@ def render(spec: SubmitSpec) -> str:
         "SIGNAL_LEAD_S": str(signal_lead(spec)), "LOG_DIR": str(Path(spec.log_dir).resolve()),
         "WORKDIR": str(Path(spec.workdir).resolve()), "COMMAND": shlex.join(command),
         "COLLECTIVE_TIMEOUT_S": str(spec.collective_timeout_s),
-        "REQUEUE_CODES": "|".join(str(128 + s) for s in REQUEUE_SIGNALS),
     }
     if any(c.isspace() for c in name) or not name:
         raise UserError(f"--job-name: expected one word without spaces, got {name!r}")

@@ -12,8 +12,9 @@
 
 # Every task gets SIGUSR1 {{SIGNAL_LEAD_S}} s before the time limit (and SIGUSR1/SIGTERM on
 # `scancel --signal` or preemption): the trainer finishes its step, all ranks agree, it saves a
-# checkpoint and exits with 128+signal. This shell then requeues the job, and the next run
-# resumes from the newest valid checkpoint (--resume auto). Runs append to the same log.
+# checkpoint and exits with 128+signal, rank 0 having written $MEGALM_STOP_FILE. This shell then
+# requeues the job, and the next run resumes from the newest valid checkpoint (--resume auto).
+# Runs append to the same log.
 set -uo pipefail
 echo "megalm: job $SLURM_JOB_ID run $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST at $(date -Is)"
 
@@ -24,6 +25,10 @@ trap 'echo "megalm: batch shell got SIGUSR1; waiting for the training step"' USR
 # --kill-on-bad-exit: one rank dying ends every other rank at once (no peer left waiting in a
 # collective); a stuck rank ends the job after MEGALM_COLLECTIVE_TIMEOUT.
 export MEGALM_COLLECTIVE_TIMEOUT={{COLLECTIVE_TIMEOUT_S}}
+# Rank 0 writes this file only after the checkpoint of a signalled stop is published; the exit
+# status alone cannot tell that from a rank killed mid-step (srun may report 143 for both).
+export MEGALM_STOP_FILE="{{LOG_DIR}}/.{{JOB_NAME}}-$SLURM_JOB_ID.stopped"
+rm -f "$MEGALM_STOP_FILE"
 srun --kill-on-bad-exit=1 --label {{COMMAND}} &
 step=$!
 # `wait` returns early when a trapped signal arrives; keep waiting for srun itself.
@@ -31,11 +36,11 @@ while kill -0 "$step" 2>/dev/null; do wait "$step"; done
 wait "$step"
 rc=$?
 
-case "$rc" in
-  {{REQUEUE_CODES}})
-    echo "megalm: training stopped on a signal (exit $rc) after checkpointing; requeueing job $SLURM_JOB_ID"
+if [ -f "$MEGALM_STOP_FILE" ]; then
+    echo "megalm: training stopped on a signal (exit $rc) after checkpointing ($(cat "$MEGALM_STOP_FILE")); requeueing job $SLURM_JOB_ID"
+    rm -f "$MEGALM_STOP_FILE"
     scontrol requeue "$SLURM_JOB_ID"
-    exit 0 ;;
-esac
+    exit 0
+fi
 echo "megalm: training exited with status $rc"
 exit "$rc"

@@ -34,7 +34,9 @@ def test_dry_run_script(tmp_path):
                  "export MEGALM_COLLECTIVE_TIMEOUT=600",
                  f"#SBATCH --output={tmp_path}/slurm-logs/%x-%j.out", "srun --kill-on-bad-exit=1",
                  f"-m megalm.cli train {tmp_path}/run.yaml batch.micro_batch=1 --resume auto",
-                 'scontrol requeue "$SLURM_JOB_ID"', "138|143)"):
+                 'scontrol requeue "$SLURM_JOB_ID"',
+                 f'export MEGALM_STOP_FILE="{tmp_path}/slurm-logs/.megalm-run-$SLURM_JOB_ID.stopped"',
+                 'if [ -f "$MEGALM_STOP_FILE" ]; then'):
         assert line in s, line
     assert "{{" not in s
     assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0  # valid shell
@@ -92,3 +94,16 @@ def test_template_ships_in_the_wheel(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("megalm-*.whl")
     assert "launcher/templates/sbatch.sh" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_stop_file_is_written_by_rank0_only_when_asked(tmp_path, monkeypatch):
+    from launcher.stopfile import ENV, note_checkpointed_stop
+
+    path = tmp_path / ".job-7.stopped"
+    monkeypatch.delenv(ENV, raising=False)
+    note_checkpointed_stop(0, 10, 3)  # not under the sbatch template: nothing to write
+    monkeypatch.setenv(ENV, str(path))
+    note_checkpointed_stop(1, 10, 3)
+    assert not path.exists()
+    note_checkpointed_stop(0, 10, 3)
+    assert path.read_text() == '{"signal": 10, "step": 3}\n'
