@@ -6,6 +6,7 @@ diffusion) plugs in by writing another Task; `LMTask` is next-token pretraining.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
@@ -86,9 +87,68 @@ class LMTask:
             mc.max_seq_len = self.cfg.data.seq_len
         return mc
 
-    @property
-    def model_config(self):
-        return self._model_config
+    def build_model(self) -> nn.Module:
+        from megalm.models.llm import LLM
+
+        return LLM(self._model_config)
+
+    def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader: ...
+    def build_eval_loader(self, dp_rank: int, dp_world: int) -> Iterable[Batch]: ...
+    def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor: ...
+    # Pipeline parallelism: the model as a layer list, the loss on the last stage's output, and
+    # how a micro batch splits into (first-stage inputs, last-stage labels).
+    def pipeline_layers(self, model: nn.Module) -> list[nn.Module]: ...
+    def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+    def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]: ...
+    def fingerprint(self) -> dict[str, Any]: ...
+
+
+def _manifest_tokenizer(shard_dir: str) -> Any:
+    from megalm.data.manifest import load_manifest
+
+    return load_manifest(shard_dir).tokenizer
+
+
+class LMTask:
+    """Next-token prediction over packed documents (labels -100 where there is no target)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._tok = _manifest_tokenizer(cfg.data.paths[0])
+        self._tok_bytes: bytes | None = None
+        self._model_config = self._resolve_model_config()
+
+    def _resolve_model_config(self):
+        from megalm.models.config import LLMConfig
+        from megalm.models.presets import load_preset
+
+        fields = dict(self.cfg.model)
+        preset = fields.pop("preset", None)
+        base: dict[str, Any] = {}
+        if preset is not None:
+            loaded = load_preset(preset)
+            base = loaded.to_dict() if hasattr(loaded, "to_dict") else dict(loaded)
+        base.update(fields)
+        # The tokenizer decides the vocabulary; a preset's own vocab_size is for its tokenizer.
+        if "vocab_size" not in fields:
+            base["vocab_size"] = self._tok.vocab_size
+        elif fields["vocab_size"] < self._tok.vocab_size:
+            raise UserError(f"{self.cfg.source}: model.vocab_size: {fields['vocab_size']} is smaller than "
+                            f"the tokenizer's vocabulary ({self._tok.vocab_size})")
+        if self.cfg.parallel.activation_checkpointing:
+            base["activation_checkpointing"] = 1
+        mc = LLMConfig.from_dict(base, source=f"{self.cfg.source}: model")
+        stages, layers = self.cfg.parallel.pipeline_stages, mc.n_layers + 2  # embedding, blocks, head
+        if stages > layers:
+            raise UserError(f"{self.cfg.source}: parallel.pipeline_stages: {stages} stages for a model of "
+                            f"{layers} pipeline layers (embedding, {mc.n_layers} blocks, head); expected at most "
+                            f"{layers}")
+        if self.cfg.data.seq_len > mc.max_seq_len:
+            if mc.positions == "learned" or "max_seq_len" in fields:
+                raise UserError(f"{self.cfg.source}: data.seq_len: {self.cfg.data.seq_len} exceeds "
+                                f"model.max_seq_len={mc.max_seq_len}")
+            mc.max_seq_len = self.cfg.data.seq_len
+        return mc
 
     def build_model(self) -> nn.Module:
         from megalm.models.llm import LLM
@@ -104,14 +164,17 @@ class LMTask:
 
     def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader:
         from megalm.data.loader import build_loader
+        from megalm.data.manifest import check_token_ids, load_manifest
 
-        return build_loader(self._data_config(split), self.cfg.batch.global_batch, self.cfg.batch.micro_batch,
-                            dp_rank, dp_world)
+        # Ids the embedding cannot hold would fail deep inside the first step; name the shard.
+        check_token_ids([load_manifest(p) for p in self.cfg.data.paths], self._model_config.vocab_size)
+        return build_loader(dataclasses.replace(self.cfg.data, split=split), self.cfg.batch.global_batch,
+                            self.cfg.batch.micro_batch, dp_rank, dp_world)
 
     def build_eval_loader(self, dp_rank: int, dp_world: int) -> Iterable[Batch]:
         from megalm.data.loader import build_eval_loader
 
-        return build_eval_loader(self._data_config("train"), self.cfg.batch.micro_batch, dp_rank, dp_world)
+        return build_eval_loader(self.cfg.data, self.cfg.batch.micro_batch, dp_rank, dp_world)
 
     def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor:
         return model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
@@ -119,7 +182,9 @@ class LMTask:
 
     def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
         # The head stops at the final norm; its `loss` (the engine's loss_fn) runs the fused CE.
-        return model.pipeline_layers(fused_loss=True)
+        from megalm.models.pipeline import pipeline_layers
+
+        return pipeline_layers(model, fused_loss=True)
 
     def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss on logits; used only when the last pipeline layer has no `loss` of its own."""
@@ -133,18 +198,14 @@ class LMTask:
     def tokenizer_model(self) -> bytes:
         """The sentencepiece model bytes (checked against the manifest's sha256), stored in
         checkpoints so `megalm sample` works after the shard directory moved."""
-        import hashlib
         import os
+
+        from megalm.fsio import read_checked
 
         if self._tok_bytes is None:
             path = os.path.join(self.cfg.data.paths[0], self._tok.path)
-            try:
-                blob = open(path, "rb").read()
-            except OSError as exc:
-                raise UserError(f"{path}: cannot read the tokenizer ({exc.strerror})") from None
-            if hashlib.sha256(blob).hexdigest() != self._tok.sha256:
-                raise UserError(f"{path}: tokenizer sha256 differs from the manifest's")
-            self._tok_bytes = blob
+            manifest = os.path.join(self.cfg.data.paths[0], "manifest.json")
+            self._tok_bytes = read_checked(path, self._tok.sha256, f"{manifest}: tokenizer.sha256")
         return self._tok_bytes
 
     def fingerprint(self) -> dict[str, Any]:

@@ -87,11 +87,11 @@ def _attempt(fn) -> dict[str, Any]:
 def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str, Any]:
     """On one rank: final save precedes the final eval; an impossible eval split fails at Trainer
     init; --resume none / an older checkpoint of a dir with checkpoints are refused; fp16 on CPU
-    is refused; summary.json goes through write_text_atomic."""
+    is refused; summary.json goes through megalm.fsio.atomic_write."""
     import torch.distributed as dist
 
     import megalm.train.loop as loop
-    from megalm.train.checkpoint import published_tags
+    from megalm.checkpoint.layout import published_tags
     from megalm.train.config import load_config
     from megalm.train.task import LMTask
 
@@ -100,12 +100,12 @@ def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str,
     base = ["parallel.zero_stage=0", "checkpoint.interval=1", "checkpoint.keep_last=5"]
 
     written: list[str] = []
-    real_write = loop.write_text_atomic
-    loop.write_text_atomic = lambda path, text: (written.append(path), real_write(path, text))[1]
+    real_write = loop.atomic_write
+    loop.atomic_write = lambda path, text: (written.append(path), real_write(path, text))[1]
     try:
         out["ck"] = train(small_overrides(shards, "ck", steps=2) + base)
     finally:
-        loop.write_text_atomic = real_write
+        loop.atomic_write = real_write
     out["summary_writes"] = written
     ck_dir = os.path.abspath("runs/ck/checkpoints")
     out["ck_tags"] = published_tags(ck_dir)
@@ -114,6 +114,7 @@ def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str,
                                                  resume=os.path.join(ck_dir, out["ck_tags"][0])))
     out["resume_newest"] = _attempt(lambda: train(small_overrides(shards, "ck", steps=2) + base,
                                                   resume=os.path.join(ck_dir, out["ck_tags"][-1]))["step"])
+    os.makedirs("runs/other/checkpoints/step_00000001", exist_ok=True)  # (a missing path is refused first)
     out["resume_foreign"] = _attempt(lambda: train(small_overrides(shards, "ck", steps=2) + base,
                                                    resume=os.path.abspath("runs/other/checkpoints/step_00000001")))
     out["fp16_cpu"] = _attempt(lambda: train(small_overrides(shards, "fp16", steps=1) + ["precision.dtype=fp16"]))
@@ -134,7 +135,7 @@ def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str,
 
     # The final eval fails: the last steps are saved already.
     class FailingEval(loop.Trainer):
-        def evaluate(self) -> float:
+        def evaluate(self) -> tuple[float, list[float]]:
             raise RuntimeError("eval failed")
 
     cfg = load_config(None, small_overrides(shards, "evalfail", steps=3) + ["checkpoint.interval=100",
