@@ -42,10 +42,10 @@ def install() -> None:
         if self.step == pause_at:
             _mark(f"paused.rank{self.rank}", str(os.getpid()))
             deadline = time.monotonic() + 600  # never a hang, even if the test forgets to signal
-            while not self.stop_signal:
+            while not self.guard.pending_signal:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"test hook: no stop signal within 600 s at step {pause_at}")
-                time.sleep(0.01)  # a signal interrupts the sleep and its handler sets stop_signal
+                time.sleep(0.01)  # a signal interrupts the sleep; its handler sets guard.pending_signal
         if self.rank == die_rank and self.step == die_step:
             _mark(f"dying.rank{self.rank}", str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
