@@ -50,10 +50,12 @@ def test_preempt_checkpoint_requeue_resume(baseline, slurm_workdir, trial):
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     # Requeued on rank 0's stop file, whatever status srun reports (143 when --kill-on-bad-exit
     # reached a rank that had passed the final barrier before it exited by itself).
-    assert re.search(r'training stopped on a signal \(exit \d+\) after checkpointing \(\{"signal": 10, "step": 3\}\); '
+    # The signal reaches the ranks while they wait after step 3; it rides in the next step's one
+    # reduction, so step 4 completes on every rank and is the checkpoint.
+    assert re.search(r'training stopped on a signal \(exit \d+\) after checkpointing \(\{"signal": 10, "step": 4\}\); '
                      r"requeueing", log), log[-3000:]
-    assert "warning: signal 10: checkpointing at step 3 and stopping" in log
-    assert "resumed from step 3" in log
+    assert "warning: signal 10: checkpointing at step 4 and stopping" in log
+    assert "resumed from step 4" in log
     assert (job.run_dir / "checkpoints/step_00000003/COMPLETE").exists()
     s = _summary(job.run_dir)
     assert s["finished"] and s["step"] == STEPS
