@@ -56,7 +56,7 @@ def test_preempt_checkpoint_requeue_resume(baseline, slurm_workdir, trial):
                      r"requeueing", log), log[-3000:]
     assert "warning: signal 10: checkpointing at step 4 and stopping" in log
     assert "resumed from step 4" in log
-    assert (job.run_dir / "checkpoints/step_00000003/COMPLETE").exists()
+    assert (job.run_dir / "checkpoints/step_00000004/COMPLETE").exists()
     s = _summary(job.run_dir)
     assert s["finished"] and s["step"] == STEPS
     assert s["weights_sha256"] == _summary(baseline[0].run_dir)["weights_sha256"]
