@@ -4,10 +4,12 @@
   thread's Python stack to stderr — the job log — and keep running. faulthandler does this from C,
   so it works while the rank is blocked inside a collective.
 - `CollectiveWatch`: each rank records in the job's rendezvous store the last step whose
-  end-of-step collective it reached. When a rank has waited in that collective for half the
-  collective timeout, it logs which ranks never reached it and flags the hang in the store; every
-  rank then dumps its stacks, so the log shows where the missing ranks are stuck. The collective
-  itself still fails at the full timeout (the job ends; it never hangs).
+  collectives it entered (the step guard marks it at the start of a step and clears it once the
+  step's one reduction returned). When a rank has waited for half the collective timeout while
+  some peer never entered that step, it logs which ranks are missing and flags the hang in the
+  store; every rank then dumps its stacks, so the log shows where the missing ranks are stuck. At
+  the full timeout the waiting rank exits with EXIT_HUNG: the process groups DeepSpeed creates for
+  ZeRO do not all carry our timeout, so without this a dead or stuck peer could hang the job.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import threading
 import time
 
 HANG_KEY = "megalm/diagnose/hang"
+EXIT_HUNG = 124  # like timeout(1): the job failed on a peer that never arrived
 POLL_S = 2.0
 
 
@@ -35,11 +38,13 @@ def _dump(header: str) -> None:
 
 
 class CollectiveWatch:
-    """Per rank; `arrive(step)` before the end-of-step collective, `left()` after it."""
+    """Per rank; `arrive(step)` when a step's collectives begin, `left()` once its reduction returned."""
 
-    def __init__(self, rank: int, world: int, timeout_s: float, store=None, poll_s: float = POLL_S):
-        self.rank, self.world, self.after_s, self.poll_s = rank, world, timeout_s / 2, poll_s
+    def __init__(self, rank: int, world: int, timeout_s: float, store=None, poll_s: float = POLL_S,
+                 give_up=os._exit):
+        self.rank, self.world, self.timeout_s, self.after_s, self.poll_s = rank, world, timeout_s, timeout_s / 2, poll_s
         self.store = store
+        self.give_up = give_up  # called with EXIT_HUNG at the full timeout (tests pass a recorder)
         self._step, self._since = 0, None
         self._reported = self._dumped = False
         self._stop = threading.Event()
@@ -95,15 +100,23 @@ class CollectiveWatch:
 
     def _poll(self) -> None:
         since, step = self._since, self._step
-        if since is not None and not self._reported and time.monotonic() - since > self.after_s:
-            self._reported = True
+        waited = 0.0 if since is None else time.monotonic() - since
+        if since is not None and waited > self.after_s and (not self._reported or waited > self.timeout_s):
             late = self.missing(step)
-            msg = (f"megalm: hang: rank {self.rank} has waited {time.monotonic() - since:.0f} s in the end-of-step "
-                   f"collective of step {step}; rank(s) {', '.join(map(str, late)) or 'none'} never reached it")
-            self.store.set(HANG_KEY, msg)
-            if not self._dumped:
-                self._dumped = True
-                _dump(msg + f"; stacks of rank {self.rank}:")
+            if late and not self._reported:  # a slow step that every rank entered is no hang
+                self._reported = True
+                msg = (f"megalm: hang: rank {self.rank} has waited {waited:.0f} s for the collective of step "
+                       f"{step}; rank(s) {', '.join(map(str, late))} never reached it")
+                self.store.set(HANG_KEY, msg)
+                if not self._dumped:
+                    self._dumped = True
+                    _dump(msg + f"; stacks of rank {self.rank}:")
+            if late and waited > self.timeout_s:
+                print(f"megalm: hang: rank {self.rank} gives up after {waited:.0f} s (collective timeout "
+                      f"{self.timeout_s:.0f} s) waiting for rank(s) {', '.join(map(str, late))} at step {step}; "
+                      f"exiting with {EXIT_HUNG}", file=sys.stderr, flush=True)
+                self.give_up(EXIT_HUNG)
+                self._since = None  # (only reached when give_up returns, as in tests)
         if not self._dumped and self.store.check([HANG_KEY]):
             self._dumped = True
             _dump(f"megalm: hang reported ({self.store.get(HANG_KEY).decode()}); stacks of rank {self.rank}:")

@@ -40,12 +40,14 @@ class StepGuard:
         self.last_bad = False
         self.decided = False
         self.device = torch.device("cpu")  # where the decision all_reduce runs (CUDA under NCCL)
-        self.watch: CollectiveWatch | None = None  # told when this rank waits in the step's collective
+        self.watch: CollectiveWatch | None = None  # told when this rank enters and leaves a step's collectives
         self.step = 0
 
     def begin_step(self, poison: bool = False, step: int = 0) -> None:
         self._sum, self._nonfinite, self._count = None, None, 0
         self.step = step
+        if self.watch is not None:  # from here until the reduction returns, peers are awaited
+            self.watch.arrive(step)
         self.poison = poison
         self.decided = False
 
@@ -75,8 +77,6 @@ class StepGuard:
             *(zero + f for f in flags),
         ])
         if dist.is_initialized():
-            if self.watch is not None:
-                self.watch.arrive(self.step)
             dist.all_reduce(t)
         values = t.tolist()  # the one host synchronisation of the step (under NCCL it waits here)
         if self.watch is not None:

@@ -179,7 +179,7 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self, micro: list[Batch]) -> None:
-        self.guard.begin_step(poison=self.data_step in self.cfg.debug.nan_at_data_steps, step=self.step)
+        self.guard.begin_step(poison=self.data_step in self.cfg.debug.nan_at_data_steps, step=self.step + 1)
         if self.b.pipeline:
             self.engine.train_batch(data_iter=iter([self.task.pipeline_batch(mb) for mb in micro]))
         else:
