@@ -28,8 +28,13 @@ $(CUDA_VENV)/.installed: Makefile
 demo: venv
 	bash scripts/demo.sh
 
+# With Slurm installed, the local 2-node cluster (slurm/local/) runs for the Slurm tests; it is
+# stopped afterwards only if this target started it.
 test: venv cuda-venv
-	$(BIN)/python -m pytest -q tests
+	@started=; if command -v slurmctld >/dev/null && ! bash slurm/local/running.sh; then \
+		bash slurm/local/start.sh >/dev/null && started=1; fi; \
+	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	if [ -n "$$started" ]; then bash slurm/local/stop.sh; fi; exit $$rc
 
 clean:
 	rm -rf build runs data/demo

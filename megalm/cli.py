@@ -13,6 +13,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("megalm.train.cli", "train a model from a YAML config (DeepSpeed)"),
     "sample": ("megalm.train.sample", "generate text from a checkpoint"),
     "launch": ("launcher.cli", "start N local ranks of a command (torchrun-compatible env)"),
+    "submit": ("launcher.slurm", "submit a training run to Slurm (requeue + resume on preemption)"),
+    "plan": ("megalm.plan", "per-GPU memory and step time for ZeRO stages / pipeline splits"),
     "ops": ("megalm.ops.cli", "build fused CUDA ops ahead of time / report what runs here"),
 }
 

@@ -43,6 +43,10 @@ def main(argv: list[str]) -> int:
     trainer = Trainer(cfg, task, rank=rank, world_size=world)
     trainer.resume(args.resume)
     summary = trainer.run()
+    if summary["stopped_by_signal"] and not summary["finished"]:
+        from launcher.stopfile import note_checkpointed_stop
+
+        note_checkpointed_stop(rank, summary["stopped_by_signal"], summary["step"])  # -> sbatch requeues
     if rank == 0:
         print(json.dumps(json_safe(summary)), flush=True)
     import torch.distributed as dist

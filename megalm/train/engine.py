@@ -3,6 +3,7 @@ optimizer, the LR schedule and `deepspeed.initialize`, all derived from the Trai
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,10 @@ class _Use(nn.Module):
 
 def init_distributed() -> tuple[int, int]:
     """Start the process group from whatever launcher started us (torchrun, mpirun, srun)."""
+    from launcher.diagnose import install_stack_dump
     from launcher.env import discover, set_accelerator_default
 
+    install_stack_dump()  # SIGUSR2: every thread's stack to the log; the rank keeps running
     accel = set_accelerator_default()
     env = discover()
     env.export()
@@ -45,8 +48,10 @@ def init_distributed() -> tuple[int, int]:
 
     _quiet_deepspeed()
     if not dist.is_initialized():
+        # A dead or stuck peer fails the collective after env.timeout_s instead of hanging the job.
         deepspeed.init_distributed(dist_backend="nccl" if accel == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+                                   auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(seconds=env.timeout_s))
     if accel == "cuda":
         torch.cuda.set_device(env.local_rank)
     return dist.get_rank(), dist.get_world_size()

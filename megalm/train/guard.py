@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from launcher.diagnose import CollectiveWatch
 from megalm.ops import FusedAdamW
 from megalm.train.config import BadStepsSection
 
@@ -39,9 +40,14 @@ class StepGuard:
         self.last_bad = False
         self.decided = False
         self.device = torch.device("cpu")  # where the decision all_reduce runs (CUDA under NCCL)
+        self.watch: CollectiveWatch | None = None  # told when this rank enters and leaves a step's collectives
+        self.step = 0
 
-    def begin_step(self, poison: bool = False) -> None:
+    def begin_step(self, poison: bool = False, step: int = 0) -> None:
         self._sum, self._nonfinite, self._count = None, None, 0
+        self.step = step
+        if self.watch is not None:  # from here until the reduction returns, peers are awaited
+            self.watch.arrive(step)
         self.poison = poison
         self.decided = False
 
@@ -72,7 +78,10 @@ class StepGuard:
         ])
         if dist.is_initialized():
             dist.all_reduce(t)
-        return t.tolist()  # the one host synchronisation of the step
+        values = t.tolist()  # the one host synchronisation of the step (under NCCL it waits here)
+        if self.watch is not None:
+            self.watch.left()
+        return values
 
     def decide(self) -> bool:
         """Collective: the global mean loss of this step, whether the step is bad, and whether

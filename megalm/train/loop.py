@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launcher.diagnose import CollectiveWatch
 import megalm
 from megalm.errors import UserError
 from megalm.checkpoint.manager import CheckpointManager
@@ -88,6 +89,7 @@ class Trainer:
         if self.peak_flops is None and torch.cuda.is_available() and rank == 0:
             _warn(f"no peak FLOP/s known for {torch.cuda.get_device_name()} in {cfg.precision.dtype}: MFU is "
                   f"not logged; set logging.peak_flops (per device) to get it")
+        self.guard.watch = CollectiveWatch.for_job(rank, world_size)  # names ranks missing a collective
 
     # ---- state -------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
@@ -177,7 +179,7 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self, micro: list[Batch]) -> None:
-        self.guard.begin_step(poison=self.data_step in self.cfg.debug.nan_at_data_steps)
+        self.guard.begin_step(poison=self.data_step in self.cfg.debug.nan_at_data_steps, step=self.step + 1)
         if self.b.pipeline:
             self.engine.train_batch(data_iter=iter([self.task.pipeline_batch(mb) for mb in micro]))
         else:
@@ -322,6 +324,7 @@ class Trainer:
             if self.step >= self.total_steps and cfg.eval.batches:
                 self._eval(metrics)
         finally:
+            self.guard.watch.close()
             metrics.close()
             self.stops.restore()
             self.ckpt.close()
