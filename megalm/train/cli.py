@@ -35,9 +35,12 @@ def main(argv: list[str]) -> int:
 
     from megalm.train.engine import init_distributed
     from megalm.train.loop import Trainer
-    from megalm.train.task import LMTask
+    if cfg.task == "diffusion":
+        from megalm.diffusion.task import DiffusionTask as TaskClass
+    else:
+        from megalm.train.task import LMTask as TaskClass
 
-    task = LMTask(cfg)
+    task = TaskClass(cfg)
     rank, world = init_distributed()
     trainer = Trainer(cfg, task, rank=rank, world_size=world)
     trainer.resume(args.resume)

@@ -17,11 +17,13 @@ from typing import Any
 
 import yaml
 
+from megalm.diffusion.config import DiffusionSection
 from megalm.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 MAX_SCALE_POWER = 32  # fp16 dynamic loss scale starts at most at 2**32
 DTYPES = ("bf16", "fp16", "fp32")
+TASKS = ("lm", "diffusion")
 
 
 @dataclass
@@ -113,6 +115,7 @@ class DebugSection:
 @dataclass
 class TrainConfig:
     name: str = "run"
+    task: str = "lm"  # lm: next-token pretraining; diffusion: DiT on image shards (section `diffusion`)
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     data: DataSection = field(default_factory=DataSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -126,6 +129,7 @@ class TrainConfig:
     bad_steps: BadStepsSection = field(default_factory=BadStepsSection)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
     debug: DebugSection = field(default_factory=DebugSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)  # used by task: diffusion
     source: str = "config"  # file name used in error messages (not a YAML key)
 
     # ---- derived -------------------------------------------------------------------------
@@ -162,6 +166,10 @@ class TrainConfig:
     def validate(self, world_size: int | None = None) -> None:
         """Reject impossible settings up front; `world_size` adds the batch/parallel checks."""
         b, p, o = self.batch, self.parallel, self.optimizer
+        if self.task not in TASKS:
+            raise self._err("task", f"expected one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "diffusion":
+            self.diffusion.validate(self.source)
         if not self.data.paths:
             raise self._err("data.paths", "expected at least one shard directory")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.paths):

@@ -129,6 +129,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and "--prompt" not in argv and os.path.isdir(first):  # DiT checkpoint: images
+        from megalm.diffusion.sample import is_diffusion, main as diffusion_main
+
+        root, tag = resolve(first)
+        meta = _client_state(os.path.join(root, tag))
+        if is_diffusion(meta):
+            return diffusion_main(argv, meta, os.path.join(root, tag))
     args = _parse(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading a checkpoint is CPU work; skip GPU probing
     with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the sample

@@ -37,6 +37,9 @@ class Task(Protocol):
     def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
     def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]: ...
     def fingerprint(self) -> dict[str, Any]: ...
+    # Optional: `attach(engine, dp_rank, dp_world)` returning an object with
+    # `after_step(step, applied)`, `state_dict()` (collective) and `load_state_dict(state)`: task
+    # state that must follow the weights through checkpoints (the diffusion task's EMA).
 
 
 def _manifest_tokenizer(shard_dir: str) -> Any:
