@@ -8,7 +8,7 @@ CUDA_VENV := .venv-cuda
 TORCH_CPU := torch==2.13.0
 TORCH_CUDA := torch==2.14.1
 
-.PHONY: demo test venv cuda-venv clean
+.PHONY: demo demo-diffusion test venv cuda-venv clean
 
 venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
@@ -28,11 +28,15 @@ $(CUDA_VENV)/.installed: Makefile
 demo: venv
 	bash scripts/demo.sh
 
+# Diffusion on the same engine: digits -> DiT on 2 CPU ranks -> sample grid -> classifier score.
+demo-diffusion: venv
+	bash scripts/demo_diffusion.sh
+
 test: venv cuda-venv
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf build runs data/demo
+	rm -rf build runs data/demo data/digits
 
 # GPU-only checks (kernels vs references, ops benchmark); run on a machine with a CUDA GPU.
 .PHONY: test-gpu
