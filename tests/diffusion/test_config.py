@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from megalm.cli import main as cli
 from megalm.diffusion.task import DiffusionTask
 from megalm.errors import UserError
 from megalm.train.config import load_config
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("cfg") / "digits"
-    assert cli(["prep", "builtin:digits", "-o", str(out)]) == 0
-    return str(out)
 
 
 @pytest.mark.parametrize("override,key", [

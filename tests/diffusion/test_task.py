@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 
-from megalm.cli import main as cli
 from megalm.diffusion.task import DiffusionTask
 from megalm.train.config import load_config
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("task") / "digits"
-    assert cli(["prep", "builtin:digits", "-o", str(out)]) == 0
-    return str(out)
 
 
 def test_grid_interval_logs_an_ema_sample_grid_to_tensorboard(tmp_path, digits):

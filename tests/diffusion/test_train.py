@@ -10,17 +10,10 @@ import sys
 
 import pytest
 
-from megalm.cli import main as cli
 from tests.distributed.helper import REPO, cpu_env, run_distributed
 
 pytestmark = pytest.mark.timeout(900)
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    assert cli(["prep", "builtin:digits", "-o", str(out)]) == 0
-    return str(out)
 
 
 def test_zero_stages_resume_bit_exactly_on_2_ranks(tmp_path, digits):
