@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-
 from megalm.diffusion.task import DiffusionTask
 from megalm.train.config import load_config
-
 
 
 def test_grid_interval_logs_an_ema_sample_grid_to_tensorboard(tmp_path, digits):
