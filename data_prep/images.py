@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +23,45 @@ import numpy as np
 import pyarrow as pa
 
 from megalm.errors import UserError
-from megalm.fsio import atomic_write, fsync_dir
+from megalm.fsio import atomic_write, fsync_dir, sha256_file
 
 FORMAT, FORMAT_VERSION, KIND = "megalm-shards", 1, "images"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DIGITS = "builtin:digits"
 
 
+def _is_image_dir(path: str) -> bool:
+    try:
+        return json.loads(Path(path, "manifest.json").read_bytes()).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def wants_images(argv: list[str]) -> bool:
-    """Does this `megalm prep` command line name image inputs?"""
+    """Does this `megalm prep` command line name image inputs (or --verify an image shard dir)?"""
+    if "--verify" in argv and argv.index("--verify") + 1 < len(argv):
+        return _is_image_dir(argv[argv.index("--verify") + 1])
     return "--images" in argv or any(a == DIGITS or a.endswith(".npz") for a in argv if not a.startswith("-"))
+
+
+def verify(out_dir: str) -> list[str]:
+    """Re-check every shard against the manifest (size, sha256, rows, pixel width); one line per problem."""
+    from megalm.diffusion.data import load_image_manifest, read_split
+
+    m = load_image_manifest(out_dir)
+    problems = []
+    for split, info in m.splits.items():
+        for shard in info.shards:
+            if not os.path.exists(shard.file):
+                problems.append(f"{shard.file}: missing")
+            elif sha256_file(shard.file) != shard.sha256:
+                problems.append(f"{shard.file}: sha256 does not match the manifest")
+        if not problems and info.shards:
+            try:
+                read_split(m, split)
+            except UserError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 @dataclass
@@ -167,8 +197,9 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str]) -> int:
     p = _Parser(prog="megalm prep --images", description="Images -> Arrow shards + manifest.json: a folder "
                 "with one subfolder per class, an .npz (uint8 'images' [N,H,W(,C)] + 'labels'), or builtin:digits.")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("input", nargs="?")
+    p.add_argument("-o", "--output")
+    p.add_argument("--verify", metavar="DIR", help="re-check every shard of an image shard directory and exit")
     p.add_argument("--images", action="store_true", help="treat the input as images (implied for .npz / digits)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="image folders: 1 = grey, 3 = RGB")
     p.add_argument("--image-size", type=int, default=None, help="image folders: resize every image to N x N")
@@ -176,6 +207,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--shard-size-mb", type=float, default=64.0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
     args = p.parse_args(argv)
+    if args.verify:
+        problems = verify(args.verify)
+        for line in problems:
+            print(line)
+        print(f"{args.verify}: {len(problems)} problem(s)" if problems else f"{args.verify}: ok",
+              file=sys.stderr if problems else sys.stdout)
+        return 1 if problems else 0
+    if not args.input or not args.output:
+        raise UserError("megalm prep --images: expected INPUT and -o OUTPUT (or --verify DIR)")
     if not 0.0 <= args.valid_fraction < 1.0:
         raise UserError(f"--valid-fraction: expected 0 <= f < 1, got {args.valid_fraction}")
     if args.image_size is not None and args.image_size <= 0:

@@ -47,6 +47,18 @@ def test_digits_round_trip(tmp_path):
     assert json.loads((tmp_path / "e/manifest.json").read_text())["splits"] == manifest["splits"]
 
 
+def test_verify_finds_a_damaged_shard(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert cli(["prep", "builtin:digits", "-o", str(out)]) == 0
+    assert cli(["prep", "--verify", str(out)]) == 0
+    shard = out / json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    blob = bytearray(shard.read_bytes())
+    blob[-100] ^= 1
+    shard.write_bytes(bytes(blob))
+    assert cli(["prep", "--verify", str(out)]) == 1
+    assert f"{shard}: sha256 does not match the manifest" in capsys.readouterr().out
+
+
 def test_npz_and_folder_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(12, 6, 6, 3), dtype=np.uint8)
