@@ -67,10 +67,11 @@ class DiffusionTask:
         y = drop_labels(batch["y"], batch["drop"], self.model_config.num_classes) if self.model_config.num_classes else None
         return self.objective.loss(model, batch["x0"], batch["noise"], batch["u"], y)
 
-    def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
+    def _no_pipeline(self, *_: Any) -> Any:
+        # Unreachable: __init__ refuses pipeline_stages > 1; present to satisfy the Task protocol.
         raise UserError("task diffusion: pipeline parallelism is not supported")
 
-    pipeline_loss = pipeline_batch = pipeline_layers
+    pipeline_layers = pipeline_loss = pipeline_batch = _no_pipeline
 
     def fingerprint(self) -> dict[str, Any]:
         return {"task": "diffusion", "shard_dirs": [os.path.abspath(p) for p in self.cfg.data.paths],
