@@ -38,9 +38,17 @@ test: venv cuda-venv
 clean:
 	rm -rf build runs data/demo data/digits
 
-# GPU-only checks (kernels vs references, ops benchmark); run on a machine with a CUDA GPU.
-.PHONY: test-gpu
-# Uses the machine's own CUDA torch (python3), not the CPU .venv.
+# GPU-only checks on a machine with a CUDA GPU, using that machine's own CUDA torch (python3), not
+# the CPU .venv: build the ops (default arch list) and self-test every kernel on the GPU, failing
+# on any wrong kernel (--strict), then the GPU test suite. Then `python benchmarks/ops.py`.
+# A GPU machine without a package index and without pytest: run `make gpu-wheels` where there is
+# one and carry .whl/ along; test-gpu installs pytest from it into .whl/site.
+.PHONY: test-gpu gpu-wheels
 test-gpu:
-	PYTHONPATH=$(CURDIR) $(PYTHON) -m megalm.ops.build
-	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -p no:cacheprovider gpu_tests
+	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'test-gpu: $(PYTHON) sees no CUDA GPU')"
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m megalm.ops.build --strict
+	@$(PYTHON) -c "import pytest" 2>/dev/null || test -d .whl/site || $(PYTHON) -m pip install -q --no-index --find-links .whl --target .whl/site pytest || { echo "test-gpu: no pytest for $(PYTHON) (make gpu-wheels, carry .whl/)"; exit 1; }
+	PYTHONPATH=$(CURDIR):$(CURDIR)/.whl/site $(PYTHON) -m pytest -q -p no:cacheprovider gpu_tests
+
+gpu-wheels: venv
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 -d .whl pytest

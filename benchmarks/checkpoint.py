@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     _env()
     from tqdm import tqdm
 
-    from megalm.train.checkpoint import CheckpointConfig, CheckpointManager
+    from megalm.checkpoint.config import CheckpointConfig
+    from megalm.checkpoint.manager import CheckpointManager
 
     engine, n_params = build(args.zero)
     stock_engine = engine.checkpoint_engine
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "async":
                 res["async_write_and_publish_s"].append(time.perf_counter() - t0 - mgr.last_blocked_s)
             bar.update()
+        mgr.close()
         shutil.rmtree(os.path.join(scratch, mode))
     bar.close()
     med = {k: statistics.median(res[k]) for k in ("deepspeed_stock_blocked_s", "sync_blocked_s", "async_blocked_s")}

@@ -54,9 +54,8 @@ def main() -> None:
     from data_prep.images import load_digits_images, write_shards
     from megalm.diffusion.data import load_image_manifest, read_split, to_model_range
     from megalm.diffusion.quality import accuracy, features, frechet_distance, train_classifier
-    from megalm.diffusion.sample import generate, load
+    from megalm.diffusion.sample import from_checkpoint, generate
     from megalm.train.config import load_config
-    from megalm.train.sample import _client_state, resolve
 
     work = tempfile.mkdtemp(prefix="megalm-dq-")
     shards = os.path.join(work, "digits")
@@ -94,8 +93,7 @@ def main() -> None:
     summary = json.loads(out.strip().splitlines()[-1])
     steps = summary["step"]
 
-    root, tag = resolve(os.path.join(work, "runs/digits/checkpoints"))
-    model, objective = load(_client_state(os.path.join(root, tag)), tag)
+    model, objective = from_checkpoint(os.path.join(work, "runs/digits/checkpoints"))
     params = sum(p.numel() for p in model.parameters())
     by_scale, best = {}, None
     t0 = time.perf_counter()

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Fused-ops benchmark (needs a CUDA GPU and a built extension: `megalm ops build`).
+"""Fused-ops benchmark on a CUDA GPU (run `megalm ops build` first; `make test-gpu` does).
 
-    python benchmarks/ops.py [--out benchmarks/results/ops_<gpu>.json] [--iters 50]
+    python benchmarks/ops.py [--iters 30] [--no-compile] [--out PATH]
 
-Per op (forward + backward where there is one): time of our kernel and of the same-run
-baselines — our PyTorch reference (eager) and, where torch has one, torch's own op — as
-`speedup_vs_eager` / `speedup_vs_torch`; bytes moved / time as GB/s and % of HBM bandwidth
-(H100 3.35 TB/s, H200 4.8 TB/s). Cross-entropy: peak memory of fused linear CE at vocab 128k x
-8k tokens vs F.cross_entropy(h @ W^T) (`peak_memory_ratio`). AdamW: vs
-torch.optim.AdamW(foreach=True) and (fused=True).
+Per op and dtype, forward + backward at default settings: median time of our kernel and of the
+same-run baselines — PyTorch eager (our reference composition, and torch's own op where it has
+one) and torch.compile of the reference — as `speedup_vs_<baseline>`, plus the minimum DRAM
+bytes the op must move (norms and adaLN: 5 row passes — read x, write y; read dy, read x,
+write dx; SwiGLU: 8 — 3 forward, 5 backward; RoPE: 4 passes over q and k; CE: 3 forward — two
+reads of the logits, one gradient write — and 2 backward — read, scale-write) as GB/s and % of the
+device's peak HBM bandwidth (from its memory clock and bus width) and of a measured device copy.
+LM-head loss at vocab 128k: fused linear CE vs logits = h @ W^T + F.cross_entropy, time and peak
+memory. AdamW: ours vs torch.optim.AdamW(foreach) and (fused). JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -19,29 +22,37 @@ import os
 import platform
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megalm.fsio import atomic_write  # noqa: E402
 from megalm.ops import (FusedAdamW, adaln_layer_norm, apply_rope, cross_entropy,  # noqa: E402
                         fused_linear_cross_entropy, layer_norm, rms_norm, rope_cos_sin, swiglu)
 from megalm.ops import _backend  # noqa: E402
 
-HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
+GOALS = {"norm_swiglu_rope_pct_of_hbm_peak": 80.0, "fused_ce_speedup_vs_eager": 2.0,
+         "fused_ce_peak_memory_ratio_max": 0.2}
 
 
-def hbm_peak_tbps() -> float | None:
-    name = torch.cuda.get_device_name()
-    for key, tbps in HBM_TBPS.items():
-        if key in name:
-            return tbps
-    return None
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def bench(fn, iters: int) -> float:
+def peak_hbm_bytes_per_s() -> float | None:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8  # double data rate
+    table = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+    return next((v for k, v in table.items() if k in torch.cuda.get_device_name()), None)
+
+
+def bench(fn: Callable[[], None], iters: int) -> float:
     """Median seconds per call, CUDA-event timed after warm-up."""
     for _ in range(3):
         fn()
@@ -58,140 +69,203 @@ def bench(fn, iters: int) -> float:
     return times[len(times) // 2]
 
 
-def fwd_bwd(op, inputs, **kw):
+def fwd_bwd(op: Callable, inputs: list[torch.Tensor]) -> Callable[[], None]:
+    """One forward + backward; upstream grads (ones) are made once, outside the timed work."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    dys: list[torch.Tensor] = []
+
     def run():
-        xs = [t.detach().requires_grad_(True) if t.is_floating_point() else t for t in inputs]
-        y = op(*xs, **kw)
+        for t in leaves:
+            t.grad = None
+        y = op(*leaves)
         y = y if isinstance(y, tuple) else (y,)
-        torch.autograd.backward(y, [torch.ones_like(o) for o in y])
+        if not dys:
+            dys.extend(torch.ones_like(o) for o in y)
+        torch.autograd.backward(y, dys)
     return run
 
 
-def row(name, nbytes, times: dict[str, float], peak):
-    ours = times["cuda"]
-    out = {"op": name, "bytes": nbytes, "seconds": {k: round(v, 7) for k, v in times.items()},
-           "gb_per_s": round(nbytes / ours / 1e9, 1)}
-    if peak:
-        out["pct_of_hbm_peak"] = round(100 * nbytes / ours / (peak * 1e12), 1)
-    for k, v in times.items():
-        if k != "cuda":
-            out[f"speedup_vs_{k}"] = round(v / ours, 2)
-    return out
+def measured_copy_bytes_per_s(iters: int) -> float:
+    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x), iters)
+    return 2 * x.numel() / t
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
-    assert _backend.extension() is not None, _backend.unavailable_reason()
-    dev, bf = "cuda", torch.bfloat16
-    peak = hbm_peak_tbps()
-    rows = []
-    n_tok, d = 16384, 4096
-    x = torch.randn(n_tok, d, device=dev, dtype=bf)
-    w = torch.ones(d, device=dev, dtype=bf)
-    b = torch.zeros(d, device=dev, dtype=bf)
-    el = x.element_size()
-    cases = [
-        # name, op builder (backend -> callable), bytes of fwd+bwd (x, y, dy, dx)
-        ("rms_norm fwd+bwd bf16 16384x4096",
-         {k: fwd_bwd(rms_norm, [x, w], backend=k) for k in ("cuda", "reference")} |
-         {"torch": fwd_bwd(lambda a, b_: F.rms_norm(a, (d,), b_, 1e-5), [x, w])}, 4 * x.numel() * el),
-        ("layer_norm fwd+bwd bf16 16384x4096",
-         {k: fwd_bwd(layer_norm, [x, w, b], backend=k) for k in ("cuda", "reference")} |
-         {"torch": fwd_bwd(lambda a, w_, b_: F.layer_norm(a, (d,), w_, b_), [x, w, b])},
-         4 * x.numel() * el),
-    ]
-    xa = x.view(8, 2048, d)
-    sh, sc = torch.randn(8, d, device=dev, dtype=bf), torch.randn(8, d, device=dev, dtype=bf)
-    cases.append(("adaln fwd+bwd bf16 8x2048x4096",
-                  {k: fwd_bwd(adaln_layer_norm, [xa, sh, sc], backend=k) for k in ("cuda", "reference")},
-                  4 * x.numel() * el))
-    q = torch.randn(8, 2048, 32, 128, device=dev, dtype=bf)
-    kk = torch.randn(8, 2048, 8, 128, device=dev, dtype=bf)
-    cos, sin = rope_cos_sin(torch.arange(2048, device=dev), 128)
-    cases.append(("rope fwd+bwd bf16 q 8x2048x32x128 k 8 heads",
-                  {k: fwd_bwd(lambda a, b_, backend: apply_rope(a, b_, cos, sin, backend=backend),
-                              [q, kk], backend=k) for k in ("cuda", "reference")},
-                  4 * (q.numel() + kk.numel()) * el))
-    gt = torch.randn(16384, 11008, device=dev, dtype=bf)
+def op_cases(dtype: torch.dtype):
+    """(name, bytes moved, {variant: op}, inputs) at sizes of a 7B-class model step."""
+    dev, el = "cuda", torch.tensor([], dtype=dtype).element_size()
+    r, d = 16384, 4096
+    x = torch.randn(r, d, device=dev, dtype=dtype)
+    w = torch.rand(d, device=dev, dtype=dtype) + 0.5
+    b = torch.randn(d, device=dev, dtype=dtype)
+    yield (f"rms_norm {r}x{d}", 5 * x.numel() * el,
+           {"ours": lambda a, ww: rms_norm(a, ww, backend="cuda"),
+            "eager": lambda a, ww: rms_norm(a, ww, backend="reference"),
+            "torch_op": lambda a, ww: F.rms_norm(a, (d,), ww, 1e-5)}, [x, w])
+    yield (f"layer_norm {r}x{d}", 5 * x.numel() * el,
+           {"ours": lambda a, ww, bb: layer_norm(a, ww, bb, backend="cuda"),
+            "eager": lambda a, ww, bb: layer_norm(a, ww, bb, backend="reference"),
+            "torch_op": lambda a, ww, bb: F.layer_norm(a, (d,), ww, bb)}, [x, w, b])
+    xa = x.view(8, r // 8, d)
+    sh, sc = torch.randn(8, d, device=dev, dtype=dtype), torch.randn(8, d, device=dev, dtype=dtype)
+    yield (f"adaln 8x{r // 8}x{d}", 5 * x.numel() * el,
+           {"ours": lambda a, s, c: adaln_layer_norm(a, s, c, backend="cuda"),
+            "eager": lambda a, s, c: adaln_layer_norm(a, s, c, backend="reference")}, [xa, sh, sc])
+    del x
+    bsz, t, hq, hk, hd = 8, 2048, 32, 8, 128
+    q = torch.randn(bsz, t, hq, hd, device=dev, dtype=dtype)
+    k = torch.randn(bsz, t, hk, hd, device=dev, dtype=dtype)
+    cos, sin = rope_cos_sin(torch.arange(t, device=dev), hd)
+    yield (f"rope q {bsz}x{t}x{hq}x{hd} k {hk} heads", 4 * (q.numel() + k.numel()) * el,
+           {"ours": lambda a, c: apply_rope(a, c, cos, sin, backend="cuda"),
+            "eager": lambda a, c: apply_rope(a, c, cos, sin, backend="reference")}, [q, k])
+    del q, k
+    gt = torch.randn(r, 11008, device=dev, dtype=dtype)
     up = torch.randn_like(gt)
-    cases.append(("swiglu fwd+bwd bf16 16384x11008",
-                  {k: fwd_bwd(swiglu, [gt, up], backend=k) for k in ("cuda", "reference")} |
-                  {"torch": fwd_bwd(lambda a, b_: F.silu(a) * b_, [gt, up])},
-                  7 * gt.numel() * el))  # fwd: 2 in 1 out; bwd: 3 in 2 out... minus shared reads
-    logits = torch.randn(8192, 32000, device=dev, dtype=bf)
-    labels = torch.randint(0, 32000, (8192,), device=dev)
-    cases.append(("cross_entropy fwd+bwd bf16 8192x32000",
-                  {k: fwd_bwd(lambda a, backend: cross_entropy(a, labels, backend=backend), [logits],
-                              backend=k) for k in ("cuda", "reference")} |
-                  {"torch": fwd_bwd(lambda a: F.cross_entropy(a.float(), labels), [logits])},
-                  3 * logits.numel() * el))  # read twice, write grad once; backward scale ~1 more
-    for name, fns, nbytes in tqdm(cases, desc="ops"):
-        rows.append(row(name, nbytes, {k: bench(f, args.iters) for k, f in fns.items()}, peak))
-        torch.cuda.empty_cache()
+    yield (f"swiglu {r}x11008", 8 * gt.numel() * el,
+           {"ours": lambda a, u: swiglu(a, u, backend="cuda"),
+            "eager": lambda a, u: swiglu(a, u, backend="reference"),
+            "torch_op": lambda a, u: F.silu(a) * u}, [gt, up])
+    del gt, up
+    v = 32000
+    logits = torch.randn(8192, v, device=dev, dtype=dtype)
+    labels = torch.randint(0, v, (8192,), device=dev)
+    yield (f"cross_entropy 8192x{v}", 5 * logits.numel() * el,
+           {"ours": lambda a: cross_entropy(a, labels, backend="cuda"),
+            "eager": lambda a: cross_entropy(a, labels, backend="reference"),
+            "torch_op": lambda a: F.cross_entropy(a.float(), labels)}, [logits])
 
-    # Peak memory of the LM-head loss at vocab 128k x 8k tokens, hidden 4096, bf16.
-    V, N, D = 128 * 1024, 8192, 4096
-    h = torch.randn(N, D, device=dev, dtype=bf) * 0.1
-    W = torch.randn(V, D, device=dev, dtype=bf) * 0.02
-    lab = torch.randint(0, V, (N,), device=dev)
-    mem = {}
+
+def run_ops(dtypes, iters: int, compile_dtype, peak, copy_bw) -> list[dict]:
+    rows = []
+    for dtype in dtypes:
+        for name, nbytes, variants, inputs in op_cases(dtype):
+            if dtype == compile_dtype:
+                variants["torch_compile"] = torch.compile(variants["eager"])
+            times, errors = {}, {}
+            for key, op in variants.items():
+                try:
+                    times[key] = bench(fwd_bwd(op, inputs), iters)
+                except Exception as exc:  # noqa: BLE001 — a failing baseline is reported, not fatal
+                    errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            ours = times["ours"]
+            row = {"op": name, "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes,
+                   "seconds": {k: round(s, 7) for k, s in times.items()},
+                   "gb_per_s": round(nbytes / ours / 1e9, 1),
+                   "pct_of_measured_copy": round(100 * nbytes / ours / copy_bw, 1)}
+            if peak:
+                row["pct_of_hbm_peak"] = round(100 * nbytes / ours / peak, 1)
+            for k, s in times.items():
+                if k != "ours":
+                    row[f"speedup_vs_{k}"] = round(s / ours, 2)
+            if errors:
+                row["errors"] = errors
+            log(json.dumps(row))
+            rows.append(row)
+            del inputs, variants
+            torch.cuda.empty_cache()
+    return rows
+
+
+def lm_head_loss(iters: int) -> dict:
+    """Vocab 128k, 8k tokens, hidden 4096, bf16: fused linear CE vs logits + F.cross_entropy."""
+    v, n, d, dev, bf = 128 * 1024, 8192, 4096, "cuda", torch.bfloat16
+    h = torch.randn(n, d, device=dev, dtype=bf) * 0.1
+    w = torch.randn(v, d, device=dev, dtype=bf) * 0.02
+    lab = torch.randint(0, v, (n,), device=dev)
+    out = {"vocab": v, "tokens": n, "hidden": d, "dtype": "bfloat16"}
     for name, fn in [("fused_linear_ce", lambda a, b_: fused_linear_cross_entropy(a, b_, lab)),
-                     ("torch_matmul_then_ce", lambda a, b_: F.cross_entropy((a @ b_.t()).float(), lab))]:
+                     ("eager_matmul_then_ce", lambda a, b_: F.cross_entropy((a @ b_.t()).float(), lab))]:
+        run = fwd_bwd(fn, [h, w])
+        run()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        t = bench(fwd_bwd(fn, [h, W]), max(3, args.iters // 10))
-        mem[name] = {"peak_extra_bytes": torch.cuda.max_memory_allocated() - base, "seconds": round(t, 5)}
-    mem["peak_memory_ratio"] = round(mem["fused_linear_ce"]["peak_extra_bytes"] /
-                                     mem["torch_matmul_then_ce"]["peak_extra_bytes"], 3)
-    mem["speedup_vs_torch"] = round(mem["torch_matmul_then_ce"]["seconds"] /
-                                    mem["fused_linear_ce"]["seconds"], 2)
-    del h, W
+        run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        out[name] = {"peak_extra_bytes": peak, "seconds": round(bench(run, iters), 5)}
+        torch.cuda.empty_cache()
+    out["peak_memory_ratio"] = round(out["fused_linear_ce"]["peak_extra_bytes"] /
+                                     out["eager_matmul_then_ce"]["peak_extra_bytes"], 4)
+    out["speedup_vs_eager"] = round(out["eager_matmul_then_ce"]["seconds"] /
+                                    out["fused_linear_ce"]["seconds"], 2)
+    return out
 
-    # AdamW over a 1B-parameter-like mix of tensors (bf16 params + fp32 masters vs fp32 torch).
+
+def adamw(iters: int) -> dict:
+    """A 1.2B-parameter-like mix of tensors, fp32 params (same state bytes for every optimizer)."""
     shapes = [(4096, 4096)] * 24 + [(11008, 4096)] * 12 + [(4096,)] * 48
-    adam = {}
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    times = {}
     for name, make in [
-        ("ours_fp32", lambda ps: FusedAdamW(ps, lr=1e-4, weight_decay=0.1)),
-        ("torch_foreach_fp32", lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, foreach=True)),
-        ("torch_fused_fp32", lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, fused=True)),
+        ("ours", lambda ps: FusedAdamW(ps, lr=1e-4, weight_decay=0.1, backend="cuda")),
+        ("torch_foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, foreach=True)),
+        ("torch_fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, fused=True)),
     ]:
-        ps = [torch.nn.Parameter(torch.randn(s, device=dev)) for s in shapes]
+        ps = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
         for p in ps:
             p.grad = torch.randn_like(p)
         opt = make(ps)
-        adam[name] = bench(opt.step, max(5, args.iters // 5))
+        times[name] = bench(opt.step, iters)
         del ps, opt
         torch.cuda.empty_cache()
-    n_params = sum(torch.Size(s).numel() for s in shapes)
-    adam_row = {"params": n_params, "seconds": {k: round(v, 6) for k, v in adam.items()},
-                "speedup_vs_torch_foreach": round(adam["torch_foreach_fp32"] / adam["ours_fp32"], 2),
-                "speedup_vs_torch_fused": round(adam["torch_fused_fp32"] / adam["ours_fp32"], 2),
-                # fp32: read p, g, m, v; write p, m, v
-                "gb_per_s": round(7 * 4 * n_params / adam["ours_fp32"] / 1e9, 1)}
+    nbytes = 7 * 4 * n_params  # read p, g, m, v; write p, m, v
+    return {"params": n_params, "bytes": nbytes, "seconds": {k: round(v, 6) for k, v in times.items()},
+            "gb_per_s": round(nbytes / times["ours"] / 1e9, 1),
+            "speedup_vs_torch_foreach": round(times["torch_foreach"] / times["ours"], 2),
+            "speedup_vs_torch_fused": round(times["torch_fused"] / times["ours"], 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: benchmarks/ops.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if _backend.extension() is None:
+        print(f"error: CUDA kernels not available: {_backend.unavailable_reason()}", file=sys.stderr)
+        return 2
+    peak, copy_bw = peak_hbm_bytes_per_s(), measured_copy_bytes_per_s(args.iters)
+    rows = run_ops([torch.bfloat16, torch.float32], args.iters,
+                   None if args.no_compile else torch.bfloat16, peak, copy_bw)
+    head = lm_head_loss(max(5, args.iters // 3))
+    log(json.dumps(head))
+    adam = adamw(max(5, args.iters // 3))
+    log(json.dumps(adam))
+    bw_ops = [r for r in rows if r["op"].split()[0] in ("rms_norm", "layer_norm", "swiglu", "rope")]
+    goals = {
+        "norm_swiglu_rope_min_pct_of_hbm_peak": min((r.get("pct_of_hbm_peak", 0) for r in bw_ops),
+                                                    default=None),
+        "fused_ce_speedup_vs_eager": head["speedup_vs_eager"],
+        "fused_ce_peak_memory_ratio": head["peak_memory_ratio"],
+    }
+    goals["met"] = {
+        "bandwidth_80pct": (goals["norm_swiglu_rope_min_pct_of_hbm_peak"] or 0)
+        >= GOALS["norm_swiglu_rope_pct_of_hbm_peak"],
+        "ce_2x_faster": head["speedup_vs_eager"] >= GOALS["fused_ce_speedup_vs_eager"],
+        "ce_5x_less_memory": head["peak_memory_ratio"] <= GOALS["fused_ce_peak_memory_ratio_max"],
+    }
+    name = torch.cuda.get_device_name()
     result = {
-        "benchmark": "megalm.ops fused CUDA kernels",
+        "benchmark": "megalm.ops fused CUDA kernels, forward + backward",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": torch.cuda.get_device_name(), "hbm_peak_tb_per_s": peak,
+        "device": name, "hbm_peak_bytes_per_s": peak, "measured_copy_bytes_per_s": round(copy_bw),
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
                      "python": platform.python_version()},
-        "ops": rows, "lm_head_loss_vocab128k_8k_tokens": mem, "adamw": adam_row,
+        "ops": rows, "lm_head_loss_vocab128k": head, "adamw": adam, "goals": goals,
     }
     text = json.dumps(result, indent=2)
     print(text)
+    tag = "".join(c if c.isalnum() else "_" for c in name.split()[-1].lower())
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   "ops_" + torch.cuda.get_device_name().split()[-1].lower() + ".json")
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+                                   f"ops_{tag}.json")
+    atomic_write(out, text + "\n")
     return 0
 
 

@@ -35,7 +35,7 @@ def _stdlib_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _docstrings(path: Path) -> Iterator[str]:
+def docstrings(path: Path) -> Iterator[str]:
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
     except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
@@ -66,7 +66,7 @@ def iter_python_docs() -> Iterator[str]:
             yield text
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in _stdlib_files(root):
-        yield from _docstrings(path)
+        yield from docstrings(path)
 
 
 def write_python_docs_jsonl(path: str | os.PathLike, max_bytes: int | None = None,

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=32000)
     g.add_argument("--byte-fallback", action="store_true")
     g.add_argument("--special-tokens", default="", help="comma-separated user-defined symbols")
+    g.add_argument("--strict-vocab", action="store_true",
+                   help="fail if the corpus is too small for --vocab-size (default: warn)")
     g.add_argument("--tokenizer-sample-mb", type=float, default=10.0,
                    help="text sampled (by document hash) for training (default 10)")
     o = p.add_argument_group("output")
@@ -43,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--min-tokens", type=int, default=0)
     o.add_argument("--skip-bad", action="store_true",
                    help="skip malformed / non-UTF-8 JSONL lines (counted) instead of failing")
+    o.add_argument("--max-document-mb", type=float, default=64.0,
+                   help="refuse a larger document (JSON line, .txt file, Parquet value); "
+                        "bounds memory (default 64)")
     o.add_argument("--overwrite", action="store_true",
                    help="replace a previous run's output in --output")
     return p
@@ -78,7 +83,8 @@ def main(argv: list[str]) -> int:
         tokenizer_sample_mb=args.tokenizer_sample_mb, workers=args.workers,
         valid_fraction=args.valid_fraction, shard_size_mb=args.shard_size_mb, dedup=args.dedup,
         min_chars=args.min_chars, min_tokens=args.min_tokens, skip_bad=args.skip_bad,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, max_document_mb=args.max_document_mb,
+        strict_vocab=args.strict_vocab)
     from .pipeline import run
 
     run(cfg)

@@ -25,6 +25,12 @@ class PrepConfig:
     min_tokens: int = 0
     skip_bad: bool = False
     overwrite: bool = False
+    max_document_mb: float = 64.0  # a larger document (JSON line, .txt file, value) is refused
+    strict_vocab: bool = False  # refuse a trained vocabulary smaller than asked
+
+    @property
+    def max_document_chars(self) -> int:
+        return int(self.max_document_mb * (1 << 20))
 
     def validate(self) -> None:
         if not self.inputs:
@@ -41,6 +47,8 @@ class PrepConfig:
             raise UserError(f"--shard-size-mb: expected > 0, got {self.shard_size_mb}")
         if not self.tokenizer_sample_mb > 0:
             raise UserError(f"--tokenizer-sample-mb: expected > 0, got {self.tokenizer_sample_mb}")
+        if not self.max_document_mb > 0:
+            raise UserError(f"--max-document-mb: expected > 0, got {self.max_document_mb}")
         if self.min_chars < 0 or self.min_tokens < 0:
             raise UserError("--min-chars/--min-tokens: expected >= 0")
         if self.tokenizer is None:
@@ -49,7 +57,8 @@ class PrepConfig:
     def output_settings(self) -> dict:
         """Everything that determines the output bytes (not workers/ranks/overwrite)."""
         d = asdict(self)
-        for key in ("output", "workers", "overwrite", "tokenizer"):
+        for key in ("output", "workers", "overwrite", "tokenizer", "max_document_mb",
+                    "strict_vocab"):
             d.pop(key)
         d["inputs"] = list(self.inputs)
         d["tokenizer_spec"]["special_tokens"] = list(self.tokenizer_spec.special_tokens)

@@ -25,14 +25,18 @@ import pyarrow as pa
 from megalm.errors import UserError
 from megalm.fsio import atomic_write, fsync_dir, sha256_file
 
-FORMAT, FORMAT_VERSION, KIND = "megalm-shards", 1, "images"
+from . import manifest as token_manifest
+from .outdir import output_error
+from .shards import remove_temp_files
+
+KIND = "images"  # the manifest's `kind`; format and version are the token shards' (data_prep.manifest)
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DIGITS = "builtin:digits"
 
 
 def _is_image_dir(path: str) -> bool:
     try:
-        return json.loads(Path(path, "manifest.json").read_bytes()).get("kind") == KIND
+        return json.loads(Path(path, token_manifest.MANIFEST).read_bytes()).get("kind") == KIND
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -162,11 +166,20 @@ def write_shards(images: Images, out: str, valid_fraction: float, shard_size_mb:
     """Write shards then the manifest (last, atomically); returns the manifest."""
     n, h, w, c = images.pixels.shape
     out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
+    try:
+        out_path.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(out_path)  # an interrupted earlier run's partial writes
+        return _write_shards(images, out_path, valid_fraction, shard_size_mb, source)
+    except OSError as exc:  # unwritable folder, disk full: one line, the manifest never written
+        raise output_error(out_path, exc) from None
+
+
+def _write_shards(images: Images, out_path: Path, valid_fraction: float, shard_size_mb: float, source: str) -> dict:
+    n, h, w, c = images.pixels.shape
     rows = [images.pixels[i].tobytes() for i in range(n)]
     split = np.array([_split_of(rows[i], int(images.labels[i]), valid_fraction) for i in range(n)])
     per_shard = max(1, int(shard_size_mb * 2**20) // (h * w * c))
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": KIND,
+    manifest = {"format": token_manifest.FORMAT, "format_version": token_manifest.FORMAT_VERSION, "kind": KIND,
                 "images": {"height": h, "width": w, "channels": c, "num_classes": len(images.classes),
                            "classes": images.classes, "layout": "HWC", "pixel_dtype": "uint8", "source": source},
                 "splits": {}}
@@ -185,7 +198,7 @@ def write_shards(images: Images, out: str, valid_fraction: float, shard_size_mb:
     counts = np.bincount(images.labels, minlength=len(images.classes))
     manifest["stats"] = {"images": n, "per_class": counts.tolist()}
     fsync_dir(out_path)
-    atomic_write(out_path / "manifest.json", json.dumps(manifest, indent=1))
+    token_manifest.write(out_path, manifest)  # last: a directory without it is not a shard directory
     return manifest
 
 
@@ -220,7 +233,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--valid-fraction: expected 0 <= f < 1, got {args.valid_fraction}")
     if args.image_size is not None and args.image_size <= 0:
         raise UserError(f"--image-size: expected a positive size, got {args.image_size}")
-    if os.path.exists(os.path.join(args.output, "manifest.json")) and not args.overwrite:
+    if os.path.exists(os.path.join(args.output, token_manifest.MANIFEST)) and not args.overwrite:
         raise UserError(f"{args.output}: already holds a shard directory; pass --overwrite to replace it")
     if args.input == DIGITS:
         images = load_digits_images()

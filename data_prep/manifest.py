@@ -34,31 +34,33 @@ def percentiles(histogram: dict[int, int], qs: tuple[float, ...] = (0.5, 0.9, 0.
     return out
 
 
-def build(units: list[dict], tokenizer: dict, dtype: str, bad_lines: int) -> dict:
-    """Combine unit results (in unit order) into the manifest dict."""
+SHARD_KEYS = ("file", "rows", "tokens", "bytes", "sha256", "max_token_id")
+
+
+def build(results: list[dict], tokenizer: dict, dtype: str, bad_lines: int) -> dict:
+    """Combine shard results (in shard order) into the manifest dict."""
     splits = {s: {"documents": 0, "tokens": 0, "shards": []} for s in ("train", "valid")}
     removed = dict.fromkeys(REMOVED_KEYS, 0)
     removed["bad_lines"] = bad_lines
     hist: dict[int, int] = {}
     documents_in = 0
-    for unit in units:
-        documents_in += unit["documents_in"]
+    for result in results:
+        documents_in += result["documents_in"]
         for key in ("duplicates", "too_short_chars", "too_short_tokens"):
-            removed[key] += unit["removed"][key]
-        for length, count in unit["lengths"]:
+            removed[key] += result["removed"][key]
+        for length, count in result["lengths"]:
             hist[length] = hist.get(length, 0) + count
-        for shard in unit["shards"]:
+        for shard in result["shards"]:
             split = splits[shard["split"]]
             split["documents"] += shard["rows"]
             split["tokens"] += shard["tokens"]
-            split["shards"].append({k: shard[k] for k in ("file", "rows", "tokens", "bytes",
-                                                          "sha256")})
+            split["shards"].append({k: shard[k] for k in SHARD_KEYS})
     documents = splits["train"]["documents"] + splits["valid"]["documents"]
     stats = {"documents_in": documents_in, "documents": documents,
              "tokens": splits["train"]["tokens"] + splits["valid"]["tokens"],
              "shards": len(splits["train"]["shards"]) + len(splits["valid"]["shards"]),
              "removed": removed, "tokens_per_document": percentiles(hist),
-             "work_units": len(units)}
+             "work_units": sum(r["units"] for r in results)}
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
             "tokenizer": {"path": TOKENIZER_FILE, **tokenizer}, "dtype": dtype,
             "splits": splits, "stats": stats}
@@ -70,11 +72,16 @@ def write(out_dir: str | Path, manifest: dict) -> None:
 
 
 def load(out_dir: str | Path) -> dict:
+    if not Path(out_dir).is_dir():
+        raise UserError(f"{out_dir}: expected a shard directory made by `megalm prep`, "
+                        f"{'got a file' if Path(out_dir).exists() else 'found nothing'}")
     path = Path(out_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: no manifest (not a finished `megalm prep` output)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
@@ -84,7 +91,7 @@ def load(out_dir: str | Path) -> dict:
     return manifest
 
 
-def check_shard(path: Path, expect: dict, dtype: str) -> list[str]:
+def check_shard(path: Path, expect: dict, dtype: str, vocab_size: int) -> list[str]:
     """Problems with one shard file, as one line each (empty if it matches `expect`)."""
     name = path.name
     if not path.is_file():
@@ -98,7 +105,7 @@ def check_shard(path: Path, expect: dict, dtype: str) -> list[str]:
         problems.append(f"{name}: sha256 {digest[:16]}… does not match manifest "
                         f"{expect['sha256'][:16]}…")
     try:
-        rows, tokens, got_dtype = read_counts(path)
+        rows, tokens, got_dtype, max_id = read_counts(path)
     except (pa.ArrowException, OSError, KeyError) as exc:
         problems.append(f"{name}: not a readable Arrow IPC file ({str(exc).splitlines()[0]})")
         return problems
@@ -108,6 +115,15 @@ def check_shard(path: Path, expect: dict, dtype: str) -> list[str]:
         problems.append(f"{name}: {tokens} tokens, manifest says {expect['tokens']}")
     if got_dtype != dtype:
         problems.append(f"{name}: tokens are {got_dtype}, manifest says {dtype}")
+    recorded = expect.get("max_token_id")
+    if recorded is not None and max_id != recorded and rows:
+        problems.append(f"{name}: largest token id is {max_id}, manifest max_token_id says "
+                        f"{recorded}")
+    for what, value in (("max_token_id", recorded), ("largest token id", max_id)):
+        if value is not None and value >= vocab_size:
+            problems.append(f"{name}: {what} {value} is outside the tokenizer's vocabulary "
+                            f"(vocab_size {vocab_size}); expected ids < {vocab_size}")
+            break
     return problems
 
 
@@ -123,14 +139,23 @@ def verify(out_dir: str | Path) -> list[str]:
     problems = []
     tok = manifest["tokenizer"]
     tok_path = out_dir / tok["path"]
+    vocab = tok["vocab_size"]
     if not tok_path.is_file():
         problems.append(f"{tok['path']}: missing")
     elif sha256_file(tok_path) != tok["sha256"]:
         problems.append(f"{tok['path']}: sha256 does not match manifest tokenizer.sha256")
+    else:
+        import sentencepiece as spm
+
+        real = spm.SentencePieceProcessor(model_proto=tok_path.read_bytes()).get_piece_size()
+        if real != vocab:
+            problems.append(f"manifest.json: tokenizer.vocab_size is {vocab} but "
+                            f"{tok['path']} has {real} pieces")
+            vocab = min(vocab, real)
     for split_name, split in manifest["splits"].items():
         rows = tokens = 0
         for shard in split["shards"]:
-            problems += check_shard(out_dir / shard["file"], shard, manifest["dtype"])
+            problems += check_shard(out_dir / shard["file"], shard, manifest["dtype"], vocab)
             rows, tokens = rows + shard["rows"], tokens + shard["tokens"]
         if (rows, tokens) != (split["documents"], split["tokens"]):
             problems.append(f"manifest.json: splits.{split_name} totals ({split['documents']} "

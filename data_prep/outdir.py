@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +17,19 @@ from megalm.errors import UserError
 
 from . import manifest, readers, tokenizer
 from .config import PrepConfig
-from megalm.fsio import atomic_write
+from megalm.fsio import atomic_write, sha256_file
 
 from .shards import remove_temp_files
 
 STATE = ".prep-state.json"
 UNITS_DIR = ".units"
 _OURS = re.compile(r"^(train|valid)-\d{5,}\.arrow$")
+
+
+def output_error(out: Path, exc: OSError) -> UserError:
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+    return UserError(f"--output {out}: cannot create or write{where}: "
+                     f"{exc.strerror or exc}; expected a writable directory")
 
 
 def _overwrite(out: Path) -> None:
@@ -50,7 +57,8 @@ def _sample_lines(cfg: PrepConfig, sources: list[readers.Source]) -> Iterator[st
     budget = int(cfg.tokenizer_sample_mb * (1 << 20))
     threshold = min(1.0, budget / max(est, 1)) * 2**64
     taken = 0
-    for text in readers.iter_documents(sources, cfg.text_key, cfg.skip_bad):
+    for text in readers.iter_documents(sources, cfg.text_key, cfg.skip_bad,
+                                       max_chars=cfg.max_document_chars):
         h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
         if h >= threshold:
             continue
@@ -67,7 +75,17 @@ def _train(cfg: PrepConfig, sources: list[readers.Source]) -> bytes:
     first = next(lines, None)
     if first is None:
         raise UserError(f"inputs {' '.join(cfg.inputs)}: no text found (empty input)")
-    return tokenizer.train(_prepend(first, lines), cfg.tokenizer_spec)
+    model = tokenizer.train(_prepend(first, lines), cfg.tokenizer_spec)
+    asked, got = cfg.tokenizer_spec.vocab_size, tokenizer.describe(model)["vocab_size"]
+    if got < asked:
+        message = (f"--vocab-size {asked}: the tokenizer sample yields only {got:,} pieces "
+                   f"(too little or too repetitive text); ask for at most {got} or give more "
+                   "text (--tokenizer-sample-mb)")
+        if cfg.strict_vocab:
+            raise UserError(message)
+        print(f"warning: {message}; continuing with {got:,} (--strict-vocab refuses)",
+              file=sys.stderr)
+    return model
 
 
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
@@ -80,9 +98,15 @@ def prepare(cfg: PrepConfig, sources: list[readers.Source]) -> tuple[bytes, bool
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / UNITS_DIR).mkdir(exist_ok=True)
-    remove_temp_files(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / UNITS_DIR).mkdir(exist_ok=True)
+        remove_temp_files(out)
+        probe = out / UNITS_DIR / ".write-test"
+        probe.write_bytes(b"")  # fail now, not after tokenizer training
+        probe.unlink()
+    except OSError as exc:
+        raise output_error(out, exc) from None
     settings = cfg.output_settings()
     state = _read_json(out / STATE)
     old_manifest = _read_json(out / manifest.MANIFEST)
@@ -91,7 +115,7 @@ def prepare(cfg: PrepConfig, sources: list[readers.Source]) -> tuple[bytes, bool
     if cfg.tokenizer is not None:
         model = tokenizer.load_bytes(cfg.tokenizer)
     elif (not cfg.overwrite and state and state.get("settings") == settings and tok_copy.is_file()
-          and hashlib.sha256(tok_copy.read_bytes()).hexdigest() == state.get("tokenizer_sha256")):
+          and sha256_file(tok_copy) == state.get("tokenizer_sha256")):
         model = tok_copy.read_bytes()  # resuming: the tokenizer trained by the first attempt
     else:
         model = _train(cfg, sources)

@@ -9,31 +9,49 @@ after gathering every rank's unit results.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 import time
 from collections import deque
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 from tqdm import tqdm
 
 from megalm.errors import UserError
 
 from . import manifest, mpi, outdir, readers, tokenizer
 from .config import PrepConfig
-from megalm.fsio import fsync_dir
-from .units import Encoder, Filter, Unit, finished, process, split_units, unit_chars
+from megalm.fsio import atomic_write, fsync_dir
+from .encoder import Encoder, EncoderPlan
+from .units import Filter, Layout, Unit, encode_unit, finished, split_units, write_shard
 
-_worker_state: dict = {}  # per worker process: its Encoder and output folder (set by _init)
+_worker_state: dict = {}  # per worker process: its Encoder and settings (set by _init)
+PAUSE_ENV = "MEGALM_PREP_PAUSE_AFTER_SHARD"
 
 
-def _init(model: bytes, out: str, min_tokens: int, valid_fraction: float) -> None:
-    _worker_state.update(encoder=Encoder(model), out=Path(out), min_tokens=min_tokens,
+def _init(model: bytes, plan: EncoderPlan, min_tokens: int, valid_fraction: float) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the pool; workers stay quiet.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_state.update(encoder=Encoder(model, plan=plan), min_tokens=min_tokens,
                          valid_fraction=valid_fraction)
 
 
 def _work(unit: Unit) -> dict:
     s = _worker_state
-    return process(unit, s["encoder"], s["out"], s["min_tokens"], s["valid_fraction"])
+    return encode_unit(unit, s["encoder"], s["min_tokens"], s["valid_fraction"])
+
+
+def _after_shard(out: Path, shard: int) -> None:
+    """Test hook: with MEGALM_PREP_PAUSE_AFTER_SHARD=N, stop after publishing shard N, say so
+    in `.units/paused`, and wait for a signal: an interrupt test then cannot race the run's
+    end."""
+    if os.environ.get(PAUSE_ENV) != str(shard):
+        return
+    atomic_write(out / outdir.UNITS_DIR / "paused", str(shard))
+    while True:
+        signal.pause()
 
 
 class _Progress:
@@ -42,13 +60,11 @@ class _Progress:
                         desc="prep")
         self.t0, self.docs, self.tokens, self.chars = time.perf_counter(), 0, 0, 0
 
-    def add(self, result: dict) -> None:
-        n = result["documents_in"]
-        self.docs += n
-        self.tokens += sum(s["tokens"] for s in result["shards"])
-        self.chars += result.get("text_chars", 0)
+    def add(self, documents: int, tokens: int, chars: int) -> None:
+        self.docs, self.tokens, self.chars = (self.docs + documents, self.tokens + tokens,
+                                              self.chars + chars)
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.update(n)
+        self.bar.update(documents)
         self.bar.set_postfix_str(f"{self.tokens / dt / 1e6:.2f}M tok/s "
                                  f"{self.chars / dt / 1e6:.1f} MB/s", refresh=False)
 
@@ -56,58 +72,95 @@ class _Progress:
         self.bar.close()
 
 
+class _ShardAssembler:
+    """Takes unit results in input order; writes each shard once its last unit is in."""
+
+    def __init__(self, out: Path, dtype: str, layout: Layout, progress: _Progress):
+        self.out, self.dtype, self.layout, self.progress = out, dtype, layout, progress
+        self.shard: int | None = None
+        self.units: list[dict] = []
+        self.results: list[dict] = []
+
+    def add(self, unit: dict) -> None:
+        shard = self.layout.shard_of(unit["unit"])
+        if self.shard is not None and shard != self.shard:
+            self.flush()
+        self.shard = shard
+        self.units.append(unit)
+        self.progress.add(unit["documents_in"],
+                          sum(int(p[1].sum()) for p in unit["parts"].values()),
+                          unit["text_chars"])
+        if self.layout.is_last_of_shard(unit["unit"]):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.shard is None:
+            return
+        self.results.append(write_shard(self.out, self.shard, self.units, self.dtype))
+        shard, self.shard, self.units = self.shard, None, []
+        _after_shard(self.out, shard)
+
+
 def _process_all(cfg: PrepConfig, sources: list[readers.Source], model: bytes, rank: int,
                  size: int) -> tuple[list[dict], int, int]:
-    """This rank's unit results, the bad-line count, and how many units were already done."""
+    """This rank's shard results, the bad-line count, and how many shards were already done.
+
+    Shards go to ranks round-robin; within a rank, work units go to `workers` processes and
+    come back in input order."""
     out = Path(cfg.output)
-    dtype_bytes = np.dtype(tokenizer.token_dtype(tokenizer.describe(model)["vocab_size"])).itemsize
+    dtype = tokenizer.token_dtype(spm.SentencePieceProcessor(model_proto=model).get_piece_size())
+    layout = Layout.for_shards(cfg.shard_size_mb, np.dtype(dtype).itemsize)
     counters = readers.ReadCounters()
-    docs = readers.iter_documents(sources, cfg.text_key, cfg.skip_bad, counters)
+    docs = readers.iter_documents(sources, cfg.text_key, cfg.skip_bad, counters,
+                                  cfg.max_document_chars)
     filt = Filter(cfg.min_chars, cfg.dedup)
-    results, reused = [], 0
+    reused: list[dict] = []
     pool = None
     encoder = None
     pending: deque = deque()
     if cfg.workers > 1:
         # Fork is cheap; it happens before this pass starts readers or tqdm, and the workers use
-        # only sentencepiece, numpy and Arrow's single-threaded IPC writer (Arrow re-creates
-        # its thread pools after a fork anyway). Under MPI spawn instead: forking an
-        # initialised MPI process is not supported.
+        # only sentencepiece, numpy and Arrow compute (Arrow re-creates its thread pools after
+        # a fork). Under MPI spawn instead: forking an initialised MPI process is not supported.
         ctx = mp.get_context("spawn" if size > 1 or mpi.launched_under_mpi() else "fork")
         pool = ctx.Pool(cfg.workers, _init,
-                        (model, str(out), cfg.min_tokens, cfg.valid_fraction))
+                        (model, EncoderPlan.of(model), cfg.min_tokens, cfg.valid_fraction))
     else:
         encoder = Encoder(model)
     progress = _Progress(rank)
+    shards = _ShardAssembler(out, dtype, layout, progress)
+    skipping = None  # a finished shard of an earlier attempt whose units are not redone
     try:
-        for index, raw in split_units(docs, unit_chars(cfg.shard_size_mb, dtype_bytes)):
-            owned = index % size == rank
-            unit = filt.apply(index, raw, owned)
-            if not owned:
+        for index, raw in split_units(docs, layout.chars_per_unit):
+            shard = layout.shard_of(index)
+            owned = shard % size == rank
+            if owned and index % layout.units_per_shard == 0:
+                done = finished(out, shard)
+                if done is not None:
+                    reused.append(done)
+                    progress.add(done["documents_in"], sum(f["tokens"] for f in done["shards"]),
+                                 done["text_chars"])
+                skipping = shard if done is not None else None
+            unit = filt.apply(index, raw, owned and shard != skipping)
+            if not owned or shard == skipping:
                 continue
-            done = finished(out, index)
-            if done is not None:
-                reused += 1
-                results.append(done)
-                progress.add(done)
-            elif pool is None:
-                results.append(process(unit, encoder, out, cfg.min_tokens, cfg.valid_fraction))
-                progress.add(results[-1])
-            else:
-                # Bound memory: at most workers+1 units in flight.
-                while len(pending) > cfg.workers:
-                    results.append(pending.popleft().get())
-                    progress.add(results[-1])
-                pending.append(pool.apply_async(_work, (unit,)))
+            if pool is None:
+                shards.add(encode_unit(unit, encoder, cfg.min_tokens, cfg.valid_fraction))
+                continue
+            # Bound memory: at most 2 units per worker in flight.
+            while len(pending) >= 2 * cfg.workers:
+                shards.add(pending.popleft().get())
+            pending.append(pool.apply_async(_work, (unit,)))
         while pending:
-            results.append(pending.popleft().get())
-            progress.add(results[-1])
+            shards.add(pending.popleft().get())
+        shards.flush()
     finally:
         progress.close()
         if pool is not None:
             pool.terminate() if pending else pool.close()
             pool.join()
-    return results, counters.bad_lines, reused
+    results = sorted(reused + shards.results, key=lambda r: r["shard"])
+    return results, counters.bad_lines, len(reused)
 
 
 def run(cfg: PrepConfig) -> dict:
@@ -130,13 +183,15 @@ def run(cfg: PrepConfig) -> dict:
         result = manifest.load(out)
         if comm.rank == 0:
             print(f"{out}: already complete and verified, nothing to do")
-            _print_summary(result, reused=result["stats"]["work_units"])
+            _print_summary(result, reused=None)
         return result
 
     try:
         payload = (*_process_all(cfg, sources, model, comm.rank, comm.size), None)
     except UserError as exc:
         payload = (None, 0, 0, str(exc))
+    except OSError as exc:  # the output folder became unwritable (permissions, disk full)
+        payload = (None, 0, 0, str(outdir.output_error(out, exc)))
     gathered = comm.gather(payload)
     final: dict | str
     if comm.rank == 0:
@@ -158,11 +213,11 @@ def _finish(cfg: PrepConfig, out: Path, model: bytes, gathered: list) -> dict | 
     errors = [p[3] for p in gathered if p[3]]
     if errors:
         return errors[0]
-    results = sorted((r for p in gathered for r in p[0]), key=lambda r: r["unit"])
+    results = sorted((r for p in gathered for r in p[0]), key=lambda r: r["shard"])
     bad_lines = gathered[0][1]  # every rank reads everything, so rank 0's count is the total
     reused = sum(p[2] for p in gathered)
-    if [r["unit"] for r in results] != list(range(len(results))):
-        return f"{out}: internal error: work units missing from the gathered results"
+    if [r["shard"] for r in results] != list(range(len(results))):
+        return f"{out}: internal error: shards missing from the gathered results"
     tok = tokenizer.describe(model)
     m = manifest.build(results, tok, tokenizer.token_dtype(tok["vocab_size"]), bad_lines)
     if m["stats"]["documents_in"] == 0:
@@ -178,7 +233,8 @@ def _finish(cfg: PrepConfig, out: Path, model: bytes, gathered: list) -> dict | 
     return m
 
 
-def _print_summary(m: dict, reused: int) -> None:
+def _print_summary(m: dict, reused: int | None) -> None:
+    """`reused`: shards kept from an earlier attempt (None: all of them)."""
     s, sp = m["stats"], m["splits"]
     removed = ", ".join(f"{k} {v:,}" for k, v in s["removed"].items())
     pct = s["tokens_per_document"]
@@ -186,6 +242,7 @@ def _print_summary(m: dict, reused: int) -> None:
           f"(train {sp['train']['documents']:,}, valid {sp['valid']['documents']:,})\n"
           f"tokens: {s['tokens']:,} (train {sp['train']['tokens']:,}, "
           f"valid {sp['valid']['tokens']:,}), {m['dtype']}\n"
-          f"shards: {s['shards']} from {s['work_units']} work units ({reused} reused)\n"
+          f"shards: {s['shards']} files from {s['work_units']} work units "
+          f"({'all' if reused is None else reused} shard(s) reused)\n"
           f"tokens per document: p50 {pct['p50']:,}, p90 {pct['p90']:,}, p99 {pct['p99']:,}\n"
           f"removed: {removed}")

@@ -81,18 +81,29 @@ def resolve(specs: list[str]) -> list[Source]:
     return sources
 
 
+MAX_DOCUMENT_CHARS = 64 << 20
+
+
+def too_long(where: str, chars: int, max_chars: int) -> UserError:
+    return UserError(f"{where}: a document of {chars / (1 << 20):.1f}M characters exceeds "
+                     f"--max-document-mb {max_chars / (1 << 20):g} (raise it to accept such "
+                     "documents; memory grows with the largest one)")
+
+
 def iter_documents(sources: list[Source], text_key: str, skip_bad: bool = False,
-                   counters: ReadCounters | None = None) -> Iterator[str]:
+                   counters: ReadCounters | None = None,
+                   max_chars: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
+    """Documents in order; one longer than `max_chars` characters is a UserError."""
     counters = counters if counters is not None else ReadCounters()
     for src in sources:
         if src.kind == "builtin":
             yield from builtin.iter_python_docs()
         elif src.kind == "jsonl":
-            yield from _jsonl(src.path, text_key, skip_bad, counters)
+            yield from _jsonl(src.path, text_key, skip_bad, counters, max_chars)
         elif src.kind == "parquet":
-            yield from _parquet(src.path, text_key)
+            yield from _parquet(src.path, text_key, max_chars)
         else:
-            yield _txt(src.path)
+            yield _txt(src.path, max_chars)
 
 
 def _open_binary(path: str) -> io.BufferedIOBase:
@@ -110,24 +121,26 @@ class _SlowPath(Exception):
     """The fast reader met something only the line-by-line reader can judge precisely."""
 
 
-def _jsonl(path: str, key: str, skip_bad: bool, counters: ReadCounters) -> Iterator[str]:
+def _jsonl(path: str, key: str, skip_bad: bool, counters: ReadCounters,
+           max_chars: int) -> Iterator[str]:
     """Arrow's multithreaded C++ JSON reader first; at the first record it cannot take as-is
     (null/missing key, non-string, bad JSON or UTF-8, huge line) the exact line reader resumes
     after the documents already produced, so both paths yield the same stream."""
     done = 0
     if not skip_bad:
         try:
-            for texts in _jsonl_arrow(path, key):
+            for texts in _jsonl_arrow(path, key, max_chars):
                 yield from texts
                 done += len(texts)
             return
         except _SlowPath:
             pass
-    yield from _jsonl_lines(path, key, skip_bad, counters, skip_docs=done)
+    yield from _jsonl_lines(path, key, skip_bad, counters, max_chars, skip_docs=done)
 
 
-def _jsonl_arrow(path: str, key: str) -> Iterator[list[str]]:
+def _jsonl_arrow(path: str, key: str, max_chars: int) -> Iterator[list[str]]:
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.json as pj
 
     opts = pj.ParseOptions(explicit_schema=pa.schema([(key, pa.string())]),
@@ -138,19 +151,29 @@ def _jsonl_arrow(path: str, key: str) -> Iterator[list[str]]:
                                   parse_options=opts)
             for batch in reader:
                 col = batch.column(0)
-                if col.null_count:
+                if col.null_count or (len(col) and pc.max(pc.utf8_length(col)).as_py()
+                                      > max_chars):
                     raise _SlowPath
                 yield col.to_pylist()
     except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError):
         raise _SlowPath from None
 
 
-def _jsonl_lines(path: str, key: str, skip_bad: bool, counters: ReadCounters,
+def _jsonl_lines(path: str, key: str, skip_bad: bool, counters: ReadCounters, max_chars: int,
                  skip_docs: int = 0) -> Iterator[str]:
     offset = 0
+    # A JSON string spends at most 12 bytes per character (a surrogate pair as two \\u escapes):
+    # a longer line is too long whatever else it holds, and is not read whole.
+    limit = 12 * max_chars + (1 << 16)
     try:
         with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, 1):
+            lineno = 0
+            while raw := f.readline(limit + 1):
+                lineno += 1
+                if len(raw) > limit and not raw.endswith(b"\n"):
+                    raise UserError(f"{path}:{lineno}: line longer than {limit:,} bytes, more "
+                                    f"than a document of --max-document-mb "
+                                    f"{max_chars / (1 << 20):g} can take")
                 start, offset = offset, offset + len(raw)
                 try:
                     line = raw.decode("utf-8")
@@ -183,6 +206,8 @@ def _jsonl_lines(path: str, key: str, skip_bad: bool, counters: ReadCounters,
                 if not isinstance(text, str):
                     raise UserError(f"{path}:{lineno}: key {key!r} holds a "
                                     f"{type(text).__name__}, expected a string")
+                if len(text) > max_chars:
+                    raise too_long(f"{path}:{lineno}", len(text), max_chars)
                 if skip_docs:
                     skip_docs -= 1
                     continue
@@ -191,8 +216,9 @@ def _jsonl_lines(path: str, key: str, skip_bad: bool, counters: ReadCounters,
         raise UserError(f"{path}: cannot read ({exc}) after byte {offset} of decompressed "
                         "data") from None
     except Exception as exc:
-        if type(exc).__module__.startswith("zstd"):
-            raise UserError(f"{path}: corrupt zstd stream ({exc})") from None
+        if type(exc).__name__ == "ZstdError":  # zstandard's backends each define their own
+            raise UserError(f"{path}: not a readable zstd stream ({exc}); expected a "
+                            ".jsonl.zst made by zstd") from None
         raise
 
 
@@ -202,8 +228,9 @@ def _count_bad(counters: ReadCounters, problem: str) -> None:
         counters.bad_examples.append(problem)
 
 
-def _parquet(path: str, key: str) -> Iterator[str]:
+def _parquet(path: str, key: str, max_chars: int) -> Iterator[str]:
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     try:
@@ -217,16 +244,30 @@ def _parquet(path: str, key: str) -> Iterator[str]:
     col_type = pf.schema_arrow.field(key).type
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
         raise UserError(f"{path}: column {key!r} is {col_type}, expected string")
+    row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[key]):
-        for text in batch.column(0).to_pylist():
+        col = batch.column(0)
+        if len(col) and (pc.max(pc.utf8_length(col)).as_py() or 0) > max_chars:
+            lengths = pc.utf8_length(col).to_pylist()
+            i = next(i for i, n in enumerate(lengths) if n and n > max_chars)
+            raise too_long(f"{path}: row {row + i}", lengths[i], max_chars)
+        row += len(col)
+        for text in col.to_pylist():
             yield "" if text is None else text
 
 
-def _txt(path: str) -> str:
+def _txt(path: str, max_chars: int) -> str:
+    size = os.path.getsize(path)
+    if size > 4 * max_chars:  # UTF-8 spends at most 4 bytes per character: not read whole
+        raise UserError(f"{path}: {size:,} bytes, more than a document of --max-document-mb "
+                        f"{max_chars / (1 << 20):g} can take")
     data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise UserError(f"{path}:{line}: invalid UTF-8 at byte offset {exc.start} "
                         "(expected UTF-8 text)") from None
+    if len(text) > max_chars:
+        raise too_long(path, len(text), max_chars)
+    return text

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from megalm.fsio import TMP_PREFIX
 
@@ -39,11 +40,13 @@ def encode_shard(ids: np.ndarray, lengths: np.ndarray, dtype: str) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def read_counts(path: str | Path) -> tuple[int, int, str]:
-    """(rows, tokens, value dtype) of a shard; raises pa.ArrowException if unreadable."""
+def read_counts(path: str | Path) -> tuple[int, int, str, int]:
+    """(rows, tokens, value dtype, largest token id or -1) of a shard; raises
+    pa.ArrowException if unreadable."""
     with pa.memory_map(str(path)) as source:
         reader = pa.ipc.open_file(source)
         rows = tokens = 0
+        max_id = -1
         dtype = str(reader.schema.field("tokens").type.value_type)
         for i in range(reader.num_record_batches):
             col = reader.get_batch(i).column(0)
@@ -51,4 +54,6 @@ def read_counts(path: str | Path) -> tuple[int, int, str]:
             if len(col):
                 offsets = col.offsets
                 tokens += offsets[len(offsets) - 1].as_py() - offsets[0].as_py()
-        return rows, tokens, dtype
+                batch_max = pc.max(col.flatten()).as_py()
+                max_id = max_id if batch_max is None else max(max_id, batch_max)
+        return rows, tokens, dtype, max_id

@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from megalm.errors import UserError
+
 TMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 8 << 20
 
@@ -63,3 +65,16 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_checked(path: str | Path, sha256: str, what: str) -> bytes:
+    """The bytes of a small file (a tokenizer model), refused in one line naming `what` (the
+    file/key that recorded `sha256`) unless they hash to it."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{what}: cannot read {path} ({exc.strerror})") from None
+    got = hashlib.sha256(blob).hexdigest()
+    if got != sha256:
+        raise UserError(f"{what}: {path} hashes to {got}, not {sha256}")
+    return blob

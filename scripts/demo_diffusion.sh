@@ -23,13 +23,11 @@ $BIN/megalm sample "$RUN/checkpoints" --guidance 3 --steps 12 --out "$RUN/grid.p
 
 echo "== 4/4 share of samples a digit classifier (trained on the real train split) reads as the class asked for"
 $BIN/python - "$RUN/checkpoints" "$DATA" <<'PY'
-import os, sys, torch
+import sys, torch
 from megalm.diffusion.data import load_image_manifest, read_split, to_model_range
 from megalm.diffusion.quality import accuracy, train_classifier
-from megalm.diffusion.sample import generate, load
-from megalm.train.sample import _client_state, resolve
-root, tag = resolve(sys.argv[1])
-model, objective = load(_client_state(os.path.join(root, tag)), tag)
+from megalm.diffusion.sample import from_checkpoint, generate
+model, objective = from_checkpoint(sys.argv[1])
 m = load_image_manifest(sys.argv[2])
 (tx, ty), (vx, vy) = read_split(m, "train"), read_split(m, "valid")
 clf = train_classifier(to_model_range(tx), ty, m.num_classes)

@@ -1,19 +1,21 @@
 #!/usr/bin/env python
-"""SIGKILL a real DeepSpeed training process at random moments while it saves checkpoints, then
-check that no corrupt checkpoint is loadable and that the next run resumes from the last good one.
+"""SIGKILL a whole 2-rank `megalm train` run (ZeRO-2, async saves) at random moments, resume it,
+and check the chain of runs against one uninterrupted run of the same config.
 
-  python scripts/stress_checkpoint.py --trials 50 [--workdir DIR] [--seed 0]
+  python scripts/stress_checkpoint.py --trials 12 [--workdir DIR] [--seed 0] [--steps 40] [--out FILE]
 
-The trials form a chain in one checkpoint directory: each trial starts the toy trainer
-(tests/train/test_checkpoint_toy.py; 1 rank, DeepSpeed on CPU, a ~3.5M-parameter model saved every
-step with its Adam state, so saves dominate the wall time) with resume, waits until it has
-published two checkpoints past where it resumed, sleeps a random 0..1.5 s and SIGKILLs it. Then:
-  - every directory under a final name (step_N) must pass full verification (marker, manifest,
-    sizes, sha256): a failure there is a corrupt checkpoint a loader could pick up;
-  - the next trial (and a last run without a kill) must print that it resumed from the newest
-    valid checkpoint, and every loss any run printed must equal, bit for bit, the loss of an
-    uninterrupted reference run at that step.
-Trials alternate sync and async saving. Prints JSON counts; exit status 1 if any check failed.
+Data: a real sentencepiece corpus (Python's help topics, tests/distributed/corpus.py). Config:
+configs/demo.yaml (the `tiny` model, ZeRO-2, fp32) with a checkpoint every 2 steps, keep_last 2,
+async_save on. Each trial starts `megalm launch --nproc 2 -- megalm train ... --resume auto`,
+waits until the run has published a checkpoint past where it resumed, sleeps a random time and
+SIGKILLs the launcher and both ranks at once (a lost node). Then:
+  - every folder under a final name (step_N) must pass full verification (marker, manifest,
+    sizes, sha256): one that fails is a corrupt checkpoint a loader could pick up;
+  - the next run must say it resumed from the newest valid checkpoint;
+  - every loss any run logged (metrics.jsonl) must equal the reference run's loss at that step,
+    bit for bit, and the last run (not killed) must end with the reference's weights sha256.
+Prints JSON counts (killed, killed mid-save, temp dirs left, corrupt published, resumed ok,
+identical); exit status 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -22,59 +24,77 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests", "train"))
 sys.path.insert(0, REPO)
 
-from test_checkpoint_toy import defaults, run_toy, toy_cmd, toy_env  # noqa: E402
+from megalm.checkpoint.files import verify_directory  # noqa: E402
+from megalm.checkpoint.layout import LATEST, published_tags, step_of  # noqa: E402
+from megalm.fsio import atomic_write  # noqa: E402
+from tests.distributed.corpus import make_corpus  # noqa: E402
+from tests.distributed.helper import cpu_env  # noqa: E402
 
-from megalm.train.checkpoint import published_tags  # noqa: E402
-from megalm.train.checkpoint_files import verify_directory  # noqa: E402
-
-HORIZON = 120  # steps of the reference run; the chain restarts from scratch before reaching it
-MODEL = {"hidden": 768, "layers": 6, "zero": 1, "keep_last": 2, "light": True}
-
-
-def reference_losses(workdir: str, horizon: int = HORIZON) -> dict[str, str]:
-    """Losses of an uninterrupted run without saves (saving must not change the numbers)."""
-    args = defaults(**MODEL, steps=horizon, dir=os.path.join(workdir, "ref"), out=os.path.join(workdir, "ref"))
-    recs, _ = run_toy(args, timeout=1200)
-    return recs[0]["losses"]
+RESUMED = re.compile(r"^resumed from step (\d+) ")
 
 
-def _latest_step(ckdir: str) -> int:
+def command(shards: str, name: str, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "megalm.cli", "launch", "--nproc", "2", "--", sys.executable, "-m", "megalm.cli",
+            "train", os.path.join(REPO, "configs", "demo.yaml"), f"name={name}", f"data.paths=[{shards}]",
+            f"train.steps={steps}", "checkpoint.interval=2", "checkpoint.keep_last=2", "checkpoint.async_save=true",
+            "logging.interval=1", "logging.progress=false", "eval.batches=0", "eval.interval=0", *extra,
+            "--resume", "auto"]
+
+
+def losses(run_dir: str) -> list[tuple[int, float]]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed while writing it
+                continue
+            if r.get("kind") == "train":
+                out.append((r["step"], r["loss"]))
+    return out
+
+
+def newest_published(ckdir: str) -> int:
     try:
-        with open(os.path.join(ckdir, "latest")) as f:
-            return int(f.read().strip().split("_")[1])
-    except (OSError, ValueError, IndexError):
+        with open(os.path.join(ckdir, LATEST)) as f:
+            return step_of(f.read().strip())
+    except (OSError, ValueError):
         return -1
 
 
-def _parse_log(path: str) -> tuple[str | None, dict[str, str], bool]:
-    """(RESUMED value, {step: loss hex}, killed while a save was in progress)."""
-    resumed, losses, last_save = None, {}, None
-    with open(path) as f:
-        for line in f:
-            parts = line.split()
-            if not parts:
-                continue
-            if parts[0] == "RESUMED" and len(parts) == 2:
-                resumed = parts[1]
-            elif parts[0] == "LOSS" and len(parts) == 3:
-                losses[parts[1]] = parts[2]
-            elif parts[0] in ("SAVE_BEGIN", "SAVE_RETURNED"):
-                last_save = parts[0]
-    return resumed, losses, last_save == "SAVE_BEGIN"
+def kill_tree(proc: subprocess.Popen) -> int:
+    """SIGKILL the launcher and every process under it at once; returns how many were alive."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        victims = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(victims, timeout=30)
+    return len(victims)
 
 
-def _check_dir(ckdir: str) -> tuple[list[str], list[str]]:
+def check_dir(ckdir: str) -> tuple[list[str], list[str]]:
     valid, corrupt = [], []
     for tag in published_tags(ckdir):
         try:
@@ -85,90 +105,101 @@ def _check_dir(ckdir: str) -> tuple[list[str], list[str]]:
     return valid, corrupt
 
 
-def chain(workdir: str, trials: int, rng: random.Random, reference: dict[str, str], progress=None,
-          horizon: int = HORIZON) -> list[dict]:
-    """Run `trials` kill trials plus a final unkilled resume; one record per run."""
-    ckdir = os.path.join(workdir, "chain")
-    shutil.rmtree(ckdir, ignore_errors=True)
-    expect = "none"  # what the next run must report as its resume point
+def run_reference(work: str, shards: str, steps: int) -> dict:
+    shutil.rmtree(os.path.join(work, "runs", "reference"), ignore_errors=True)
+    log = os.path.join(work, "reference.log")
+    with open(log, "w") as out:
+        proc = subprocess.run(command(shards, "reference", steps), cwd=work, env=cpu_env(), stdout=out,
+                              stderr=subprocess.STDOUT, timeout=3600)
+    if proc.returncode:
+        raise SystemExit(f"reference run failed; see {log}")
+    summary = json.loads(open(os.path.join(work, "runs", "reference", "summary.json")).read())
+    return {"losses": dict(losses(os.path.join(work, "runs", "reference"))), "weights": summary["weights_sha256"]}
+
+
+def chain(work: str, shards: str, steps: int, trials: int, rng: random.Random, ref: dict) -> list[dict]:
+    run_dir = os.path.join(work, "runs", "chain")
+    ckdir = os.path.join(run_dir, "checkpoints")
+    shutil.rmtree(run_dir, ignore_errors=True)
     records = []
     for t in range(trials + 1):
         final = t == trials
-        start = 0 if expect == "none" else int(expect)
-        # The final run saves too: when the chain was just restarted from scratch it must still
-        # publish something for the check below to verify.
-        args = defaults(**MODEL, steps=start + 2 if final else horizon, save_every=True, resume=True,
-                        dir=ckdir, out=os.path.join(workdir, f"run{t}"), **{"async": t % 2 == 1})
-        log_path = os.path.join(workdir, f"run{t}.log")
-        rec = {"trial": t, "final_check": final, "async": t % 2 == 1, "expected_resume": expect, "killed": False}
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(toy_cmd(args, 1), env=toy_env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        valid_before = check_dir(ckdir)[0]
+        expect = step_of(valid_before[-1]) if valid_before else None
+        log = os.path.join(work, f"chain{t}.log")
+        rec = {"trial": t, "final": final, "expected_resume": expect, "killed": False, "mid_save": False}
+        with open(log, "w") as out:
+            proc = subprocess.Popen(command(shards, "chain", steps), cwd=work, env=cpu_env(), stdout=out,
+                                    stderr=subprocess.STDOUT)
             if final:
-                proc.wait(timeout=600)
+                rec["exit"] = proc.wait(timeout=3600)
             else:
-                deadline = time.time() + 600
-                while _latest_step(ckdir) < start + 2:
-                    if proc.poll() is not None or time.time() > deadline:
-                        proc.kill()
-                        proc.wait()
-                        raise RuntimeError(f"trainer exited or hung before publishing; see {log_path}")
-                    time.sleep(0.01)
-                time.sleep(rng.uniform(0.0, 1.5))
-                rec["killed"] = proc.poll() is None
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-        resumed, losses, mid_save = _parse_log(log_path)
-        valid, corrupt = _check_dir(ckdir)
-        rec.update(resumed=resumed, steps_run=len(losses), killed_mid_save=mid_save and rec["killed"],
-                   tmp_leftovers=sum(n.startswith(".tmp-") for n in os.listdir(ckdir)),
-                   valid=valid, corrupt_published=corrupt,
-                   losses_match=bool(losses) and all(reference.get(s) == v for s, v in losses.items()))
-        rec["ok"] = resumed == expect and rec["losses_match"] and not corrupt and bool(valid)
+                target, deadline = (expect or 0) + 2, time.time() + 900
+                while newest_published(ckdir) < target and proc.poll() is None and time.time() < deadline:
+                    time.sleep(0.05)
+                if proc.poll() is None:
+                    time.sleep(rng.uniform(0.0, 4.0))
+                    rec["mid_save"] = any(n.startswith(".tmp-step_") for n in os.listdir(ckdir))
+                    rec["killed"] = kill_tree(proc) > 0
+                else:
+                    proc.wait()
+                rec["exit"] = proc.returncode
+        text = open(log).read()
+        resumed = [int(m.group(1)) for m in map(RESUMED.match, text.splitlines()) if m]
+        rec["resumed"] = resumed[0] if resumed else None
+        rec["resumed_ok"] = rec["resumed"] == expect
+        valid, corrupt = check_dir(ckdir)
+        rec["tmp_left"] = sum(n.startswith(".tmp-") for n in os.listdir(ckdir)) if os.path.isdir(ckdir) else 0
+        rec["corrupt_published"] = corrupt
+        seen = losses(run_dir)
+        rec["losses_identical"] = bool(seen) and all(ref["losses"].get(s) == v for s, v in seen)
+        if final:
+            summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+            rec["weights_identical"] = summary["weights_sha256"] == ref["weights"] and summary["finished"]
+        rec["ok"] = rec["resumed_ok"] and rec["losses_identical"] and not corrupt and (
+            rec["killed"] or (final and rec["exit"] == 0 and rec["weights_identical"]))
         records.append(rec)
-        if progress:
-            progress.update()
-        if not valid:
-            break
-        expect = valid[-1].split("_")[1].lstrip("0") or "0"
-        if int(expect) > horizon - 20:  # keep the chain inside the reference's horizon
-            shutil.rmtree(ckdir, ignore_errors=True)
-            expect = "none"
+        print(json.dumps(rec), file=sys.stderr, flush=True)
+        if not final and valid and step_of(valid[-1]) >= steps - 4:  # stay inside the horizon
+            shutil.rmtree(run_dir)
     return records
 
 
 def summarize(records: list[dict]) -> dict:
-    kills = [r for r in records if not r["final_check"]]
+    kills = [r for r in records if not r["final"]]
     return {
         "trials": len(kills),
         "killed": sum(r["killed"] for r in kills),
-        "killed_mid_save_sync": sum(r["killed_mid_save"] for r in kills if not r["async"]),
-        "async_trials": sum(r["async"] for r in kills),
-        "tmp_leftovers_after_kill": sum(r["tmp_leftovers"] > 0 for r in kills),
+        "killed_mid_save": sum(r["mid_save"] for r in kills if r["killed"]),
+        "temp_dirs_left_after_kill": sum(r["tmp_left"] > 0 for r in kills),
         "corrupt_published": sum(bool(r["corrupt_published"]) for r in records),
-        "resumed_from_newest_valid": sum(r["resumed"] == r["expected_resume"] for r in records[1:]),
-        "resume_checks": len(records) - 1,
-        "losses_bit_identical_to_reference": sum(r["losses_match"] for r in records),
+        "resumed_ok": sum(r["resumed_ok"] for r in records),
         "runs": len(records),
-        "ok": all(r["ok"] for r in records) and len(records) == len(kills) + 1,
+        "losses_identical_runs": sum(r["losses_identical"] for r in records),
+        "final_weights_identical": bool(records and records[-1].get("weights_identical")),
+        "ok": all(r["ok"] for r in records),
         "failures": [r for r in records if not r["ok"]],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--trials", type=int, default=50)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--steps", type=int, default=40, help="horizon of the reference run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
+    p.add_argument("--out", default=None, help="also write the JSON counts there")
     args = p.parse_args(argv)
-    from tqdm import tqdm
-
-    workdir = args.workdir or tempfile.mkdtemp(prefix="megalm-stress-")
-    os.makedirs(workdir, exist_ok=True)
-    reference = reference_losses(workdir)
-    with tqdm(total=args.trials + 1, desc="kill trials") as bar:
-        records = chain(workdir, args.trials, random.Random(args.seed), reference, bar)
-    summary = summarize(records)
-    print(json.dumps(summary, indent=1))
+    work = args.workdir or tempfile.mkdtemp(prefix="megalm-stress-")
+    os.makedirs(work, exist_ok=True)
+    shards = make_corpus(os.path.join(work, "shards"))
+    ref = run_reference(work, shards, args.steps)
+    summary = summarize(chain(work, shards, args.steps, args.trials, random.Random(args.seed), ref))
+    summary.update(seed=args.seed, steps=args.steps, date=time.strftime("%Y-%m-%d"))
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.out:
+        atomic_write(args.out, text + "\n")
     return 0 if summary["ok"] else 1
 
 

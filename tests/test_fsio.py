@@ -38,3 +38,21 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_read_checked_returns_bytes_or_refuses_in_one_line(tmp_path):
+    import hashlib
+
+    import pytest
+
+    from megalm.errors import UserError
+    from megalm.fsio import read_checked
+
+    f = tmp_path / "tokenizer.model"
+    f.write_bytes(b"model")
+    good = hashlib.sha256(b"model").hexdigest()
+    assert read_checked(f, good, "m.json: tokenizer.sha256") == b"model"
+    with pytest.raises(UserError, match=r"^m.json: tokenizer.sha256: .*tokenizer.model hashes to [0-9a-f]{64}, not 0+$"):
+        read_checked(f, "0" * 64, "m.json: tokenizer.sha256")
+    with pytest.raises(UserError, match=r"^m.json: tokenizer.sha256: cannot read .*missing"):
+        read_checked(tmp_path / "missing", good, "m.json: tokenizer.sha256")

@@ -102,6 +102,10 @@ class TrainLoader(_TokenizerFacade):
         self.samples_consumed += n_steps * self.global_batch
         self.steps += n_steps
 
+    def source_weights(self) -> list[float]:
+        """Each source's share of the training samples (the blend actually used)."""
+        return self.sources.blend.weights
+
     def epochs(self) -> list[float]:
         """Passes made over each source so far (1.5 = half-way through the second pass)."""
         used = self.sources.consumed_per_source(self.samples_consumed)
@@ -142,9 +146,10 @@ class TrainLoader(_TokenizerFacade):
 
 
 class EvalLoader(_TokenizerFacade):
-    """Finite, deterministic micro batches over the eval split (documents in manifest order,
-    no shuffling); every rank gets the same number of micro batches (the tail that does not
-    fill micro_batch x dp_world samples is left out)."""
+    """Finite, deterministic micro batches over the eval split, source by source (documents in
+    manifest order, no shuffling), so a blended run can measure each source and weigh them as
+    training does. Every rank gets the same number of micro batches per source (the tail that does
+    not fill micro_batch x dp_world samples is left out)."""
 
     def __init__(self, sources: Sources, micro_batch: int, dp_rank: int, dp_world: int, max_samples: int | None):
         _check_parallel(micro_batch * dp_world, micro_batch, dp_rank, dp_world)
@@ -152,26 +157,36 @@ class EvalLoader(_TokenizerFacade):
         self.micro_batch = micro_batch
         self.dp_rank = dp_rank
         self.dp_world = dp_world
+        stride = micro_batch * dp_world
         # per-source cap keeps every source represented when eval is limited
         sizes = [len(ds) if max_samples is None else min(len(ds), max_samples) for ds in sources.datasets]
-        self._src = np.repeat(np.arange(len(sizes)), sizes)
-        self._idx = np.concatenate([np.arange(n) for n in sizes])
-        stride = micro_batch * dp_world
-        self.num_batches = self._src.size // stride  # micro batches per rank
-        if self.num_batches == 0:
-            raise UserError(
-                f"data.eval_split: {sources.split!r} gives {self._src.size} samples of seq_len {sources.cfg.seq_len}, too few to fill "
-                f"one micro batch ({micro_batch}) on each of {dp_world} ranks"
-            )
+        self.source_batches_count = [n // stride for n in sizes]  # micro batches per rank, per source
+        for m, n, nb in zip(sources.manifests, sizes, self.source_batches_count):
+            if nb == 0:
+                raise UserError(
+                    f"{m.path}: splits.{sources.split}: {n} samples of seq_len {sources.cfg.seq_len}, too few to "
+                    f"fill one eval micro batch ({micro_batch}) on each of {dp_world} ranks"
+                )
+        self.num_batches = sum(self.source_batches_count)
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.source_batches_count)
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> Iterator[MicroBatch]:
+    def source_batches(self, k: int) -> Iterator[MicroBatch]:
+        """This rank's micro batches of source k."""
         mb, w = self.micro_batch, self.dp_world
-        for b in range(self.num_batches):
+        for b in range(self.source_batches_count[k]):
             start = (b * w + self.dp_rank) * mb
-            yield collate(self.sources.gather(self._src[start : start + mb], self._idx[start : start + mb]))
+            idx = np.arange(start, start + mb)
+            yield collate(self.sources.gather(np.full(mb, k), idx))
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        for k in range(self.num_sources):
+            yield from self.source_batches(k)
 
 
 def build_loader(cfg: DataConfig, global_batch: int, micro_batch: int, dp_rank: int = 0, dp_world: int = 1) -> TrainLoader:

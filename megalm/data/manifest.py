@@ -34,6 +34,7 @@ class ShardInfo:
     tokens: int
     bytes: int
     sha256: str
+    max_token_id: int | None = None  # None: written before prep recorded it
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ def _parse_split(name: str, obj: Any, dir_: str, path: str) -> SplitInfo:
                 tokens=_nonneg(_get(s, "tokens", int, sw, path), sw + "tokens", path),
                 bytes=_nonneg(_get(s, "bytes", int, sw, path), sw + "bytes", path),
                 sha256=_get(s, "sha256", str, sw, path),
+                max_token_id=(_nonneg(_get(s, "max_token_id", int, sw, path), sw + "max_token_id", path)
+                              if "max_token_id" in s else None),
             )
         )
     if sum(s.rows for s in shards) != documents:
@@ -172,3 +175,23 @@ def load_manifest(shard_dir: str) -> Manifest:
         splits=splits,
         sha256=hashlib.sha256(raw).hexdigest(),
     )
+
+
+def check_token_ids(manifests: "list[Manifest]", vocab_size: int) -> None:
+    """Raise UserError naming the first shard whose ids a model of `vocab_size` cannot embed.
+
+    Uses each shard's recorded `max_token_id`; for shards written before it was recorded, the
+    manifest's tokenizer.vocab_size bounds the ids instead."""
+    for m in manifests:
+        for split in m.splits.values():
+            for shard in split.shards:
+                if shard.max_token_id is not None:
+                    if shard.max_token_id >= vocab_size:
+                        raise UserError(f"{shard.file}: holds token id {shard.max_token_id} (manifest "
+                                        f"{m.path}), but the model's vocab_size is {vocab_size}; expected "
+                                        f"ids < {vocab_size} (re-run megalm prep with this model's tokenizer "
+                                        "or raise model.vocab_size)")
+                elif m.tokenizer.vocab_size > vocab_size:
+                    raise UserError(f"{shard.file}: may hold token ids up to {m.tokenizer.vocab_size - 1} "
+                                    f"({m.path}: tokenizer.vocab_size {m.tokenizer.vocab_size}, no "
+                                    f"max_token_id), but the model's vocab_size is {vocab_size}")

@@ -20,23 +20,23 @@ from megalm.data.manifest import Manifest, load_manifest
 from megalm.data.packed import PackedDataset, Window
 from megalm.data.shards import open_split
 from megalm.errors import UserError
+from megalm.fsio import read_checked
 
 
 @dataclass
 class DataConfig:
-    """The `data:` section of a run config; `validate()` names the key at fault."""
+    """The `data:` section of a run config (this class is that section); `validate()` names the key."""
 
-    paths: list[str]
-    weights: list[float] | None = None  # None: in proportion to each source's samples per epoch
-    seq_len: int = 2048
-    seed: int = 1234
+    paths: list[str] = field(default_factory=list)  # shard dirs (data_prep output)
+    weights: list[float] | None = None  # blend weights, one per path; None: by each source's samples
+    seq_len: int = 256
+    seed: int = 1234  # shuffling and blending order (resume checks it)
     split: str = "train"
     eval_split: str = "valid"
-    verify: bool = False  # sha256 every shard at start-up (reads all data; off by default)
-    prefix: str = field(default="data", repr=False)  # where this section sits in the config
+    verify: bool = False  # sha256 every shard at start-up (reads all the data once; catches corruption)
 
     def validate(self) -> None:
-        p = self.prefix
+        p = "data"
         if not isinstance(self.paths, list) or not self.paths or not all(isinstance(x, str) and x for x in self.paths):
             raise UserError(f"{p}.paths: expected a non-empty list of shard directories, got {self.paths!r}")
         if self.weights is not None:
@@ -124,9 +124,6 @@ class Sources:
         }
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
-    def window(self, n: int) -> Window:
-        return self.windows(n, 1)[0]
-
     def windows(self, start: int, count: int) -> list[Window]:
         """Windows of global samples [start, start + count)."""
         src, idx = self.blend.locate(np.arange(start, start + count))
@@ -151,8 +148,4 @@ class Sources:
 
 
 def _verify_tokenizer(m: Manifest) -> None:
-    h = hashlib.sha256()
-    with open(m.tokenizer.path, "rb") as f:
-        h.update(f.read())
-    if h.hexdigest() != m.tokenizer.sha256:
-        raise UserError(f"{m.path}: tokenizer.sha256: {m.tokenizer.path} hashes to {h.hexdigest()}, not {m.tokenizer.sha256}")
+    read_checked(m.tokenizer.path, m.tokenizer.sha256, f"{m.path}: tokenizer.sha256")

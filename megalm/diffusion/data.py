@@ -120,8 +120,9 @@ class ImageLoader:
     """Per optimizer step: this rank's micro batches of the global batch (the Loader protocol)."""
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, seed: int, class_dropout: float,
-                 global_batch: int, micro_batch: int, dp_rank: int, dp_world: int):
+                 global_batch: int, micro_batch: int, dp_rank: int, dp_world: int, fingerprint: str = ""):
         self.pixels, self.labels, self.seed, self.class_dropout = pixels, labels, seed, class_dropout
+        self.fingerprint = fingerprint  # the split's shard hashes (split_fingerprint)
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_world = dp_rank, dp_world
         self.next_sample = 0
@@ -148,21 +149,52 @@ class ImageLoader:
             yield micro
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_sample": self.next_sample, "global_batch": self.global_batch}
+        return {"next_sample": self.next_sample, "global_batch": self.global_batch, "seed": self.seed,
+                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; refuses state made from other images or another seed
+        (the sample order and every draw would differ), as the token loader does."""
+        if state.get("seed", self.seed) != self.seed:
+            raise UserError(f"data.seed: the checkpoint was made with seed {state['seed']}, the config says {self.seed}")
+        if state.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise UserError("data.paths: the checkpoint's training images differ from the config's (other shards); "
+                            "resuming would not continue the same sample sequence")
         self.next_sample = int(state["next_sample"])
 
     def skip(self, n: int) -> None:
         self.next_sample += n * self.global_batch
 
 
-def eval_batches(pixels: torch.Tensor, labels: torch.Tensor, seed: int, micro_batch: int, dp_rank: int,
-                 dp_world: int) -> Iterator[Batch]:
-    """The valid split cycled in order, rank r taking micro batches r, r + R, ...; fixed draws and
-    no label dropout, so every eval scores the same noisy inputs."""
-    n, k = len(labels), dp_rank
-    while True:
-        idx = [(k * micro_batch + j) for j in range(micro_batch)]
-        yield make_batch(pixels, labels, [i % n for i in idx], [_EVAL_STREAM + i for i in idx], seed, 0.0)
-        k += dp_world
+class ImageEvalLoader:
+    """The eval split in order (the eval-loader interface of megalm.data.loader.EvalLoader: one
+    source): rank r takes micro batches r, r + R, ... cycling over the split; fixed draws and no
+    label dropout, so every eval scores the same noisy inputs."""
+
+    num_sources = 1
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, seed: int, micro_batch: int, dp_rank: int,
+                 dp_world: int):
+        self.pixels, self.labels, self.seed = pixels, labels, seed
+        self.micro_batch, self.dp_rank, self.dp_world = micro_batch, dp_rank, dp_world
+
+    def source_batches(self, k: int) -> Iterator[Batch]:
+        if k != 0:
+            raise IndexError(f"source {k}: an image eval split is one source")
+        n, b, mb = len(self.labels), self.dp_rank, self.micro_batch
+        while True:
+            idx = [b * mb + j for j in range(mb)]
+            yield make_batch(self.pixels, self.labels, [i % n for i in idx], [_EVAL_STREAM + i for i in idx],
+                             self.seed, 0.0)
+            b += self.dp_world
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.source_batches(0)
+
+
+def split_fingerprint(m: ImageManifest, split: str) -> str:
+    """Identifies a split's images (the shards' content hashes), not where they live."""
+    import hashlib
+
+    shards = [[s.rows, s.sha256] for s in m.splits[split].shards] if split in m.splits else []
+    return hashlib.sha256(json.dumps([split, shards]).encode()).hexdigest()

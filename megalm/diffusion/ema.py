@@ -1,8 +1,9 @@
 """Exponential moving average of the weights, sharded across data-parallel ranks.
 
 The EMA is one fp32 vector over all parameters in `named_parameters()` order; data-parallel rank
-r of R keeps only its slice [r·n/R, (r+1)·n/R), so memory per rank falls with the DP size as
-ZeRO's partitions do. The slice layout depends only on (n, R), so a checkpoint (the slices
+r of R keeps only its slice [r·n/R, (r+1)·n/R), on the weights' device (an update never waits
+for the host: the step keeps its one host synchronisation), so memory per rank falls with the DP
+size as ZeRO's partitions do. The slice layout depends only on (n, R), so a checkpoint (the slices
 concatenated) resumes on any DP size and `megalm sample` rebuilds the full weights without an
 engine.
 
@@ -47,6 +48,7 @@ class ShardedEMA:
         self.numel = sum(_full_numel(p) for _, p in module.named_parameters())
         self.lo, self.hi = shard_bounds(self.numel, rank, world)
         self.updates = 0
+        self.device = next(module.parameters()).device
         self.shard = self._current(module)
 
     def _pieces(self, module: nn.Module) -> Iterator[tuple[torch.Tensor, int, int]]:
@@ -62,8 +64,8 @@ class ShardedEMA:
     def _current(self, module: nn.Module) -> torch.Tensor:
         """This rank's slice of the live weights, fp32 (collective under ZeRO-3)."""
         with torch.no_grad(), _gathered(module, self.zero3):
-            parts = [p.detach().reshape(-1)[a:b].float().cpu() for p, a, b in self._pieces(module)]
-        return torch.cat(parts) if parts else torch.zeros(0)
+            parts = [p.detach().reshape(-1)[a:b].float() for p, a, b in self._pieces(module)]
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
 
     def update(self, module: nn.Module) -> None:
         self.updates += 1
@@ -77,9 +79,9 @@ class ShardedEMA:
 
         shards: list[Any] = [None] * self.world
         if dist.is_initialized() and self.world > 1:
-            dist.all_gather_object(shards, self.shard)
+            dist.all_gather_object(shards, self.shard.cpu())
         else:
-            shards = [self.shard]
+            shards = [self.shard.cpu()]
         return {"flat": torch.cat(shards).clone(), "updates": self.updates, "decay": self.decay,
                 "names": list(self.names)}
 
@@ -88,7 +90,7 @@ class ShardedEMA:
         if flat.numel() != self.numel or [tuple(x) for x in state["names"]] != [tuple(x) for x in self.names]:
             raise ValueError(f"EMA state holds {flat.numel()} values for other parameters than this model's "
                              f"{self.numel}")
-        self.shard = flat[self.lo:self.hi].clone().float()
+        self.shard = flat[self.lo:self.hi].float().to(self.device, copy=True)
         self.updates = int(state["updates"])
 
 

@@ -59,6 +59,16 @@ def load(meta: dict[str, Any], source: str) -> tuple[torch.nn.Module, Objective]
     return model.eval(), build_objective(DiffusionSection(**meta["config"]["diffusion"]), mc.learn_sigma)
 
 
+def from_checkpoint(checkpoint: str) -> tuple[torch.nn.Module, Objective]:
+    """The EMA DiT and its objective from any path megalm.checkpoint.reader.resolve takes."""
+    from megalm.checkpoint.reader import read_client_state
+
+    tag_dir, meta = read_client_state(checkpoint)
+    if not is_diffusion(meta):
+        raise UserError(f"{tag_dir}: not a diffusion checkpoint (task: {meta.get('config', {}).get('task')!r})")
+    return load(meta, tag_dir)
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="megalm sample", description="Sample an image grid from a DiT checkpoint.")
     p.add_argument("checkpoint")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from megalm.diffusion.data import ImageLoader, eval_batches, load_image_manifest, read_split
+from megalm.diffusion.data import ImageEvalLoader, ImageLoader, load_image_manifest, read_split, split_fingerprint
 from megalm.diffusion.objectives import build_objective, drop_labels
 from megalm.errors import UserError
 from megalm.models.dit import DiT, DiTConfig
@@ -56,12 +56,12 @@ class DiffusionTask:
     def build_loader(self, split: str, dp_rank: int, dp_world: int) -> ImageLoader:
         px, lab = self._split(split)
         b = self.cfg.batch
-        return ImageLoader(px, lab, self.cfg.train.seed, self.cfg.diffusion.class_dropout, b.global_batch,
-                           b.micro_batch, dp_rank, dp_world)
+        return ImageLoader(px, lab, self.cfg.data.seed, self.cfg.diffusion.class_dropout, b.global_batch,
+                           b.micro_batch, dp_rank, dp_world, fingerprint=split_fingerprint(self.manifest, split))
 
-    def build_eval_loader(self, dp_rank: int, dp_world: int) -> Iterable[Batch]:
-        px, lab = self._split("valid")
-        return eval_batches(px, lab, self.cfg.train.seed, self.cfg.batch.micro_batch, dp_rank, dp_world)
+    def build_eval_loader(self, dp_rank: int, dp_world: int) -> ImageEvalLoader:
+        px, lab = self._split(self.cfg.data.eval_split)
+        return ImageEvalLoader(px, lab, self.cfg.data.seed, self.cfg.batch.micro_batch, dp_rank, dp_world)
 
     def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor:
         y = drop_labels(batch["y"], batch["drop"], self.model_config.num_classes) if self.model_config.num_classes else None

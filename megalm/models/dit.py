@@ -21,18 +21,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
+from megalm import CONFIGS_DIR
 from megalm.errors import UserError
 from megalm.ops import adaln_layer_norm
 
-# The paper's shapes (Table 1); the patch size is the suffix, e.g. "DiT-XL/2".
-_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-PRESETS: dict[str, dict[str, Any]] = {
-    f"DiT-{size}/{patch}": {"depth": d, "dim": w, "heads": h, "patch_size": patch}
-    for size, (d, w, h) in _SIZES.items() for patch in (2, 4, 8)
-}
-# ~1.2M parameters: trains the 8x8 digits in minutes on 2 CPU cores.
-PRESETS["dit-tiny"] = {"depth": 4, "dim": 128, "heads": 4, "patch_size": 2}
+# Named shapes: package data beside the LM presets (megalm/configs/models/dit/presets.yaml).
+PRESETS_FILE = CONFIGS_DIR / "models" / "dit" / "presets.yaml"
+
+
+def dit_presets() -> dict[str, dict[str, Any]]:
+    """Preset name (`DiT-XL/2`, `dit-tiny`, ...) -> DiTConfig fields."""
+    with open(PRESETS_FILE) as f:
+        return yaml.safe_load(f)
 
 
 @dataclass
@@ -61,15 +63,16 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "model") -> "DiTConfig":
-        """Fields, or `preset` (a key of PRESETS) plus overrides; errors name the key."""
+        """Fields, or `preset` (a name in dit_presets()) plus overrides; errors name the key."""
         values = dict(values)
         preset = values.pop("preset", None)
         base: dict[str, Any] = {}
         if preset is not None:
-            if preset not in PRESETS:
+            presets = dit_presets()
+            if preset not in presets:
                 raise UserError(f"{source}: preset: unknown DiT preset {preset!r}; expected one of "
-                                f"{', '.join(PRESETS)}")
-            base = dict(PRESETS[preset])
+                                f"{', '.join(presets)}")
+            base = dict(presets[preset])
         base.update(values)
         known = {f.name for f in dataclasses.fields(cls)}
         for key in base:

@@ -228,16 +228,6 @@ class LLM(nn.Module):
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_id=eos_id, generator=generator)
 
-    def pipeline_layers(self, fused_loss: bool = False) -> list[nn.Module]:
-        """[embedding, block_0..block_{L-1}, final norm + head] sharing this model's parameters.
-
-        See megalm.models.pipeline for the tuple each layer maps, `fused_loss` (the head leaves the
-        projection to its `loss`, so full logits never exist) and how tied embeddings are shared.
-        """
-        from megalm.models.pipeline import pipeline_layers
-
-        return pipeline_layers(self, fused_loss)
-
     def num_params(self) -> int:
         """Unique parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())

@@ -1,6 +1,6 @@
 """The LLM as an ordered list of layers for DeepSpeed's `PipelineModule`, sharing the model's parameters.
 
-    layers = model.pipeline_layers(fused_loss=True)  # [EmbeddingPipe, BlockPipe x n_layers, HeadPipe]
+    layers = pipeline_layers(model, fused_loss=True)  # [EmbeddingPipe, BlockPipe x n_layers, HeadPipe]
     PipelineModule(layers=layers, loss_fn=layers[-1].loss, num_stages=...)
 
 Every layer maps a tuple to a tuple so activations cross stage boundaries as plain tensors:
@@ -15,9 +15,10 @@ with fused_loss, `layers[-1].loss(outputs, labels)` exactly the model's loss).
 
 Tied embeddings: `HeadPipe.proj` IS the model's `tok_embeddings` module (same Parameter), so
 within one process the tie holds by construction. When the first and last layers land on
-different pipeline stages, each stage holds its own copy of that weight; the trainer must keep
-the copies equal by summing `tied_weight(layers).grad` across the first and last stage after
-backward (what DeepSpeed does for a `TiedLayerSpec`). `tied_weight` returns None when untied.
+different pipeline stages, each stage holds its own copy of that weight; the trainer keeps the
+copies equal with a DeepSpeed `TiedLayerSpec` on both ends (megalm.train.engine).
+
+This module imports the model, never the other way round: the model knows nothing of pipelines.
 """
 
 from __future__ import annotations
@@ -91,14 +92,10 @@ class HeadPipe(nn.Module):
 
 
 def pipeline_layers(model: LLM, fused_loss: bool = False) -> list[nn.Module]:
+    """[embedding, block_0..block_{L-1}, final norm + head] sharing `model`'s parameters;
+    `fused_loss`: the head leaves the projection to its `loss`, so full logits never exist."""
     return [EmbeddingPipe(model), *(BlockPipe(b, model.config) for b in model.layers),
             HeadPipe(model, fused_loss)]
-
-
-def tied_weight(layers: list[nn.Module]) -> nn.Parameter | None:
-    """The embedding/head Parameter shared by the first and last layer, or None when untied."""
-    head = layers[-1]
-    return head.proj.weight if isinstance(head, HeadPipe) and head.tied else None
 
 
 def pipeline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

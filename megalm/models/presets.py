@@ -1,4 +1,5 @@
-"""Named model shapes: configs/models/<name>.yaml, whose keys are exactly LLMConfig's fields."""
+"""Named model shapes: megalm/configs/models/<name>.yaml (package data, so a wheel has them too;
+`configs/` in the checkout links there), whose keys are exactly LLMConfig's fields."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from typing import Any
 
 import yaml
 
+from megalm import CONFIGS_DIR
 from megalm.errors import UserError
 from megalm.models.config import LLMConfig
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+PRESET_DIR = CONFIGS_DIR / "models"
 
 
 def preset_names() -> list[str]:

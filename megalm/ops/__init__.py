@@ -1,7 +1,8 @@
 """Fused ops: CUDA kernels when built (`megalm ops build`), exact PyTorch references otherwise.
 
 Every op takes `backend="auto"|"reference"|"cuda"`; "auto" defers to the MEGALM_OPS env var,
-then picks the kernel for CUDA tensors when a built extension matches the current sources.
+then picks the kernel for CUDA tensors when a built extension matches the current sources and
+that kernel passed its self-test on the device (megalm.ops.selftest, registry.py).
 """
 
 from megalm.ops._backend import BACKENDS, resolve_backend

@@ -2,7 +2,8 @@
 
 The choice is per call (`backend=` kwarg), defaulting to the `MEGALM_OPS` env var, defaulting to
 "auto": the kernel for CUDA tensors (fp32/fp16/bf16) when a built extension matches the current
-sources, else the reference. Nothing here is process-wide mutable state except the memoised extension load.
+sources AND that kernel passed its self-test on this device (megalm.ops.selftest), else the
+reference. Nothing here is process-wide mutable state except memoised loads and self-test results.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -32,7 +34,7 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _load() -> tuple[ModuleType | None, str]:
+def _load() -> tuple[ModuleType | None, str, Path | None]:
     # Imported lazily: a CPU run never touches the build cache.
     from megalm.ops import build
 
@@ -48,6 +50,22 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
+def build_dir() -> Path | None:
+    """The cache directory of the loaded build (self-test records live there)."""
+    return _load()[2]
+
+
+def kernel_device(t: torch.Tensor) -> bool:
+    """Whether a tensor lives where the kernels run (a seam for the CPU tests of dispatch)."""
+    return t.is_cuda
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_untrusted_once(kernel: str, detail: str) -> None:
+    print(f"megalm.ops: warning: the {kernel} CUDA kernel failed its self-test on this device "
+          f"({detail}); using the PyTorch reference for it", file=sys.stderr, flush=True)
+
+
 @functools.lru_cache(maxsize=1)
 def _warn_fallback_once(reason: str) -> None:
     # One line on stderr, once per process (warnings.warn would add a source line).
@@ -55,12 +73,16 @@ def _warn_fallback_once(reason: str) -> None:
           "ops", file=sys.stderr, flush=True)
 
 
-def use_cuda(backend: str, *tensors: torch.Tensor | None) -> bool:
-    """True when this call should run the CUDA kernel; raises when "cuda" is forced but impossible."""
+def use_cuda(backend: str, *tensors: torch.Tensor | None, kernel: str | None = None) -> bool:
+    """True when this call should run the CUDA kernel; raises when "cuda" is forced but impossible.
+
+    "cuda" runs the kernel unconditionally (that is how the self-tests call it); "auto" runs
+    `kernel` only once it has passed its self-test on the tensors' device.
+    """
     backend = resolve_backend(backend)
     if backend == "reference":
         return False
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    on_cuda = all(kernel_device(t) for t in tensors if t is not None)
     if backend == "cuda":
         if not on_cuda:
             raise UserError(f"backend='cuda' ({ENV_VAR}): the CUDA kernels need CUDA tensors, got "
@@ -76,6 +98,14 @@ def use_cuda(backend: str, *tensors: torch.Tensor | None) -> bool:
     if extension() is None:
         _warn_fallback_once(unavailable_reason())
         return False
+    if kernel is not None:
+        from megalm.ops import selftest
+
+        device = next(t.device for t in tensors if t is not None)
+        ok, detail = selftest.verdict(kernel, device)
+        if not ok:
+            _warn_untrusted_once(kernel, detail)
+            return False
     return True
 
 

@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 
 from megalm.ops._backend import extension, use_cuda
+from megalm.ops.selftest import Case
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,7 +84,7 @@ class FusedAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
             kernel_dtypes = all(p.dtype in _KERNEL_DTYPES for p in params)
-            if kernel_dtypes and use_cuda(self.backend, *params):
+            if kernel_dtypes and use_cuda(self.backend, *params, kernel="FusedAdamW"):
                 self._step_cuda(params, group["master_weights"], hyper)
             else:
                 self._step_reference(params, group["master_weights"], hyper)
@@ -122,3 +123,61 @@ class FusedAdamW(torch.optim.Optimizer):
                 ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
                 [s["master"] for s in st] if has_master else [],
                 lr, beta1, beta2, eps, wd, 1 - beta1**step, 1 - beta2**step)
+
+
+SELFTEST_SHAPES = [(3 * 65536 + 9,), (17, 33), (1,)] + [(37,)] * 60
+
+
+def check_against_fp32_steps(device: torch.device, dtype: torch.dtype, master: bool,
+                             shapes: list[tuple[int, ...]], steps: int = 4) -> None:
+    """Run the kernel for `steps` steps on params of `shapes` (+ one misaligned view, one param
+    skipping step 2). After EVERY step its params, moments (and masters) must equal one fp32
+    AdamW step taken from its own previous state and rounded once to the state dtype (within one
+    ulp of it) — with lr = 0.1 a kernel that does nothing fails at once."""
+    ulp = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+    lr, (b1, b2), eps, wd = 0.1, (0.9, 0.95), 1e-8, 0.1
+    g = torch.Generator(device=device).manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g, device=device).to(dtype)) for s in shapes]
+    owner = torch.randn(1001, generator=g, device=device).to(dtype)
+    ps.append(torch.nn.Parameter(owner[1:]))  # starts one element in: not 16-byte aligned
+    opt = FusedAdamW(ps, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, master_weights=master,
+                     backend="cuda")
+    gg = torch.Generator(device=device).manual_seed(1)
+    for step in range(steps):
+        for i, p in enumerate(ps):
+            skip = step == 2 and i == 1  # a param left at a different step count
+            p.grad = None if skip else torch.randn(p.shape, generator=gg, device=device).to(dtype)
+        before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in ps]
+        opt.step()
+        for i, p in enumerate(ps):
+            pb, sb = before[i]
+            if p.grad is None:
+                assert torch.equal(p.detach(), pb), f"tensor {i} moved without a grad"
+                continue
+            st = opt.state[p]
+            zeros = torch.zeros(p.shape, device=device)
+            w = (sb["master"] if "master" in sb else pb).float().clone()
+            m = sb["exp_avg"].float().clone() if sb else zeros.clone()
+            v = sb["exp_avg_sq"].float().clone() if sb else zeros.clone()
+            _adamw_tensor_reference(w, p.grad.float(), m, v, st["step"].item(), lr, b1, b2, eps, wd)
+            sdt = st["exp_avg"].dtype
+            for name, got, want, tol in (("exp_avg", st["exp_avg"], m.to(sdt), ulp[sdt]),
+                                         ("exp_avg_sq", st["exp_avg_sq"], v.to(sdt), ulp[sdt]),
+                                         ("master", st.get("master"), w, ulp[torch.float32]),
+                                         ("param", p.detach(), w.to(dtype), ulp[dtype])):
+                if got is None:
+                    continue
+                torch.testing.assert_close(
+                    got.float(), want.float(), rtol=tol, atol=tol * 1e-2,
+                    msg=lambda msg, name=name, i=i, step=step: f"step {step} tensor {i} {name}: {msg}")
+
+
+def selftest_cases(device: torch.device) -> list[Case]:
+    """More tensors than one launch's metadata holds, several chunks, odd sizes, a misaligned
+    view, a param skipping a step; params and moments checked after every step."""
+    return [Case(f"{dtype} master={master}",
+                 lambda dtype=dtype, master=master: check_against_fp32_steps(
+                     device, dtype, master, SELFTEST_SHAPES))
+            for dtype, master in ((torch.float32, False), (torch.bfloat16, True),
+                                  (torch.bfloat16, False), (torch.float16, True),
+                                  (torch.float16, False))]

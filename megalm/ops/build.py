@@ -1,10 +1,15 @@
 """Ahead-of-time build of the fused ops into ONE extension, cached by what determines the binary.
 
 Cache layout (root: $MEGALM_OPS_CACHE or ~/.cache/megalm/ops):
-    <key>/<arch-tag>/megalm_ops_C.so + build.json
-where key = hash(csrc sources, torch version, torch CUDA version) and arch-tag names the arch
-list (e.g. sm80-sm90). A build happens in a temp dir and is renamed into place complete, with
-build.json written last; a directory without build.json is never loaded.
+    <key>/<arch-tag>/megalm_ops_C.so + build.json + selftest/<device>.json
+where key = hash(csrc sources, torch version, torch CUDA version, Python ABI tag, compiler flags)
+and arch-tag names the arch list (e.g. sm80-sm90ptx). A build happens in a temp dir under a file
+lock (ranks sharing a cache compile once) and is renamed into place complete, with build.json
+written last; a directory without build.json is never loaded.
+
+A build covers a GPU of compute capability X.Y when it holds SASS for X.Z with Z <= Y (CUDA runs
+sm_80 code on sm_86/sm_89) or PTX for an arch <= X.Y (the driver JITs it); "a" targets (9.0a)
+run only on their exact arch.
 
 `python -m megalm.ops.build [--arch "8.0;9.0"]` works with only torch installed (CI compile check).
 """
@@ -12,6 +17,7 @@ build.json written last; a directory without build.json is never loaded.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -22,6 +28,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +36,9 @@ from types import ModuleType
 from megalm.fsio import atomic_write, fsync_dir
 
 EXT_NAME = "megalm_ops_C"
-DEFAULT_ARCH = "8.0;9.0"
+DEFAULT_ARCH = "8.0;9.0+PTX"
+EXTRA_CFLAGS = ("-O3",)
+EXTRA_CUDA_CFLAGS = ("-O3", "--expt-relaxed-constexpr")
 CSRC = Path(__file__).resolve().parent / "csrc"
 _ARCH_RE = re.compile(r"^\d+\.\d+a?(\+PTX)?$")
 FATBIN_MAGIC = 0xBA55ED50
@@ -58,7 +67,10 @@ def cache_root() -> Path:
 def build_key() -> str:
     import torch
 
-    h = hashlib.sha256(f"{source_hash()}|torch={torch.__version__}|cuda={torch.version.cuda}".encode())
+    abi = sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag
+    flags = " ".join(EXTRA_CFLAGS) + "|" + " ".join(EXTRA_CUDA_CFLAGS)
+    h = hashlib.sha256(f"{source_hash()}|torch={torch.__version__}|cuda={torch.version.cuda}|"
+                       f"abi={abi}|flags={flags}".encode())
     return h.hexdigest()[:16]
 
 
@@ -128,15 +140,37 @@ def build(arch: str | None = None, verbose: bool = False) -> Path:
     if not cuda_home or not (Path(cuda_home) / "bin" / "nvcc").exists():
         raise UserError(f"CUDA_HOME={cuda_home!r}: no bin/nvcc there; set CUDA_HOME to the CUDA toolkit")
     final = cache_root() / build_key() / arch_tag(archs)
-    if (final / "build.json").exists() and (final / f"{EXT_NAME}.so").exists():
+    if _complete(final):
         print(f"megalm ops: up to date: {final}")
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    # One compiler per build across processes (every rank of a job may get here at once): the
+    # others wait on the lock and then find the finished build.
+    with open(final.parent / f".lock-{final.name}", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if _complete(final):
+                print(f"megalm ops: up to date (built by another process): {final}")
+                return final
+            return _compile(archs, final, cuda_home, verbose)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _complete(d: Path) -> bool:
+    return (d / "build.json").exists() and (d / f"{EXT_NAME}.so").exists()
+
+
+def _compile(archs: list[str], final: Path, cuda_home: str, verbose: bool) -> Path:
+    import torch
+    from torch.utils import cpp_extension
+
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
-    os.environ.setdefault("MAX_JOBS", "2")
+    # nvcc takes 1-2 GB per job: use the cores, but at most 8 jobs.
+    os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 8))))
     os.environ.setdefault("CUDA_HOME", cuda_home)
     print(f"megalm ops: compiling {len(compiled_sources())} sources for {';'.join(archs)} "
           f"into {final} (MAX_JOBS={os.environ['MAX_JOBS']}) ...", flush=True)
@@ -146,8 +180,8 @@ def build(arch: str | None = None, verbose: bool = False) -> Path:
             name=EXT_NAME,
             sources=[str(p) for p in compiled_sources()],
             build_directory=str(tmp),
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
+            extra_cflags=list(EXTRA_CFLAGS),
+            extra_cuda_cflags=list(EXTRA_CUDA_CFLAGS),
             verbose=verbose,
             is_python_module=True,
         )
@@ -195,45 +229,55 @@ def builds_for_current_sources() -> list[tuple[Path, dict]]:
 
 def _covers(info: dict, major: int, minor: int) -> bool:
     for a in info.get("archs", []):
-        num = a.split("+")[0].rstrip("a")
-        am, an = (int(x) for x in num.split("."))
-        if (am, an) == (major, minor) or (a.endswith("+PTX") and (am, an) <= (major, minor)):
+        num = a.split("+")[0]
+        specific = num.endswith("a")  # sm_90a code runs on sm_90 only
+        am, an = (int(x) for x in num.rstrip("a").split("."))
+        if (am, an) == (major, minor):
+            return True
+        if not specific and am == major and an <= minor:
+            return True  # SASS is compatible across minor versions upwards
+        if a.endswith("+PTX") and (am, an) <= (major, minor):
             return True
     return False
 
 
-def load_extension() -> tuple[ModuleType | None, str]:
-    """(module, "") when a matching build exists (or MEGALM_OPS_JIT=1 builds one), else (None, why)."""
+def load_extension() -> tuple[ModuleType | None, str, Path | None]:
+    """(module, "", build dir) when a build covering this GPU exists (or MEGALM_OPS_JIT=1 builds
+    one), else (None, why, None)."""
     import torch
 
     if torch.version.cuda is None:
-        return None, f"torch {torch.__version__} is a CPU-only build"
+        return None, f"torch {torch.__version__} is a CPU-only build", None
     if not torch.cuda.is_available():
-        return None, "no CUDA device visible"
+        return None, "no CUDA device visible", None
     cc = torch.cuda.get_device_capability()
     builds = [(d, i) for d, i in builds_for_current_sources() if _covers(i, *cc)]
     if not builds and os.environ.get("MEGALM_OPS_JIT", "") == "1":
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or f"{cc[0]}.{cc[1]}"
         try:
             d = build(arch)
-            builds = [(d, json.loads((d / "build.json").read_text()))]
         except Exception as exc:  # noqa: BLE001 — report why, fall back to the reference
-            return None, f"JIT build failed: {exc}"
+            return None, f"JIT build failed: {exc}", None
+        info = json.loads((d / "build.json").read_text())
+        if not _covers(info, *cc):  # e.g. TORCH_CUDA_ARCH_LIST names another GPU
+            return None, (f"JIT build for {';'.join(info['archs'])} does not cover "
+                          f"sm_{cc[0]}{cc[1]}"), None
+        builds = [(d, info)]
     if not builds:
         return None, (f"no build for these sources and sm_{cc[0]}{cc[1]} under {cache_root()} "
-                      "(run `megalm ops build`, or set MEGALM_OPS_JIT=1)")
+                      "(run `megalm ops build`, or set MEGALM_OPS_JIT=1)"), None
     so = builds[0][0] / f"{EXT_NAME}.so"
     if EXT_NAME in sys.modules:
-        return sys.modules[EXT_NAME], ""
+        return sys.modules[EXT_NAME], "", builds[0][0]
     try:
         loader = importlib.machinery.ExtensionFileLoader(EXT_NAME, str(so))
         spec = importlib.util.spec_from_file_location(EXT_NAME, str(so), loader=loader)
         module = importlib.util.module_from_spec(spec)
         loader.exec_module(module)
     except (ImportError, OSError) as exc:
-        return None, f"cannot load {so}: {exc}"
+        return None, f"cannot load {so}: {exc}", None
     sys.modules[EXT_NAME] = module
-    return module, ""
+    return module, "", builds[0][0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jit", action="store_true",
                     help="build only for the visible GPU's arch (what MEGALM_OPS_JIT=1 does)")
     ap.add_argument("-v", "--verbose", action="store_true", help="show compiler commands")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 1 when a kernel fails its self-test on the visible GPU (CI use)")
     args = ap.parse_args(argv)
     arch = args.arch
     if args.jit and arch is None:
@@ -256,8 +302,32 @@ def main(argv: list[str] | None = None) -> int:
                             "pass --arch instead")
         arch = "{}.{}".format(*torch.cuda.get_device_capability())
     d = build(arch, verbose=args.verbose)
-    print(d)
-    return 0
+    ok = _selftest_here()
+    print(d)  # last line: the build dir (scripts read it)
+    return 1 if args.strict and not ok else 0
+
+
+def _selftest_here() -> bool:
+    """On a GPU, self-test every kernel now so the first training step does not have to.
+
+    False when a kernel failed, or when there was a GPU but the build could not be loaded."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("megalm ops: no CUDA device visible: kernels not self-tested (the first use on a "
+              "GPU will)")
+        return True
+    from megalm.ops import _backend, selftest
+
+    if _backend.extension() is None:
+        print(f"megalm ops: not self-tested: {_backend.unavailable_reason()}")
+        return False
+    device = torch.device("cuda", torch.cuda.current_device())
+    record = selftest.run_all(device, _backend.build_dir())
+    for name, res in record["kernels"].items():
+        verdict = "pass" if res["ok"] else "FAIL (auto falls back to the reference)"
+        print(f"megalm ops: self-test {name:<28} {verdict}: {res['detail']} ({res['seconds']} s)")
+    return all(res["ok"] for res in record["kernels"].values())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`megalm ops build [--arch "8.0;9.0"] [--jit]` and `megalm ops report`."""
+"""`megalm ops build [--arch "8.0;9.0+PTX"] [--jit] [--strict]` and `megalm ops report`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from megalm.errors import UserError
 USAGE = """usage: megalm ops <command> [args]
 
 commands:
-  build [--arch "8.0;9.0"] [--jit]   compile the fused CUDA ops ahead of time (cached)
-  report                             show which path each op runs here and what was built"""
+  build [--arch "8.0;9.0+PTX"] [--jit] [--strict]
+                                     compile the fused CUDA ops ahead of time (cached), then
+                                     self-test them on the visible GPU (--strict: exit 1 on a
+                                     failed kernel)
+  report                             per kernel: built, arch, self-test result, path in use"""
 
 
 def main(argv: list[str]) -> int:

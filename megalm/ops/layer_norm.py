@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megalm.ops._backend import extension, upcast, use_cuda
+from megalm.ops.selftest import Case, compare, randn
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -42,6 +43,29 @@ class _LayerNormCUDA(torch.autograd.Function):
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
     """LayerNorm over the last dim; output dtype = x.dtype."""
-    if use_cuda(backend, x, weight, bias):
+    if use_cuda(backend, x, weight, bias, kernel="layer_norm"):
         return _LayerNormCUDA.apply(x, weight, bias, eps)
     return layer_norm_reference(x, weight, bias, eps)
+
+
+def selftest_cases(device: torch.device) -> list[Case]:
+    """Odd and vector widths, rows longer than a block, every affine combination, big mean."""
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for shape, affine in (((3, 77), "both"), ((2, 5, 1536), "weight"), ((3, 9001), "both"),
+                              ((2, 16392), "none"), ((600, 64), "bias")):
+            def run(dtype=dtype, shape=shape, affine=affine):
+                c = shape[-1]
+                x = randn(*shape, device=device, seed=1, scale=3, shift=4)
+                w = randn(c, device=device, seed=2) if affine in ("both", "weight") else None
+                b = randn(c, device=device, seed=3) if affine in ("both", "bias") else None
+                ins = [x] + [t for t in (w, b) if t is not None]
+
+                def fn(a, *wb, backend):
+                    it = iter(wb)
+                    return layer_norm(a, next(it) if w is not None else None,
+                                      next(it) if b is not None else None, 1e-5, backend=backend)
+
+                compare(fn, ins, dtype, device, f"layer_norm {shape} {affine}")
+            cases.append(Case(f"{dtype} {shape} affine={affine}", run))
+    return cases

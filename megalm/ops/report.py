@@ -9,19 +9,10 @@ import torch
 
 from megalm.ops import build
 from megalm.ops._backend import ENV_VAR, resolve_backend
+from megalm.ops.registry import KERNELS
 
-# op name -> the extension entry points it needs
-OPS: dict[str, tuple[str, ...]] = {
-    "rms_norm": ("rms_norm_fwd", "rms_norm_bwd"),
-    "layer_norm": ("layer_norm_fwd", "layer_norm_bwd"),
-    "apply_rope": ("rope_fwd",),
-    "swiglu": ("swiglu_fwd", "swiglu_bwd"),
-    "cross_entropy": ("cross_entropy_fwd",),
-    "fused_linear_cross_entropy": ("cross_entropy_fwd",),
-    "adaln_layer_norm": ("adaln_fwd", "adaln_bwd"),
-    "FusedAdamW": ("multi_tensor_adamw",),
-}
-
+# Kept for callers that list the ops: name -> extension entry points.
+OPS: dict[str, tuple[str, ...]] = {k.name: k.entry_points for k in KERNELS}
 
 def report_lines() -> list[str]:
     """The report as lines (pure: loads the extension only when a CUDA device is visible)."""
@@ -52,24 +43,51 @@ def report_lines() -> list[str]:
                          f"{info.get('nvcc')}) {d}")
     else:
         lines.append("built ............. nothing for these sources (run `megalm ops build`)")
-    ext, reason = (None, "no CUDA device visible")
+    ext, reason, where = None, "no CUDA device visible", None
     if has_gpu and backend != "reference":
         from megalm.ops import _backend
 
-        ext, reason = _backend.extension(), _backend.unavailable_reason()
+        ext, reason, where = _backend.extension(), _backend.unavailable_reason(), _backend.build_dir()
     if backend == "reference":
         reason = f"{ENV_VAR}=reference"
+    record = None
+    if ext is not None:
+        from megalm.ops import selftest
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        record = selftest.read_record(where, device)
+        if record is None:  # what the first use would do anyway; the report shows the outcome
+            record = selftest.run_all(device, where)
+    arch = ";".join(builds[0][1]["archs"]) if builds else "-"
     lines.append("-" * 60)
-    lines.append(f"{'op':<28} path for CUDA tensors here")
-    for op, fns in OPS.items():
-        if ext is not None and all(hasattr(ext, f) for f in fns):
-            path = "cuda kernel"
-        elif ext is not None:
-            path = "reference (extension lacks " + ", ".join(f for f in fns if not hasattr(ext, f)) + ")"
-        else:
-            path = f"reference ({reason})"
-        lines.append(f"{op:<28} {path}")
+    lines += kernel_table(ext, reason, record, has_gpu, arch, built_any=bool(builds))
     lines.append("CPU tensors always run the PyTorch reference.")
+    return lines
+
+
+def kernel_table(ext, reason: str, record: dict | None, has_gpu: bool, arch: str,
+                 built_any: bool = True) -> list[str]:
+    """Header + one row per registered kernel: built, arch, self-test verdict, path in use."""
+    lines = [f"{'op':<28} {'built':<6} {'arch':<14} {'self-test':<10} path for CUDA tensors here"]
+    for k in KERNELS:
+        built = "yes" if built_any else "no"
+        if ext is not None and not all(hasattr(ext, f) for f in k.entry_points):
+            built = "no"
+        res = (record or {}).get("kernels", {}).get(k.name)
+        if res is None:
+            test = "no GPU" if not has_gpu else "not run"
+        else:
+            test = "pass" if res["ok"] else "FAIL"
+        if ext is None:
+            path = f"reference ({reason})"
+        elif built == "no":
+            path = "reference (extension lacks " + ", ".join(
+                f for f in k.entry_points if not hasattr(ext, f)) + ")"
+        elif res is not None and not res["ok"]:
+            path = f"reference (self-test failed: {res['detail']})"
+        else:
+            path = "cuda kernel"
+        lines.append(f"{k.name:<28} {built:<6} {arch:<14} {test:<10} {path}")
     return lines
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from megalm.ops._backend import extension, upcast, use_cuda
+from megalm.ops.selftest import Case, compare, randn
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float = 10000.0,
@@ -37,25 +38,24 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return _rotate_reference(q, cos, sin), _rotate_reference(k, cos, sin)
 
 
-def _expand(t: torch.Tensor, batch: int) -> torch.Tensor:
-    return t.expand(batch, *t.shape[1:]).float().contiguous()
+def _f32_table(t: torch.Tensor) -> torch.Tensor:
+    # [1 or B, T, D/2] as fp32: a batch of 1 stays one row set (the kernel broadcasts it).
+    return t.float().contiguous()
 
 
 class _RoPECUDA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        c, s = _expand(cos, q.shape[0]), _expand(sin, q.shape[0])
-        qo = extension().rope_fwd(q.contiguous(), c, s, False)
-        ko = extension().rope_fwd(k.contiguous(), c, s, False)
+        c, s = _f32_table(cos), _f32_table(sin)
+        qo, ko = extension().rope_fwd(q.contiguous(), k.contiguous(), c, s, False)
         ctx.save_for_backward(c, s)
         return qo, ko
 
     @staticmethod
     def backward(ctx, dq, dk):
         c, s = ctx.saved_tensors
-        # The rotation is orthogonal: its adjoint is the rotation by -angle.
-        dq = extension().rope_fwd(dq.contiguous(), c, s, True) if dq is not None else None
-        dk = extension().rope_fwd(dk.contiguous(), c, s, True) if dk is not None else None
+        # The rotation is orthogonal: its adjoint is the rotation by -angle. Both in one launch.
+        dq, dk = extension().rope_fwd(dq.contiguous(), dk.contiguous(), c, s, True)
         return dq, dk, None, None
 
 
@@ -65,6 +65,26 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if q.shape[-1] != k.shape[-1] or q.shape[-1] != 2 * cos.shape[-1] or cos.shape != sin.shape:
         raise ValueError(f"apply_rope: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}"
                          f", sin {tuple(sin.shape)}: expected head_dim == 2 * cos.shape[-1]")
-    if use_cuda(backend, q, k, cos, sin):
+    if use_cuda(backend, q, k, cos, sin, kernel="apply_rope"):
         return _RoPECUDA.apply(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)
+
+
+def selftest_cases(device: torch.device) -> list[Case]:
+    """Broadcast and per-batch cos/sin, Hq != Hk, vector-width and odd half head dims."""
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for b, t, hq, hk, d, per_batch in ((2, 33, 4, 2, 128, False), (2, 9, 3, 1, 6, True),
+                                           (1, 17, 2, 2, 64, True), (3, 5, 1, 1, 10, False)):
+            def run(dtype=dtype, b=b, t=t, hq=hq, hk=hk, d=d, per_batch=per_batch):
+                pos = torch.arange(t, device=device)
+                pos = torch.stack([pos * (i + 1) % 4099 for i in range(b)]) if per_batch else pos
+                ins = [randn(b, t, hq, d, device=device, seed=1), randn(b, t, hk, d, device=device, seed=2)]
+
+                def fn(x, y, backend):
+                    cos, sin = rope_cos_sin(pos, d, 10000.0, dtype=torch.promote_types(x.dtype, torch.float32))
+                    return apply_rope(x, y, cos, sin, backend=backend)
+
+                compare(fn, ins, dtype, device, f"rope B{b} T{t} Hq{hq} Hk{hk} D{d}")
+            cases.append(Case(f"{dtype} B{b} T{t} Hq{hq} Hk{hk} D{d} per_batch={per_batch}", run))
+    return cases

@@ -15,7 +15,7 @@ from megalm.train.config import load_config
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="megalm train", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="YAML config (see configs/demo.yaml)")
+    p.add_argument("config", help="YAML config file, or the name of a shipped example (demo, gpt2-124m)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.micro_batch=2 data.paths=[d]")
     p.add_argument("--resume", default="auto",
                    help="auto: newest valid checkpoint in checkpoint.dir if any; none: start fresh; "
@@ -35,18 +35,16 @@ def main(argv: list[str]) -> int:
 
     from megalm.train.engine import init_distributed
     from megalm.train.loop import Trainer
-    if cfg.task == "diffusion":
-        from megalm.diffusion.task import DiffusionTask as TaskClass
-    else:
-        from megalm.train.task import LMTask as TaskClass
+    from megalm.train.metrics import json_safe
+    from megalm.train.task import build_task
 
-    task = TaskClass(cfg)
+    task = build_task(cfg)
     rank, world = init_distributed()
     trainer = Trainer(cfg, task, rank=rank, world_size=world)
     trainer.resume(args.resume)
     summary = trainer.run()
     if rank == 0:
-        print(json.dumps(summary), flush=True)
+        print(json.dumps(json_safe(summary)), flush=True)
     import torch.distributed as dist
 
     dist.barrier()

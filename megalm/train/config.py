@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from megalm import CONFIGS_DIR
+from megalm.checkpoint.config import CheckpointConfig
+from megalm.data.sources import DataConfig
 from megalm.diffusion.config import DiffusionSection
 from megalm.errors import UserError
 
@@ -24,14 +27,6 @@ SCHEDULES = ("cosine", "linear", "wsd", "constant")
 MAX_SCALE_POWER = 32  # fp16 dynamic loss scale starts at most at 2**32
 DTYPES = ("bf16", "fp16", "fp32")
 TASKS = ("lm", "diffusion")
-
-
-@dataclass
-class DataSection:
-    paths: list[str] = field(default_factory=list)  # shard dirs (data_prep output)
-    weights: list[float] | None = None  # blend weights, one per path
-    seq_len: int = 256
-    verify: bool = False  # sha256 every shard at start-up (reads all the data once; catches corruption)
 
 
 @dataclass
@@ -69,18 +64,10 @@ class PrecisionSection:
 
 
 @dataclass
-class CheckpointSection:
-    dir: str = ""  # default: runs/<name>/checkpoints
-    interval: int = 1000  # optimizer steps between saves (and always at the end)
-    keep_last: int = 3
-    async_save: bool = False
-
-
-@dataclass
 class LoggingSection:
     interval: int = 10
     tensorboard_dir: str = ""  # default: runs/<name>/tb
-    peak_flops: float = 0.0  # per device; 0 = 989e12 on CUDA (H100 bf16 dense), MFU blank on CPU
+    peak_flops: float = 0.0  # per device; 0 = from the GPU model and dtype (train/peak_flops.py); no MFU on CPU
     progress: bool = True  # tqdm bar on rank 0 (plain lines otherwise)
 
 
@@ -94,7 +81,7 @@ class EvalSection:
 class TrainSection:
     steps: int = 0  # optimizer steps; or set tokens
     tokens: int = 0
-    seed: int = 1234
+    seed: int = 1234  # model initialisation (the data order has its own data.seed)
 
 
 @dataclass
@@ -110,6 +97,10 @@ class DebugSection:
     nan_at_data_steps: list[int] = field(default_factory=list)  # 1-based global batch number
     trace_batches: str = ""  # dir: each rank appends (step, sample fingerprints) JSON lines
     max_steps_this_run: int = 0  # stop (after checkpointing) once this many steps ran in this process
+    # Before step N each rank writes runs/<name>/waiting-stepN.rank<r> and blocks until it has
+    # received `wait_for_signals` signals: tests signal a run at an exact step without sleeping.
+    wait_at_step: int = 0
+    wait_for_signals: int = 1
 
 
 @dataclass
@@ -117,12 +108,12 @@ class TrainConfig:
     name: str = "run"
     task: str = "lm"  # lm: next-token pretraining; diffusion: DiT on image shards (section `diffusion`)
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     batch: BatchSection = field(default_factory=BatchSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -170,13 +161,10 @@ class TrainConfig:
             raise self._err("task", f"expected one of {', '.join(TASKS)}, got {self.task!r}")
         if self.task == "diffusion":
             self.diffusion.validate(self.source)
-        if not self.data.paths:
-            raise self._err("data.paths", "expected at least one shard directory")
-        if self.data.weights is not None and len(self.data.weights) != len(self.data.paths):
-            raise self._err("data.weights", f"expected {len(self.data.paths)} weights (one per path)")
-        if self.data.weights is not None and any(w <= 0 for w in self.data.weights):
-            raise self._err("data.weights", "expected positive weights")
-        _positive(self, "data.seq_len", self.data.seq_len)
+        try:
+            self.data.validate()
+        except UserError as exc:
+            raise UserError(f"{self.source}: {exc}") from None
         _positive(self, "batch.micro_batch", b.micro_batch)
         _positive(self, "batch.global_batch", b.global_batch)
         if p.zero_stage not in (0, 1, 2, 3):
@@ -217,11 +205,10 @@ class TrainConfig:
             raise self._err("precision.initial_scale_power",
                             f"expected 0..{MAX_SCALE_POWER} (the scale starts at 2**power), got {prec.initial_scale_power}")
         if self.logging.peak_flops < 0:
-            raise self._err("logging.peak_flops", f"expected >= 0 (0 = default), got {self.logging.peak_flops}")
+            raise self._err("logging.peak_flops", f"expected >= 0 (0 = look up the GPU model), got {self.logging.peak_flops}")
         if (self.train.steps > 0) == (self.train.tokens > 0):
             raise self._err("train.steps", "set exactly one of train.steps or train.tokens (> 0)")
-        _positive(self, "checkpoint.interval", self.checkpoint.interval)
-        _positive(self, "checkpoint.keep_last", self.checkpoint.keep_last)
+        self.checkpoint.validate(self.source)
         _positive(self, "logging.interval", self.logging.interval)
         if self.eval.interval < 0 or self.eval.batches < 0:
             raise self._err("eval.interval", "expected interval >= 0 and batches >= 0")
@@ -336,15 +323,23 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> No
     node[parts[-1]] = value
 
 
+def _example_or_path(path: str) -> str:
+    """A file path as given, or the name of a shipped example config (`demo`, `gpt2-124m`)."""
+    example = CONFIGS_DIR / f"{path}.yaml"
+    return str(example) if not Path(path).exists() and "/" not in path and example.is_file() else path
+
+
 def load_config(path: str | None, overrides: list[str] = (), *, world_size: int | None = None) -> TrainConfig:
     """Read YAML (or start from defaults when path is None), apply `a.b=value` overrides, validate."""
     raw: dict[str, Any] = {}
+    path = _example_or_path(path) if path else path
     source = Path(path).name if path else "config"
     if path:
         try:
             text = Path(path).read_text()
         except OSError as exc:
-            raise UserError(f"{path}: cannot read config ({exc.strerror})") from None
+            raise UserError(f"{path}: cannot read config ({exc.strerror}); shipped examples: "
+                            f"{', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.yaml')))}") from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

@@ -19,12 +19,10 @@ from megalm.train.task import Task
 @dataclass
 class Built:
     engine: Any  # DeepSpeedEngine or PipelineEngine
-    model: nn.Module  # the full plain model (FLOPs, config); its parameters may be partitioned
     pipeline: bool
     dp_rank: int
     dp_world: int
     is_first_stage: bool
-    is_last_stage: bool
     flops_per_token: int  # model FLOPs per trained token (computed before ZeRO-3 partitions params)
 
 
@@ -130,10 +128,10 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
     )
     if pipeline:
         dp_rank, dp_world = engine.grid.data_parallel_id, engine.grid.data_parallel_size
-        is_first, is_last = engine.is_first_stage(), engine.is_last_stage()
+        is_first = engine.is_first_stage()
     else:
-        dp_rank, dp_world, is_first, is_last = dist.get_rank(), world_size, True, True
-    return Built(engine, model, pipeline, dp_rank, dp_world, is_first, is_last, flops)
+        dp_rank, dp_world, is_first = dist.get_rank(), world_size, True
+    return Built(engine, pipeline, dp_rank, dp_world, is_first, flops)
 
 
 def device_of(engine: Any) -> torch.device:

@@ -3,6 +3,10 @@
 The decision is global: every rank contributes (loss sum, count, non-finite count) to one
 all_reduce, so all ranks skip together. The optimizer consults the guard right before updating;
 a skipped step leaves parameters and optimizer state untouched (the engine then clears the grads).
+
+Losses stay on the device until the decision: `record` only adds tensors, and `decide` reads the
+reduced result back with one `.tolist()` — the step's single host synchronisation. The same
+reduction carries which stop signals any rank received, so stopping costs no second sync.
 """
 
 from __future__ import annotations
@@ -17,49 +21,66 @@ import torch.distributed as dist
 from megalm.ops import FusedAdamW
 from megalm.train.config import BadStepsSection
 
-
 class StepGuard:
-    def __init__(self, cfg: BadStepsSection):
+    def __init__(self, cfg: BadStepsSection, stop_signals: tuple[int, ...] = ()):
         self.cfg = cfg
+        self.stop_signals = stop_signals  # reduced with the losses: any rank's signal stops all
         self.history: deque[float] = deque(maxlen=cfg.window)
         self.consecutive_bad = 0
         self.skipped_total = 0
         self.recording = True  # off during eval so eval losses never count
         self.poison = False  # test hook: this step's losses become NaN (set by the loop)
-        self._sum, self._count, self._nonfinite = 0.0, 0, 0
+        self._sum: torch.Tensor | None = None  # device: sum of finite micro-batch losses
+        self._nonfinite: torch.Tensor | None = None  # device: count of non-finite ones
+        self._count = 0
+        self.pending_signal = 0  # set from a signal handler; folded into the next decision
+        self.stop_signal = 0  # the reduced decision: a signal number any rank received, or 0
         self.last_loss = float("nan")
         self.last_bad = False
         self.decided = False
         self.device = torch.device("cpu")  # where the decision all_reduce runs (CUDA under NCCL)
 
     def begin_step(self, poison: bool = False) -> None:
-        self._sum, self._count, self._nonfinite = 0.0, 0, 0
+        self._sum, self._nonfinite, self._count = None, None, 0
         self.poison = poison
         self.decided = False
 
     def record(self, loss: torch.Tensor) -> torch.Tensor:
-        """Called on each micro-batch loss where it is computed; returns the (maybe poisoned) loss."""
+        """Called on each micro-batch loss where it is computed; returns the (maybe poisoned) loss.
+        No host synchronisation: the value stays on the device."""
         if not self.recording:
             return loss
         if self.poison:
             loss = loss * float("nan")
-        value = float(loss.detach())
-        if math.isfinite(value):
-            self._sum += value
-        else:
-            self._nonfinite += 1
+        value = loss.detach().to(torch.float64)
+        finite = torch.isfinite(value)
+        part = torch.where(finite, value, torch.zeros_like(value))
+        bad = (~finite).to(torch.float64)
+        self._sum = part if self._sum is None else self._sum + part
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
         self._count += 1
         return loss
 
-    def decide(self) -> bool:
-        """Collective: the global mean loss of this step and whether the step is bad."""
-        if self.decided:
-            return self.last_bad
-        t = torch.tensor([self._sum, float(self._count), float(self._nonfinite)], dtype=torch.float64,
-                         device=self.device)
+    def _reduced(self) -> list[float]:
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        flags = [1.0 if self.pending_signal == s else 0.0 for s in self.stop_signals]
+        t = torch.stack([
+            zero if self._sum is None else self._sum.to(self.device).reshape(()),
+            zero + float(self._count),
+            zero if self._nonfinite is None else self._nonfinite.to(self.device).reshape(()),
+            *(zero + f for f in flags),
+        ])
         if dist.is_initialized():
             dist.all_reduce(t)
-        total, count, nonfinite = t.tolist()
+        return t.tolist()  # the one host synchronisation of the step
+
+    def decide(self) -> bool:
+        """Collective: the global mean loss of this step, whether the step is bad, and whether
+        any rank asked to stop."""
+        if self.decided:
+            return self.last_bad
+        total, count, nonfinite, *flags = self._reduced()
+        self.stop_signal = next((s for s, f in zip(self.stop_signals, flags) if f), self.stop_signal)
         mean = total / count if count and not nonfinite else float("nan")
         bad = nonfinite > 0 or not math.isfinite(mean)
         if not bad and self.cfg.spike_factor and self.history:

@@ -7,13 +7,12 @@ loader state and every rank's RNG state go into the checkpoint, so a resumed run
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -23,13 +22,19 @@ import torch.distributed as dist
 
 import megalm
 from megalm.errors import UserError
-from megalm.train.checkpoint import CheckpointConfig, CheckpointManager, published_tags
-from megalm.train.checkpoint_files import write_text_atomic
+from megalm.checkpoint.manager import CheckpointManager
+from megalm.fsio import atomic_write
 from megalm.train.config import TrainConfig
 from megalm.train.engine import build, device_of, peak_memory_gib
 from megalm.train.guard import StepGuard
-from megalm.train.metrics import Metrics
+from megalm.train.metrics import Metrics, json_safe
+from megalm.train.peak_flops import peak_flops
+from megalm.train.signals import STOP_SIGNALS, StopRequests
 from megalm.train.task import Batch, Task
+
+
+# Model fields a resumed run may change: they do not change what the saved weights mean.
+RESUMABLE_CHANGES = {"activation_checkpointing", "dropout", "init", "init_std"}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -54,7 +59,8 @@ def _warn(msg: str) -> None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, task: Task, *, rank: int, world_size: int):
         self.cfg, self.task, self.rank, self.world = cfg, task, rank, world_size
-        self.guard = StepGuard(cfg.bad_steps)
+        self.guard = StepGuard(cfg.bad_steps, stop_signals=STOP_SIGNALS)
+        self.stops = StopRequests(self.guard, rank)
         self.b = build(cfg, task, self.guard, world_size)
         self.engine = self.b.engine
         self.device = device_of(self.engine)
@@ -69,9 +75,9 @@ class Trainer:
         # each optimizer step, `state_dict`/`load_state_dict` through the checkpoint's client state.
         attach = getattr(task, "attach", None)
         self.task_hook = attach(self.engine, self.b.dp_rank, self.b.dp_world) if attach else None
-        ck = cfg.checkpoint
-        self.ckpt = CheckpointManager(CheckpointConfig(cfg.checkpoint_dir(), ck.interval, ck.keep_last, ck.async_save),
+        self.ckpt = CheckpointManager(dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint_dir()),
                                       rank=rank, world_size=world_size)
+        self.ckpt.check_space(self.engine)
         self.total_steps = cfg.total_steps()
         self.tokens_per_step = cfg.batch.global_batch * cfg.data.seq_len
         self.step = self.data_step = self.tokens = self.rollbacks = 0
@@ -81,8 +87,11 @@ class Trainer:
         # DeepSpeed reports no grad norm for plain fp32 data parallelism; compute it ourselves there.
         self._own_grad_norm = (not self.b.pipeline and cfg.parallel.zero_stage == 0
                                and cfg.precision.dtype == "fp32")
-        self._gnorm = float("nan")
-        self.stop_signal = 0  # set by SIGTERM/SIGUSR1 (preemption); acted on at the end of a step
+        self._gnorm: torch.Tensor | None = None  # stays on the device until a log line reads it
+        self.peak_flops = peak_flops(cfg.precision.dtype, cfg.logging.peak_flops)
+        if self.peak_flops is None and torch.cuda.is_available() and rank == 0:
+            _warn(f"no peak FLOP/s known for {torch.cuda.get_device_name()} in {cfg.precision.dtype}: MFU is "
+                  f"not logged; set logging.peak_flops (per device) to get it")
 
     # ---- state -------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
@@ -119,39 +128,35 @@ class Trainer:
             self.task_hook.load_state_dict(cs["task_state"])
 
     def resume(self, mode: str) -> bool:
-        own = published_tags(self.ckpt.dir)
-        if mode == "none":
-            if own:
-                raise UserError(f"--resume none: {self.ckpt.dir} already holds checkpoints of a run (newest "
-                                f"{own[-1]}); use --resume auto to continue it, or set another checkpoint.dir "
-                                f"(or delete that directory) to start fresh")
-            return False
-        tag, source = None, self.ckpt
-        if mode != "auto":
-            path = os.path.abspath(mode)
-            tag = os.path.basename(path)
-            if os.path.dirname(path) == os.path.abspath(self.ckpt.dir) and own and tag != own[-1]:
-                # Saving after an older checkpoint would interleave two histories in one directory.
-                raise UserError(f"--resume {mode}: {self.ckpt.dir} holds newer checkpoints (newest {own[-1]}); "
-                                f"resume from the newest (--resume auto), or copy {tag} into another "
-                                f"checkpoint.dir to branch from it")
-            if os.path.dirname(path) != self.ckpt.dir and own:
-                raise UserError(f"--resume {mode}: {self.ckpt.dir} already holds checkpoints of another run "
-                                f"(newest {own[-1]}); continuing from {path} there would mix two runs: set "
-                                f"another checkpoint.dir (or delete that directory)")
-            if os.path.dirname(path) != self.ckpt.dir:  # another run's checkpoint: read it, save in ours
-                source = CheckpointManager(CheckpointConfig(os.path.dirname(path)), rank=self.rank,
-                                           world_size=self.world, read_only=True)
-        cs = source.load(self.engine, tag)
-        if cs is None:
-            if mode != "auto":
-                raise UserError(f"--resume {mode}: no loadable checkpoint there")
-            return False
-        self.restore(cs)
+        """Collective: take the run lock, then continue from `mode` (auto | none | a checkpoint
+        folder). On a refusal the lock is released again, so the process may try otherwise."""
+        try:
+            found = self.ckpt.resume(self.engine, mode, check=self._same_model)
+            if found is None:
+                return False
+            self.restore(found[0])
+        except BaseException:
+            self.ckpt.close()
+            raise
         self._saved_step = self.step
         if self.rank == 0:
-            print(f"resumed from step {self.step} ({source.dir})", flush=True)
+            print(f"resumed from step {self.step} ({found[1]})", flush=True)
         return True
+
+    def _same_model(self, cs: dict[str, Any]) -> None:
+        """Refuse, naming each differing field, a checkpoint of another model shape (before
+        DeepSpeed would fail deep inside load_state_dict)."""
+        saved = cs.get("data", {}).get("model_config")
+        ours = self.task.fingerprint().get("model_config")
+        if saved is None or ours is None:
+            return
+        diffs = [f"model.{k} is {saved.get(k)!r} there, {ours.get(k)!r} here"
+                 for k in sorted((set(saved) | set(ours)) - RESUMABLE_CHANGES) if saved.get(k) != ours.get(k)]
+        if not diffs:
+            return
+        raise UserError(f"a checkpoint of another model ({'; '.join(diffs)}): resume with the model settings it "
+                        f"was trained with, or start a new run (another name= or checkpoint.dir=, or --resume none "
+                        f"with a fresh checkpoint.dir)")
 
     def save(self) -> None:
         self.ckpt.save(self.engine, self.step, self.client_state())
@@ -191,8 +196,8 @@ class Trainer:
                 if i == len(micro) - 1:
                     self.guard.decide()  # before the optimizer runs, on every rank
                     if self._own_grad_norm:
-                        self._gnorm = float(torch.nn.utils.get_total_norm(
-                            [p.grad for p in self.engine.module.parameters() if p.grad is not None]))
+                        self._gnorm = torch.nn.utils.get_total_norm(
+                            [p.grad for p in self.engine.module.parameters() if p.grad is not None])
                 self.engine.step()
         self.guard.decide()  # no-op when the optimizer already asked; covers fp16 overflow paths
         self.step += 1
@@ -202,33 +207,39 @@ class Trainer:
             self.task_hook.after_step(self.step, applied=not self.guard.last_bad)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the first `eval.batches` micro batches per rank of the valid split."""
+    def evaluate(self) -> tuple[float, list[float]]:
+        """(blended loss, per-source losses): the mean loss over the first `eval.batches` micro
+        batches per rank of each source's valid split, and their mean weighted like training's
+        blend. Losses stay on the device until one read at the end."""
         if self.eval_loader is None:
-            return float("nan")
-        micro = [{k: v.to(self.device) for k, v in mb.items()}
-                 for _, mb in zip(range(self.cfg.eval.batches), self.eval_loader)]
+            return float("nan"), []
+        k_sources = self.eval_loader.num_sources
+        sums = torch.zeros(k_sources, 2, dtype=torch.float64, device=self.device)  # (loss sum, count)
         self.guard.recording = False
         self.engine.eval()
-        total, count = 0.0, 0
         try:
-            if self.b.pipeline:  # eval_batch takes gradient_accumulation_steps micro batches at a time
-                gas = self.engine.gradient_accumulation_steps()
-                for i in range(0, len(micro) - gas + 1, gas):
-                    chunk = [self.task.pipeline_batch(mb) for mb in micro[i:i + gas]]
-                    total += float(self.engine.eval_batch(iter(chunk))) * gas  # already DP-averaged
-                    count += gas
-            else:
-                for mb in micro:
-                    total += float(self.task.loss(self.engine, mb))
-                    count += 1
+            for k in range(k_sources):
+                micro = [{n: v.to(self.device) for n, v in mb.items()}
+                         for _, mb in zip(range(self.cfg.eval.batches), self.eval_loader.source_batches(k))]
+                if self.b.pipeline:  # eval_batch takes gradient_accumulation_steps micro batches at a time
+                    gas = self.engine.gradient_accumulation_steps()
+                    for i in range(0, len(micro) - gas + 1, gas):
+                        chunk = [self.task.pipeline_batch(mb) for mb in micro[i:i + gas]]
+                        sums[k, 0] += self.engine.eval_batch(iter(chunk)).detach().double() * gas  # DP-averaged
+                        sums[k, 1] += gas
+                else:
+                    for mb in micro:
+                        sums[k, 0] += self.task.loss(self.engine, mb).detach().double()
+                        sums[k, 1] += 1
         finally:
             self.engine.train()
             self.guard.recording = True
-        t = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
         if not self.b.pipeline:
-            dist.all_reduce(t)
-        return float(t[0] / t[1]) if t[1] else float("nan")
+            dist.all_reduce(sums)
+        per_source = [t / c if c else float("nan") for t, c in sums.tolist()]
+        weights = self.loader.source_weights() if hasattr(self.loader, "source_weights") else [1.0] * k_sources
+        blended = sum(w * x for w, x in zip(weights, per_source)) / sum(weights)
+        return blended, per_source
 
     def roll_back(self) -> None:
         """M bad steps in a row: reload the newest checkpoint and plan to skip the bad data window."""
@@ -250,21 +261,10 @@ class Trainer:
             _warn(f"{n} bad steps in a row: rolled back to step {self.step}; data batches {first_bad}.."
                   f"{first_bad + n - 1} will be skipped")
 
-    # ---- preemption ---------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self.stop_signal = signum
-
-    def _stop_requested(self) -> bool:
-        """Collective: any rank signalled -> every rank checkpoints and stops after this step."""
-        t = torch.tensor([float(self.stop_signal)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        self.stop_signal = int(t.item())
-        return self.stop_signal != 0
-
     # ---- the run -----------------------------------------------------------------------------
     def _grad_norm(self) -> float:
         if self._own_grad_norm:
-            return self._gnorm
+            return float(self._gnorm) if self._gnorm is not None else float("nan")
         g = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
         return float(g) if g is not None else float("nan")
 
@@ -277,19 +277,22 @@ class Trainer:
         tps = self.tokens_per_step * (self.step - clock["step"]) / max(now - clock["t"], 1e-9)
         flops = tps * self.b.flops_per_token
         rate = max(self.step - clock["start_step"], 1e-9) / max(now - clock["start_t"], 1e-9)
-        peak = self.cfg.logging.peak_flops or (989e12 if torch.cuda.is_available() else 0.0)
         metrics.write("train", {
             "step": self.step, "loss": self.guard.last_loss, "lr": self.engine.get_lr()[0],
             "grad_norm": self._grad_norm(), "tokens_per_s": tps, "flops_per_s": flops,
-            "mfu": flops / (peak * self.world) if peak else None, "memory_gib": peak_memory_gib(),
+            "mfu": flops / (self.peak_flops * self.world) if self.peak_flops else None,
+            "memory_gib": peak_memory_gib(),
             "eta_s": (self.total_steps - self.step) / rate, "skipped_steps": self.guard.skipped_total,
             "rollbacks": self.rollbacks, "loss_scale": self._loss_scale(), "tokens": self.tokens,
             "data_step": self.data_step})
         clock.update(t=now, step=self.step)
 
     def _eval(self, metrics: Metrics) -> None:
-        self.last_eval = self.evaluate()
-        metrics.write("eval", {"step": self.step, "loss": self.last_eval})
+        self.last_eval, per_source = self.evaluate()
+        record: dict[str, Any] = {"step": self.step, "loss": self.last_eval}
+        if len(per_source) > 1:
+            record.update({f"loss_source{k}": x for k, x in enumerate(per_source)})
+        metrics.write("eval", record)
 
     def run(self) -> dict[str, Any]:
         cfg, start = self.cfg, self.step
@@ -297,11 +300,12 @@ class Trainer:
                           enabled=self.rank == 0, progress=cfg.logging.progress)
         now = time.perf_counter()
         clock = {"t": now, "step": self.step, "start_t": now, "start_step": self.step}
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        self.stops.install()
         try:
             while self.step < self.total_steps:
+                if cfg.debug.wait_at_step == self.step + 1:
+                    self.stops.wait_for(cfg.debug.wait_for_signals,
+                                        cfg.run_dir() / f"waiting-step{self.step + 1}.rank{self.rank}")
                 self.train_step(self.next_batch())
                 metrics.advance()
                 if self.step % cfg.logging.interval == 0 or self.step == self.total_steps:
@@ -319,9 +323,9 @@ class Trainer:
                     self.save()
                 if cfg.debug.max_steps_this_run and self.step - start >= cfg.debug.max_steps_this_run:
                     break
-                if self._stop_requested():
+                if self.guard.stop_signal:  # decided in this step's one reduction, on every rank
                     if self.rank == 0:
-                        _warn(f"signal {self.stop_signal}: checkpointing at step {self.step} and stopping")
+                        _warn(f"signal {self.guard.stop_signal}: checkpointing at step {self.step} and stopping")
                     break
             if self._saved_step != self.step:
                 self.save()
@@ -330,8 +334,8 @@ class Trainer:
                 self._eval(metrics)
         finally:
             metrics.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self.stops.restore()
+            self.ckpt.close()
         return self._summary()
 
     def _summary(self) -> dict[str, Any]:
@@ -339,10 +343,10 @@ class Trainer:
                    "last_loss": self.guard.last_loss, "eval_loss": self.last_eval,
                    "skipped_steps": self.guard.skipped_total, "rollbacks": self.rollbacks,
                    "weights_sha256": self.weights_digest(), "world_size": self.world,
-                   "stopped_by_signal": self.stop_signal}
+                   "stopped_by_signal": self.guard.stop_signal}
         if self.rank == 0:
             self.cfg.run_dir().mkdir(parents=True, exist_ok=True)
-            write_text_atomic(str(self.cfg.run_dir() / "summary.json"), json.dumps(summary, indent=1))
+            atomic_write(str(self.cfg.run_dir() / "summary.json"), json.dumps(json_safe(summary), indent=1))
         return summary
 
     def weights_digest(self) -> str:

@@ -12,6 +12,17 @@ from typing import Any
 from tqdm import tqdm
 
 
+def json_safe(value: Any) -> Any:
+    """NaN/inf (no loss yet, no eval) become null: JSON has no NaN, and strict readers reject it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _fmt_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -64,7 +75,7 @@ class Metrics:
         if not self.enabled:
             return
         step = record["step"]
-        self._jsonl.write(json.dumps({"kind": kind, **record}) + "\n")
+        self._jsonl.write(json.dumps(json_safe({"kind": kind, **record}), allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -74,6 +85,7 @@ class Metrics:
             line = format_line(record, self.total_steps)
         elif kind == "eval":
             line = f"eval step {step} | loss {record['loss']:.4f} | ppl {math.exp(min(record['loss'], 50)):.2f}"
+            line += "".join(f" | {k.removeprefix('loss_')} {v:.4f}" for k, v in record.items() if k.startswith("loss_"))
         else:
             line = f"{kind} step {step} | " + " | ".join(f"{k} {v}" for k, v in record.items() if k != "step")
         (self._bar.write if self._bar is not None else print)(line)

@@ -6,6 +6,7 @@ diffusion) plugs in by writing another Task; `LMTask` is next-token pretraining.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
@@ -26,10 +27,18 @@ class Loader(Protocol):
     def skip(self, n: int) -> None: ...
 
 
+class EvalLoader(Protocol):
+    """Fixed eval micro batches, source by source (the loop weighs sources like the training blend)."""
+
+    num_sources: int
+
+    def source_batches(self, k: int) -> Iterator[Batch]: ...
+
+
 class Task(Protocol):
     def build_model(self) -> nn.Module: ...
     def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader: ...
-    def build_eval_loader(self, dp_rank: int, dp_world: int) -> Iterable[Batch]: ...
+    def build_eval_loader(self, dp_rank: int, dp_world: int) -> EvalLoader: ...
     def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor: ...
     # Pipeline parallelism: the model as a layer list, the loss on the last stage's output, and
     # how a micro batch splits into (first-stage inputs, last-stage labels).
@@ -89,32 +98,24 @@ class LMTask:
             mc.max_seq_len = self.cfg.data.seq_len
         return mc
 
-    @property
-    def model_config(self):
-        return self._model_config
-
     def build_model(self) -> nn.Module:
         from megalm.models.llm import LLM
 
         return LLM(self._model_config)
 
-    def _data_config(self, split: str):
-        from megalm.data.sources import DataConfig
-
-        d = self.cfg.data
-        return DataConfig(paths=list(d.paths), weights=d.weights, seq_len=d.seq_len, seed=self.cfg.train.seed,
-                          split=split, verify=d.verify)
-
     def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader:
         from megalm.data.loader import build_loader
+        from megalm.data.manifest import check_token_ids, load_manifest
 
-        return build_loader(self._data_config(split), self.cfg.batch.global_batch, self.cfg.batch.micro_batch,
-                            dp_rank, dp_world)
+        # Ids the embedding cannot hold would fail deep inside the first step; name the shard.
+        check_token_ids([load_manifest(p) for p in self.cfg.data.paths], self._model_config.vocab_size)
+        return build_loader(dataclasses.replace(self.cfg.data, split=split), self.cfg.batch.global_batch,
+                            self.cfg.batch.micro_batch, dp_rank, dp_world)
 
-    def build_eval_loader(self, dp_rank: int, dp_world: int) -> Iterable[Batch]:
+    def build_eval_loader(self, dp_rank: int, dp_world: int) -> EvalLoader:
         from megalm.data.loader import build_eval_loader
 
-        return build_eval_loader(self._data_config("train"), self.cfg.batch.micro_batch, dp_rank, dp_world)
+        return build_eval_loader(self.cfg.data, self.cfg.batch.micro_batch, dp_rank, dp_world)
 
     def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor:
         return model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
@@ -122,7 +123,9 @@ class LMTask:
 
     def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
         # The head stops at the final norm; its `loss` (the engine's loss_fn) runs the fused CE.
-        return model.pipeline_layers(fused_loss=True)
+        from megalm.models.pipeline import pipeline_layers
+
+        return pipeline_layers(model, fused_loss=True)
 
     def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss on logits; used only when the last pipeline layer has no `loss` of its own."""
@@ -136,18 +139,14 @@ class LMTask:
     def tokenizer_model(self) -> bytes:
         """The sentencepiece model bytes (checked against the manifest's sha256), stored in
         checkpoints so `megalm sample` works after the shard directory moved."""
-        import hashlib
         import os
+
+        from megalm.fsio import read_checked
 
         if self._tok_bytes is None:
             path = os.path.join(self.cfg.data.paths[0], self._tok.path)
-            try:
-                blob = open(path, "rb").read()
-            except OSError as exc:
-                raise UserError(f"{path}: cannot read the tokenizer ({exc.strerror})") from None
-            if hashlib.sha256(blob).hexdigest() != self._tok.sha256:
-                raise UserError(f"{path}: tokenizer sha256 differs from the manifest's")
-            self._tok_bytes = blob
+            manifest = os.path.join(self.cfg.data.paths[0], "manifest.json")
+            self._tok_bytes = read_checked(path, self._tok.sha256, f"{manifest}: tokenizer.sha256")
         return self._tok_bytes
 
     def fingerprint(self) -> dict[str, Any]:
@@ -157,3 +156,12 @@ class LMTask:
                 "tokenizer_path": os.path.abspath(os.path.join(self.cfg.data.paths[0], self._tok.path)),
                 "tokenizer_sha256": self._tok.sha256, "vocab_size": self._tok.vocab_size,
                 "eos_id": self._tok.eos_id, "model_config": self._model_config.to_dict()}
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The Task that `cfg.task` names (config.TASKS): lm, or diffusion (megalm/diffusion/task.py)."""
+    if cfg.task == "diffusion":
+        from megalm.diffusion.task import DiffusionTask
+
+        return DiffusionTask(cfg)
+    return LMTask(cfg)

@@ -155,8 +155,13 @@ def test_eval_loader_deterministic_finite_and_sharded(dirs):
     assert len(r0) == len(r1) == len(one) // 2
     keys_2 = {k for mb in r0 + r1 for k in sample_keys([mb])}
     assert keys_2 <= set(keys_one) and len(keys_2) == len(r0) * 2 * 2
-    capped = list(build_eval_loader(cfg, micro_batch=2, max_samples=3))
-    assert len(capped) == 3  # 3 samples from each of the 2 sources
+    capped = build_eval_loader(cfg, micro_batch=2, max_samples=3)
+    assert capped.source_batches_count == [1, 1]  # 3 samples of each source: one micro batch of 2 each
+    # batches come source by source, each holding only its own source's documents
+    for k, lo, hi in ((0, 20000, 50000), (1, 50000, 10**9)):
+        toks = {t for mb in build_eval_loader(cfg, micro_batch=2).source_batches(k)
+                for t in mb["input_ids"].flatten().tolist() if t != 2}
+        assert toks and lo <= min(toks) and max(toks) < hi
 
 
 def test_resume_survives_moved_dir_and_rewritten_stats(dirs, tmp_path):

@@ -102,3 +102,16 @@ def cli_raise(argv: list[str]) -> int:
     from data_prep.cli import main
 
     return main(argv[1:])
+
+
+def test_unwritable_output_is_one_line_and_leftovers_are_cleared(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match=r"--output .*file/d: cannot create or write.*expected a writable directory"):
+        cli_raise(["prep", "builtin:digits", "-o", str(tmp_path / "file" / "d")])
+    out = tmp_path / "d"
+    out.mkdir()
+    from megalm.fsio import TMP_PREFIX
+
+    (out / f"{TMP_PREFIX}train-00000.arrow").write_bytes(b"half a shard")  # an interrupted run's write
+    assert cli(["prep", "builtin:digits", "-o", str(out)]) == 0
+    assert not list(out.glob(f"{TMP_PREFIX}*"))

@@ -90,3 +90,23 @@ def test_fast_reader_hands_over_midway_without_loss(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert _read([p]) == texts + ["", "after"]
+
+
+def test_document_cap_names_the_place_in_every_format(tmp_path):
+    """The cap is in characters, the same on the fast (Arrow) and the line-by-line path."""
+    texts = ["short", "é" * 3000, "ok"]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet")
+    (tmp_path / "t.jsonl").write_bytes(_jsonl_bytes(texts))
+    (tmp_path / "nulls.jsonl").write_bytes(b'{"text": null}\n' + _jsonl_bytes(texts))
+    limit = 2999
+    with pytest.raises(UserError, match=r"t\.parquet: row 1: a document of 0\.0M characters "
+                                        r"exceeds --max-document-mb"):
+        _read([tmp_path / "t.parquet"], max_chars=limit)
+    for name, line in (("t.jsonl", 2), ("nulls.jsonl", 3)):
+        with pytest.raises(UserError, match=rf"{name}:{line}: a document"):
+            _read([tmp_path / name], max_chars=limit)
+        assert _read([tmp_path / name], max_chars=3000)[-3:] == texts
+    # A JSON string spends at most 12 bytes per character: longer lines are not read whole.
+    (tmp_path / "long.jsonl").write_bytes(_jsonl_bytes(["x" * 70_000]))
+    with pytest.raises(UserError, match=r"long\.jsonl:1: line longer than 65,656 bytes"):
+        _read([tmp_path / "long.jsonl"], max_chars=10)

@@ -8,7 +8,7 @@ import pytest
 
 from data_prep import tokenizer
 from data_prep.config import PrepConfig
-from data_prep.pipeline import run
+from data_prep.pipeline import PAUSE_ENV, run
 from megalm.errors import UserError
 
 from .conftest import run_prep, tree_digest
@@ -23,27 +23,35 @@ def _reference(tmp_path, corpus, model_path):
     return tree_digest(ref)
 
 
+def _start_paused(out, *args, shard: int = 1) -> subprocess.Popen:
+    """`megalm prep` stopped by the pipeline's own hook right after publishing `shard`: it
+    cannot finish before the test acts, however loaded the machine is."""
+    cmd = [sys.executable, "-m", "megalm.cli", "prep", "-o", str(out), *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, PAUSE_ENV: str(shard)})
+    paused = out / ".units" / "paused"
+    while not paused.exists():  # a state the run holds until signalled, not a deadline race
+        if proc.poll() is not None:
+            raise AssertionError(f"prep ended before pausing:\n{proc.stderr.read()}")
+        time.sleep(0.01)
+    assert not (out / "manifest.json").exists()
+    return proc
+
+
 def test_sigkill_then_resume_gives_identical_bytes(tmp_path, corpus, model_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "megalm.cli", "prep", str(corpus), "-o", str(out),
-           "--tokenizer", str(model_path), *ARGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = out / ".units" / "unit-00000.json"
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    proc = _start_paused(out, corpus, "--tokenizer", model_path, *ARGS)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    assert first.exists() and not (out / "manifest.json").exists(), "killed too late to test"
-    done_before = len(list((out / ".units").glob("unit-*.json")))
-    # Corrupt one finished shard: the resume must notice (checksum) and redo that unit.
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (out / ".units").glob("shard-*.json")) == [
+        "shard-00000.json", "shard-00001.json"]
+    # Corrupt one finished shard: the resume must notice (checksum) and redo it.
     shard = out / "train-00000.arrow"
     shard.write_bytes(shard.read_bytes()[:-10])
 
     resumed = run_prep(str(corpus), "-o", out, "--tokenizer", model_path, *ARGS)
-    reused = int(resumed.stdout.split(" work units (")[1].split(" reused")[0])
-    assert reused == done_before - 1
+    assert "work units (1 shard(s) reused)" in resumed.stdout, resumed.stdout
     assert tree_digest(out) == _reference(tmp_path, corpus, model_path)
     assert not [p for p in out.rglob(".tmp-*")]
     assert run_prep("--verify", out).returncode == 0
@@ -100,18 +108,14 @@ def test_verify_names_corrupt_and_truncated_shards(tmp_path, corpus, model_path)
 
 def test_ctrl_c_stops_cleanly_then_resumes(tmp_path, corpus, model_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "megalm.cli", "prep", str(corpus), "-o", str(out),
-           "--tokenizer", str(model_path), "--workers", "2", *ARGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = out / ".units" / "unit-00000.json"
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert not (out / "manifest.json").exists(), "interrupted too late to test"
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
-    run_prep(str(corpus), "-o", out, "--tokenizer", model_path, *ARGS)
+    proc = _start_paused(out, corpus, "--tokenizer", model_path, "--workers", "2", *ARGS)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines() == ["interrupted"], err
+    assert not (out / "manifest.json").exists()
+    assert not [p for p in out.rglob(".tmp-*")]
+    resumed = run_prep(str(corpus), "-o", out, "--tokenizer", model_path, *ARGS)
+    assert "(2 shard(s) reused)" in resumed.stdout, resumed.stdout
     assert tree_digest(out) == _reference(tmp_path, corpus, model_path)
 
 
@@ -129,3 +133,26 @@ def test_verify_of_a_damaged_manifest_is_one_line_naming_the_key(tmp_path, corpu
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "splits.train.shards[0].sha256" in lines[0], proc.stderr
+
+
+def test_verify_checks_token_ids_against_the_tokenizer(tmp_path, corpus, model_path):
+    import json
+
+    out = tmp_path / "o"
+    m = run(PrepConfig(inputs=(str(corpus),), output=str(out), tokenizer=str(model_path),
+                       shard_size_mb=0.1, valid_fraction=0.05))
+    first = m["splits"]["train"]["shards"][0]
+    assert 0 < first["max_token_id"] < 500
+    assert run_prep("--verify", out).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_size"] = 100  # contradicts tokenizer.model and the shards
+    manifest["splits"]["train"]["shards"][0]["max_token_id"] = first["max_token_id"] - 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_prep("--verify", out, check=False)
+    assert proc.returncode == 1, proc.stdout
+    lines = proc.stdout.splitlines()
+    assert "manifest.json: tokenizer.vocab_size is 100 but tokenizer.model has 500 pieces" in lines
+    assert f"{first['file']}: largest token id is {first['max_token_id']}, manifest " \
+           f"max_token_id says {first['max_token_id'] - 1}" in lines
+    assert any(ln.startswith(f"{first['file']}: max_token_id") and "outside the tokenizer's "
+               "vocabulary (vocab_size 100)" in ln for ln in lines), lines

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gc
-import json
 import os
 from typing import Any
 
-ZERO = {f"zero{s}": [f"parallel.zero_stage={s}"] for s in range(4)}
+from tests.distributed.jobs import MODES  # zero0..zero3 (and pp2, not for diffusion)
 
 
 def overrides(shards: str, name: str, steps: int = 6) -> list[str]:
@@ -19,28 +17,17 @@ def overrides(shards: str, name: str, steps: int = 6) -> list[str]:
             "diffusion.ema_decay=0.9"]
 
 
+def _ema(trainer: Any) -> dict[str, Any]:
+    ema = trainer.task_hook.state_dict()["ema"]  # collective: every rank's shard
+    return {"ema_sum": float(ema["flat"].double().sum()), "ema_updates": ema["updates"]}
+
+
 def train(args: list[str], resume: str = "auto") -> dict[str, Any]:
-    import torch.distributed as dist
+    from tests.distributed.jobs import train as run, train_records
 
-    from megalm.diffusion.task import DiffusionTask
-    from megalm.train.config import load_config
-    from megalm.train.loop import Trainer
-
-    cfg = load_config(None, args, world_size=dist.get_world_size())
-    trainer = Trainer(cfg, DiffusionTask(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
-    trainer.resume(resume)
-    summary = trainer.run()
-    ema = trainer.task_hook.state_dict()["ema"]
-    summary.update(run_dir=str(cfg.run_dir()), ema_sum=float(ema["flat"].double().sum()),
-                   ema_updates=ema["updates"], losses=_losses(str(cfg.run_dir())))
-    del trainer
-    gc.collect()
+    summary = run(args, resume, extra=_ema)
+    summary["losses"] = [r["loss"] for r in train_records(summary["run_dir"])]
     return summary
-
-
-def _losses(run_dir: str) -> list[float]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
 
 
 def zero_modes(workdir: str, shards: str, modes: list[str]) -> dict[str, Any]:
@@ -48,9 +35,9 @@ def zero_modes(workdir: str, shards: str, modes: list[str]) -> dict[str, Any]:
     os.chdir(workdir)
     out: dict[str, Any] = {}
     for mode in modes:
-        straight = train(overrides(shards, f"{mode}-straight") + ZERO[mode])
-        train(overrides(shards, f"{mode}-split") + ZERO[mode] + ["debug.max_steps_this_run=3"])
-        second = train(overrides(shards, f"{mode}-split") + ZERO[mode])
+        straight = train(overrides(shards, f"{mode}-straight") + MODES[mode])
+        train(overrides(shards, f"{mode}-split") + MODES[mode] + ["debug.max_steps_this_run=3"])
+        second = train(overrides(shards, f"{mode}-split") + MODES[mode])
         out[mode] = {"straight": straight, "second": second}
     return out
 
@@ -59,6 +46,6 @@ def world_change(workdir: str, shards: str, phase: str) -> dict[str, Any]:
     """phase first: 3 steps of 6 on this world; phase rest: resume them here; phase straight: 6 steps."""
     os.chdir(workdir)
     if phase == "straight":
-        return train(overrides(shards, "world-straight") + ZERO["zero2"])
+        return train(overrides(shards, "world-straight") + MODES["zero2"])
     extra = ["debug.max_steps_this_run=3"] if phase == "first" else []
-    return train(overrides(shards, "world") + ZERO["zero2"] + extra)
+    return train(overrides(shards, "world") + MODES["zero2"] + extra)

@@ -3,9 +3,11 @@ resume from the saved position, classifier-free-guidance label dropout."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from megalm.diffusion.data import ImageLoader, eval_batches, sample_draws
+from megalm.diffusion.data import ImageEvalLoader, ImageLoader, sample_draws
+from megalm.errors import UserError
 
 
 def _data(n: int = 50):
@@ -68,7 +70,21 @@ def test_label_dropout_share_matches_class_dropout():
 
 def test_eval_batches_are_fixed_and_split_across_ranks():
     px, lab = _data(12)
-    first = [next(eval_batches(px, lab, 1, 4, r, 2)) for r in range(2)]
-    again = next(eval_batches(px, lab, 1, 4, 0, 2))
+    loaders = [ImageEvalLoader(px, lab, 1, 4, r, 2) for r in range(2)]
+    assert loaders[0].num_sources == 1
+    first = [next(ld.source_batches(0)) for ld in loaders]
+    again = next(loaders[0].source_batches(0))  # every eval starts over: the same noisy inputs
     assert torch.equal(first[0]["noise"], again["noise"]) and not first[0]["drop"].any()
     assert first[0]["y"].tolist() == [0, 1, 2, 3] and first[1]["y"].tolist() == [4, 5, 6, 7]
+
+
+def test_resume_refuses_another_seed_or_other_images():
+    px, lab = _data()
+    saved = ImageLoader(px, lab, 7, 0.1, 8, 8, 0, 1, fingerprint="abc").state_dict()
+    with pytest.raises(UserError, match="data.seed: the checkpoint was made with seed 7, the config says 8"):
+        ImageLoader(px, lab, 8, 0.1, 8, 8, 0, 1, fingerprint="abc").load_state_dict(saved)
+    with pytest.raises(UserError, match="data.paths: the checkpoint's training images differ"):
+        ImageLoader(px, lab, 7, 0.1, 8, 8, 0, 1, fingerprint="xyz").load_state_dict(saved)
+    same = ImageLoader(px, lab, 7, 0.1, 8, 8, 0, 1, fingerprint="abc")
+    same.load_state_dict({**saved, "next_sample": 24})
+    assert same.next_sample == 24

@@ -43,3 +43,21 @@ def make_corpus(out: str, vocab_size: int = 320, n_docs: int = 600) -> str:
                     eos_id=2, tokenizer_bytes=model.getvalue())
     os.replace(tmp, out)
     return out
+
+
+def make_blend_corpus(out: str) -> list[str]:
+    """Two shard dirs sharing make_corpus's tokenizer: Python's help text (source 0) and the same
+    paragraphs word-reversed (source 1: the same tokens in another order, so its loss differs)."""
+    base = make_corpus(os.path.join(out, "help"))
+    rev = os.path.join(out, "reversed")
+    if not os.path.exists(os.path.join(rev, "manifest.json")):
+        import sentencepiece as spm
+
+        model = open(os.path.join(base, "tokenizer.model"), "rb").read()
+        sp = spm.SentencePieceProcessor(model_proto=model)
+        paras = [" ".join(reversed(p.split())) for p in _paragraphs(680)]
+        docs = [np.asarray(ids, dtype=np.int64) for ids in sp.encode(paras)]
+        write_shard_dir(rev + ".tmp", {"train": docs[:600], "valid": docs[600:]}, vocab_size=sp.vocab_size(),
+                        eos_id=2, tokenizer_bytes=model)
+        os.replace(rev + ".tmp", rev)
+    return [base, rev]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 MODES: dict[str, list[str]] = {
     "zero0": ["parallel.zero_stage=0"],
@@ -26,19 +26,23 @@ def small_overrides(shards: str, name: str, steps: int = 4) -> list[str]:
             "eval.batches=0"]
 
 
-def train(overrides: list[str], resume: str = "auto") -> dict[str, Any]:
-    """One in-process training run on the current process group; returns its summary + losses."""
+def train(overrides: list[str], resume: str = "auto",
+          extra: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One in-process training run (of the task `task=` names) on the current process group;
+    returns its summary, plus what `extra(trainer)` adds (collective calls allowed)."""
     import torch.distributed as dist
 
     from megalm.train.config import load_config
     from megalm.train.loop import Trainer
-    from megalm.train.task import LMTask
+    from megalm.train.task import build_task
 
     cfg = load_config(None, overrides, world_size=dist.get_world_size())
-    trainer = Trainer(cfg, LMTask(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
+    trainer = Trainer(cfg, build_task(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
     trainer.resume(resume)
     summary = trainer.run()
     summary["run_dir"] = str(cfg.run_dir())
+    if extra is not None:
+        summary.update(extra(trainer))
     del trainer
     gc.collect()
     return summary
@@ -87,11 +91,11 @@ def _attempt(fn) -> dict[str, Any]:
 def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str, Any]:
     """On one rank: final save precedes the final eval; an impossible eval split fails at Trainer
     init; --resume none / an older checkpoint of a dir with checkpoints are refused; fp16 on CPU
-    is refused; summary.json goes through write_text_atomic."""
+    is refused; summary.json goes through megalm.fsio.atomic_write."""
     import torch.distributed as dist
 
     import megalm.train.loop as loop
-    from megalm.train.checkpoint import published_tags
+    from megalm.checkpoint.layout import published_tags
     from megalm.train.config import load_config
     from megalm.train.task import LMTask
 
@@ -100,12 +104,12 @@ def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str,
     base = ["parallel.zero_stage=0", "checkpoint.interval=1", "checkpoint.keep_last=5"]
 
     written: list[str] = []
-    real_write = loop.write_text_atomic
-    loop.write_text_atomic = lambda path, text: (written.append(path), real_write(path, text))[1]
+    real_write = loop.atomic_write
+    loop.atomic_write = lambda path, text: (written.append(path), real_write(path, text))[1]
     try:
         out["ck"] = train(small_overrides(shards, "ck", steps=2) + base)
     finally:
-        loop.write_text_atomic = real_write
+        loop.atomic_write = real_write
     out["summary_writes"] = written
     ck_dir = os.path.abspath("runs/ck/checkpoints")
     out["ck_tags"] = published_tags(ck_dir)
@@ -114,6 +118,7 @@ def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str,
                                                  resume=os.path.join(ck_dir, out["ck_tags"][0])))
     out["resume_newest"] = _attempt(lambda: train(small_overrides(shards, "ck", steps=2) + base,
                                                   resume=os.path.join(ck_dir, out["ck_tags"][-1]))["step"])
+    os.makedirs("runs/other/checkpoints/step_00000001", exist_ok=True)  # (a missing path is refused first)
     out["resume_foreign"] = _attempt(lambda: train(small_overrides(shards, "ck", steps=2) + base,
                                                    resume=os.path.abspath("runs/other/checkpoints/step_00000001")))
     out["fp16_cpu"] = _attempt(lambda: train(small_overrides(shards, "fp16", steps=1) + ["precision.dtype=fp16"]))
@@ -134,7 +139,7 @@ def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str,
 
     # The final eval fails: the last steps are saved already.
     class FailingEval(loop.Trainer):
-        def evaluate(self) -> float:
+        def evaluate(self) -> tuple[float, list[float]]:
             raise RuntimeError("eval failed")
 
     cfg = load_config(None, small_overrides(shards, "evalfail", steps=3) + ["checkpoint.interval=100",

@@ -15,8 +15,8 @@ import pytest
 
 from launcher.env import discover, first_host
 from megalm.errors import UserError
-from megalm.train.checkpoint import published_tags
-from megalm.train.checkpoint_files import verify_directory
+from megalm.checkpoint.files import verify_directory
+from megalm.checkpoint.layout import published_tags
 from tests.distributed.corpus import make_corpus
 from tests.distributed.helper import REPO, cpu_env
 from tests.distributed.jobs import small_overrides

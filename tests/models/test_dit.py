@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megalm.errors import UserError
-from megalm.models.dit import PRESETS, DiT, DiTConfig
+from megalm.models.dit import DiT, DiTConfig, dit_presets
 
 
 def _count(preset: str, **kw) -> int:
@@ -29,9 +29,10 @@ def test_other_presets_match_the_paper_table(preset, millions):
 
 
 def test_every_size_has_patch_2_4_8():
+    presets = dit_presets()  # package data: megalm/configs/models/dit/presets.yaml
     for size in ("S", "B", "L", "XL"):
         for patch in (2, 4, 8):
-            assert PRESETS[f"DiT-{size}/{patch}"]["patch_size"] == patch
+            assert presets[f"DiT-{size}/{patch}"]["patch_size"] == patch
 
 
 def _tiny(**kw) -> DiT:

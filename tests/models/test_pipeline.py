@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megalm.models.pipeline import BlockPipe, EmbeddingPipe, HeadPipe, pipeline_loss, tied_weight
+from megalm.models.pipeline import BlockPipe, EmbeddingPipe, HeadPipe, pipeline_layers, pipeline_loss
 from tests.models.common import build, packed_batch
 
 
@@ -19,7 +19,7 @@ def run_layers(layers, inputs):
 @pytest.mark.parametrize("shape", ["llama", "gpt2", "mqa"])
 def test_layers_run_in_order_equal_forward_exactly(shape):
     model = build(shape, dtype=torch.float32)
-    layers = model.pipeline_layers()
+    layers = pipeline_layers(model)
     assert [type(m) for m in layers] == [EmbeddingPipe, BlockPipe, BlockPipe, HeadPipe]
     ids, pos, docs, _ = packed_batch([3, 8, 5])
     ids2 = torch.cat([ids, ids.flip(1)])
@@ -33,7 +33,7 @@ def test_layers_run_in_order_equal_forward_exactly(shape):
 @pytest.mark.parametrize("shape", ["llama", "gpt2"])
 def test_layers_share_the_models_parameters_and_gradients(shape, fused_loss):
     model = build(shape, dtype=torch.float64, activation_checkpointing=1)
-    layers = model.pipeline_layers(fused_loss=fused_loss)
+    layers = pipeline_layers(model, fused_loss=fused_loss)
     layer_params = {id(p) for layer in layers for p in layer.parameters()}
     assert layer_params == {id(p) for p in model.parameters()}
 
@@ -56,9 +56,9 @@ def test_layers_share_the_models_parameters_and_gradients(shape, fused_loss):
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-7, atol=1e-12, msg=name)
 
 
-def test_tied_weight_is_the_embedding_and_absent_when_untied():
+def test_tied_head_is_the_embedding_and_separate_when_untied():
     tied = build("gpt2")
-    layers = tied.pipeline_layers()
-    assert tied_weight(layers) is tied.tok_embeddings.weight
-    assert layers[-1].proj is layers[0].tok_embeddings
-    assert tied_weight(build("llama").pipeline_layers()) is None
+    layers = pipeline_layers(tied)
+    assert layers[-1].tied and layers[-1].proj is layers[0].tok_embeddings
+    untied = pipeline_layers(build("llama"))
+    assert not untied[-1].tied and untied[-1].proj.weight is not untied[0].tok_embeddings.weight

@@ -96,14 +96,18 @@ class ContractModel:
         return dx.view(B, T, D), d.sum(1), (d * xh.view(B, T, D)).sum(1)
 
     @staticmethod
-    def rope_fwd(x, cos, sin, inverse):
-        assert x.dim() == 4 and x.is_contiguous()
+    def rope_fwd(q, k, cos, sin, inverse):
         _f32(cos, "cos"), _f32(sin, "sin")
-        assert cos.shape == (x.shape[0], x.shape[1], x.shape[3] // 2), cos.shape
-        half = x.shape[-1] // 2
-        c, s = cos[:, :, None], sin[:, :, None] * (-1.0 if inverse else 1.0)
-        x1, x2 = x.float()[..., :half], x.float()[..., half:]
-        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).to(x.dtype)
+        out = []
+        for x in (q, k):
+            assert x.dim() == 4 and x.is_contiguous()
+            # cos/sin [1 or B, T, D/2]: a batch of 1 is broadcast by the kernel
+            assert cos.shape[0] in (1, x.shape[0]) and cos.shape[1:] == (x.shape[1], x.shape[3] // 2)
+            half = x.shape[-1] // 2
+            c, s = cos[:, :, None], sin[:, :, None] * (-1.0 if inverse else 1.0)
+            x1, x2 = x.float()[..., :half], x.float()[..., half:]
+            out.append(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).to(x.dtype))
+        return tuple(out)
 
     @staticmethod
     def swiglu_fwd(g, u):
@@ -118,22 +122,32 @@ class ContractModel:
                 (d * g.float() * s).to(u.dtype))
 
     @staticmethod
-    def cross_entropy_fwd(logits, labels, scale, ignore_index, inplace):
+    def cross_entropy_fwd(logits, labels, ignore_index, inplace, need_grad):
         _rows(logits)
         assert labels.dtype == torch.int64 and labels.is_contiguous()
-        assert scale.dtype == torch.float32 and scale.numel() == 1
         lf = logits.float()
         valid = labels != ignore_index
-        safe = torch.where(valid, labels, 0)
+        in_range = (labels >= 0) & (labels < logits.shape[1])
+        safe = torch.where(valid & in_range, labels, 0)
         lse = lf.logsumexp(-1)
         loss = torch.where(valid, lse - lf.gather(1, safe[:, None])[:, 0], 0.0)
+        loss = torch.where(valid & ~in_range, float("nan"), loss)  # bad label: NaN, no fault
         p = (lf - lse[:, None]).exp()
-        p[torch.arange(len(labels)), safe] -= 1
-        grad = (p * (valid.float() * scale)[:, None]).to(logits.dtype)
+        hit = torch.nonzero(valid & in_range)[:, 0]
+        p[hit, safe[hit]] -= 1
+        grad = (p * valid.float()[:, None]).to(logits.dtype)  # unscaled: backward applies 1/n
+        if not need_grad:
+            return loss, None
         if inplace:
             logits.copy_(grad)
             grad = logits
         return loss, grad
+
+    @staticmethod
+    def scale_cast(x, factor, out):
+        assert x.is_contiguous() and factor.dtype == torch.float32 and factor.numel() == 1
+        assert out.shape == x.shape and (out.dtype == x.dtype or x.dtype == torch.float32)
+        out.copy_(x.float() * factor)
 
     @staticmethod
     def multi_tensor_adamw(ps, gs, ms, vs, masters, lr, b1, b2, eps, wd, bc1, bc2):
@@ -157,7 +171,7 @@ def contract_as_cuda(monkeypatch):
     for name in MODULES:
         mod = importlib.import_module(f"megalm.ops.{name}")
         if hasattr(mod, "use_cuda"):
-            monkeypatch.setattr(mod, "use_cuda", lambda backend, *t: backend != "reference")
+            monkeypatch.setattr(mod, "use_cuda", lambda backend, *t, kernel=None: backend != "reference")
         if hasattr(mod, "extension"):
             monkeypatch.setattr(mod, "extension", lambda: ContractModel)
     ce = importlib.import_module("megalm.ops.cross_entropy")

@@ -168,3 +168,10 @@ def test_fp16_rejected_on_cpu_accelerator():
 def test_data_verify_option():
     assert cfg_of().data.verify is False and cfg_of("data.verify=true").data.verify is True
     assert "data.verify: expected true/false" in error_of("data.verify=3")
+
+
+def test_shipped_example_by_name_and_unknown_name_lists_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # away from the checkout: found as package data, not ./configs
+    assert load_config("demo", ["data.paths=[d]"]).name == "demo"
+    with pytest.raises(UserError, match=r"^nope: cannot read config .*shipped examples: demo, gpt2-124m$"):
+        load_config("nope")

@@ -72,3 +72,28 @@ def test_skipped_update_leaves_weights_and_state():
     opt.step()  # the optimizer asks the guard itself (as under a pipeline engine)
     assert torch.equal(p, applied)
     assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
+
+
+def test_record_never_reads_the_device_and_decide_reads_once(monkeypatch):
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _r=real: (reads.append(_n), _r(self, *a))[1])
+    g = StepGuard(BadStepsSection())
+    g.begin_step()
+    for x in (1.0, 3.0, float("inf")):
+        g.record(torch.tensor(x))
+    assert reads == []  # losses stay on the device while micro batches run
+    assert g.decide() and reads == ["tolist"] and g.skipped_total == 1
+
+
+def test_stop_requests_travel_with_the_decision():
+    import signal
+
+    g = StepGuard(BadStepsSection(), stop_signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
+    step(g, 1.0)
+    assert g.stop_signal == 0
+    g.pending_signal = signal.SIGUSR1  # what the handler does
+    assert g.stop_signal == 0  # nothing acts on it before the step's reduction
+    step(g, 1.0)
+    assert g.stop_signal == signal.SIGUSR1

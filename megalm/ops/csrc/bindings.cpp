@@ -113,19 +113,27 @@ std::tuple<Tensor, Tensor, Tensor> adaln_bwd(const Tensor& dy, const Tensor& x,
   return megalm::adaln_bwd(dy, x, scale, mean, rstd);
 }
 
-Tensor rope_fwd(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse) {
-  check_cuda(x, "x");
-  check_float_like(x, "x");
-  TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, "x must be [B, T, H, D] with even D");
+std::tuple<Tensor, Tensor> rope_fwd(const Tensor& q, const Tensor& k, const Tensor& cos,
+                                    const Tensor& sin, bool inverse) {
+  for (const auto* x : {&q, &k}) {
+    check_cuda(*x, "q/k");
+    check_float_like(*x, "q/k");
+    TORCH_CHECK(x->dim() == 4 && x->size(3) % 2 == 0, "q/k must be [B, T, H, D] with even D");
+  }
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.device() == k.device(),
+              "q and k must share dtype and device");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "q and k must agree on B, T and D");
   for (const auto* t : {&cos, &sin}) {
     check_cuda(*t, "cos/sin");
     TORCH_CHECK(t->scalar_type() == at::kFloat, "cos/sin must be float32 (convert on the host)");
-    TORCH_CHECK(t->dim() == 3 && t->size(0) == x.size(0) && t->size(1) == x.size(1) &&
-                    t->size(2) == x.size(3) / 2,
-                "cos/sin must be [B, T, D/2] matching x, got ", t->sizes());
-    TORCH_CHECK(t->device() == x.device(), "cos/sin must be on the device of x");
+    TORCH_CHECK(t->dim() == 3 && (t->size(0) == q.size(0) || t->size(0) == 1) &&
+                    t->size(1) == q.size(1) && t->size(2) == q.size(3) / 2,
+                "cos/sin must be [B or 1, T, D/2] matching q, got ", t->sizes());
+    TORCH_CHECK(t->device() == q.device(), "cos/sin must be on the device of q");
   }
-  return megalm::rope_fwd(x, cos, sin, inverse);
+  TORCH_CHECK(cos.sizes() == sin.sizes(), "cos and sin must have the same shape");
+  return megalm::rope_fwd(q, k, cos, sin, inverse);
 }
 
 Tensor swiglu_fwd(const Tensor& gate, const Tensor& up) {
@@ -146,19 +154,30 @@ std::tuple<Tensor, Tensor> swiglu_bwd(const Tensor& dy, const Tensor& gate, cons
 }
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor& labels,
-                                             const Tensor& grad_scale, int64_t ignore_index,
-                                             bool inplace) {
+                                             int64_t ignore_index, bool inplace, bool need_grad) {
   check_rows(logits, "logits");
   check_cuda(labels, "labels");
   TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0),
               "labels must be [N] matching logits [N, V]");
-  TORCH_CHECK(grad_scale.is_cuda() && grad_scale.scalar_type() == at::kFloat &&
-                  grad_scale.numel() == 1,
-              "grad_scale must be a one-element float32 CUDA tensor");
-  TORCH_CHECK(labels.device() == logits.device() && grad_scale.device() == logits.device(),
-              "logits, labels and grad_scale must be on one device");
-  return megalm::cross_entropy_fwd(logits, labels, grad_scale, ignore_index, inplace);
+  TORCH_CHECK(labels.device() == logits.device(), "logits and labels must be on one device");
+  TORCH_CHECK(logits.size(0) <= INT32_MAX, "cross_entropy: more than 2^31 - 1 rows");
+  return megalm::cross_entropy_fwd(logits, labels, ignore_index, inplace, need_grad);
+}
+
+void scale_cast(const Tensor& x, const Tensor& factor, const Tensor& out) {
+  check_cuda(x, "x");
+  check_cuda(out, "out");
+  check_float_like(x, "x");
+  TORCH_CHECK(x.sizes() == out.sizes() && x.device() == out.device(),
+              "x and out must share shape and device");
+  const auto in = x.scalar_type(), o = out.scalar_type();
+  TORCH_CHECK(in == o || (in == at::kFloat && (o == at::kHalf || o == at::kBFloat16)),
+              "scale_cast: out must have x's dtype, or float16/bfloat16 for float32 x");
+  TORCH_CHECK(factor.is_cuda() && factor.scalar_type() == at::kFloat && factor.numel() == 1 &&
+                  factor.device() == x.device(),
+              "factor must be a one-element float32 tensor on x's device");
+  megalm::scale_cast(x, factor, out);
 }
 
 void multi_tensor_adamw(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
@@ -214,5 +233,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_fwd", &swiglu_fwd);
   m.def("swiglu_bwd", &swiglu_bwd);
   m.def("cross_entropy_fwd", &cross_entropy_fwd);
+  m.def("scale_cast", &scale_cast);
   m.def("multi_tensor_adamw", &multi_tensor_adamw);
 }

@@ -1,5 +1,6 @@
-// Softmax cross-entropy rows: one block per row, online (max, sum-exp) in fp32, then one more
-// pass writing grad = (softmax - onehot) * grad_scale in the logits dtype (optionally in place).
+// Softmax cross-entropy rows: one block per row, online (max, sum-exp) in fp32 over 16-byte
+// vectors, then (when a gradient is wanted) one more pass writing the UNSCALED gradient
+// softmax - onehot in the logits dtype, optionally in place. The caller applies dloss / n in fp32.
 #include <cmath>
 
 #include "kernels.cuh"
@@ -39,37 +40,47 @@ __device__ __forceinline__ MaxSum block_max_sum(MaxSum v, float* sm_m, float* sm
   return total;
 }
 
-template <typename T>
-__global__ void ce_kernel(const T* logits, const int64_t* __restrict__ labels,
-                          const float* __restrict__ grad_scale, T* grad, float* __restrict__ loss,
-                          int64_t V, int64_t ignore_index) {
+template <typename T, int N>
+__global__ void __launch_bounds__(kMaxThreads)
+    ce_kernel(const T* logits, const int64_t* __restrict__ labels, T* grad,
+              float* __restrict__ loss, int64_t V, int64_t ignore_index) {
   // `grad` may alias `logits` (in place): each element is read then written by the same thread,
   // and the target logit is read before the writing pass starts (barrier in block_max_sum).
   __shared__ float sm_m[kMaxThreads / kWarp], sm_s[kMaxThreads / kWarp];
   const int64_t row = blockIdx.x;
   const T* xr = logits + row * V;  // no __restrict__: may alias gr
-  T* gr = grad + row * V;
   const int64_t label = labels[row];
   const bool valid = label != ignore_index;
   const bool in_range = label >= 0 && label < V;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * N;
   MaxSum acc{-INFINITY, 0.f};
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float x = to_f(xr[j]);
-    if (x > acc.m) {
-      acc.s = (acc.m == -INFINITY ? 0.f : acc.s * expf(acc.m - x)) + 1.f;
-      acc.m = x;
-    } else if (acc.m != -INFINITY) {  // all -inf so far: nothing to add yet
-      acc.s += expf(x - acc.m);
+  for (int64_t j = threadIdx.x * N; j < V; j += step) {
+    float x[N];
+    load_f<N>(xr + j, x);
+    float m = x[0];
+#pragma unroll
+    for (int i = 1; i < N; ++i) m = fmaxf(m, x[i]);
+    if (m == -INFINITY) continue;  // nothing to add
+    if (m > acc.m) {
+      acc.s = acc.m == -INFINITY ? 0.f : acc.s * expf(acc.m - m);
+      acc.m = m;
     }
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc.s += expf(x[i] - acc.m);
   }
   const float target = (valid && in_range) ? to_f(xr[label]) : 0.f;
   acc = block_max_sum(acc, sm_m, sm_s);
   const float lse = acc.m + logf(acc.s);
   if (threadIdx.x == 0) loss[row] = !valid ? 0.f : (in_range ? lse - target : NAN);
-  const float scale = valid ? *grad_scale : 0.f;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float p = expf(to_f(xr[j]) - lse);
-    gr[j] = from_f<T>((p - (j == label ? 1.f : 0.f)) * scale);
+  if (grad == nullptr) return;
+  T* gr = grad + row * V;
+  for (int64_t j = threadIdx.x * N; j < V; j += step) {
+    float x[N];
+    load_f<N>(xr + j, x);
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      x[i] = valid ? expf(x[i] - lse) - (j + i == label ? 1.f : 0.f) : 0.f;
+    store_f<N>(gr + j, x);
   }
 }
 
@@ -78,17 +89,19 @@ __global__ void ce_kernel(const T* logits, const int64_t* __restrict__ labels,
 namespace launch {
 
 template <typename T>
-cudaError_t cross_entropy_fwd(const T* logits, const int64_t* labels, const float* grad_scale,
-                              T* grad, float* loss, int64_t N, int64_t V, int64_t ignore_index,
-                              cudaStream_t s) {
-  ce_kernel<T><<<static_cast<unsigned>(N), row_threads(V), 0, s>>>(logits, labels, grad_scale,
-                                                                  grad, loss, V, ignore_index);
+cudaError_t cross_entropy_fwd(const T* logits, const int64_t* labels, T* grad, float* loss,
+                              int64_t N, int64_t V, int64_t ignore_index, cudaStream_t s) {
+  dispatch_vec<T>(vec_width<T>(V, {logits, grad}), [&](auto v) {
+    constexpr int W = decltype(v)::value;
+    ce_kernel<T, W><<<static_cast<unsigned>(N), row_threads(V / W), 0, s>>>(logits, labels, grad,
+                                                                           loss, V, ignore_index);
+  });
   return cudaGetLastError();
 }
 
-#define INSTANTIATE(T)                                                                         \
-  template cudaError_t cross_entropy_fwd<T>(const T*, const int64_t*, const float*, T*, float*, \
-                                            int64_t, int64_t, int64_t, cudaStream_t);
+#define INSTANTIATE(T)                                                                       \
+  template cudaError_t cross_entropy_fwd<T>(const T*, const int64_t*, T*, float*, int64_t,  \
+                                            int64_t, int64_t, cudaStream_t);
 MEGALM_FOR_EACH_TYPE(INSTANTIATE)
 #undef INSTANTIATE
 

@@ -179,17 +179,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd(const at::Tensor& dy, c
   return {dx, dshift, dscale};
 }
 
-at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                    bool inverse) {
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  auto y = at::empty_like(x);
-  if (x.numel() == 0) return y;
-  MEGALM_DISPATCH(x.scalar_type(), "rope_fwd", [&] {
-    C10_CUDA_CHECK(launch::rope(ptr<scalar_t>(x), cos.data_ptr<float>(), sin.data_ptr<float>(),
-                                ptr<scalar_t>(y), x.numel(), x.size(2), x.size(3), inverse,
-                                stream()));
+std::tuple<at::Tensor, at::Tensor> rope_fwd(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& cos, const at::Tensor& sin,
+                                            bool inverse) {
+  const c10::cuda::OptionalCUDAGuard guard(q.device());
+  auto qo = at::empty_like(q);
+  auto ko = at::empty_like(k);
+  if (q.numel() + k.numel() == 0) return {qo, ko};
+  MEGALM_DISPATCH(q.scalar_type(), "rope_fwd", [&] {
+    C10_CUDA_CHECK(launch::rope(ptr<scalar_t>(q), ptr<scalar_t>(k), ptr<scalar_t>(qo),
+                                ptr<scalar_t>(ko), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                                q.size(0), q.size(1), q.size(2), k.size(2), q.size(3),
+                                cos.size(0) != 1, inverse, stream()));
   });
-  return y;
+  return {qo, ko};
 }
 
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
@@ -219,19 +222,35 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Te
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
                                                      const at::Tensor& labels,
-                                                     const at::Tensor& grad_scale,
-                                                     int64_t ignore_index, bool inplace) {
+                                                     int64_t ignore_index, bool inplace,
+                                                     bool need_grad) {
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
-  at::Tensor grad = inplace ? logits : at::empty_like(logits);
+  at::Tensor grad = !need_grad ? at::Tensor() : (inplace ? logits : at::empty_like(logits));
   auto loss = at::empty({N}, logits.options().dtype(at::kFloat));
   if (N == 0) return {loss, grad};
   MEGALM_DISPATCH(logits.scalar_type(), "cross_entropy_fwd", [&] {
     C10_CUDA_CHECK(launch::cross_entropy_fwd(ptr<scalar_t>(logits), labels.data_ptr<int64_t>(),
-                                             grad_scale.data_ptr<float>(), ptr<scalar_t>(grad),
+                                             need_grad ? ptr<scalar_t>(grad) : nullptr,
                                              loss.data_ptr<float>(), N, V, ignore_index, stream()));
   });
   return {loss, grad};
+}
+
+void scale_cast(const at::Tensor& x, const at::Tensor& factor, const at::Tensor& out) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  const float* f = factor.data_ptr<float>();
+  if (x.scalar_type() == out.scalar_type()) {
+    MEGALM_DISPATCH(x.scalar_type(), "scale_cast", [&] {
+      C10_CUDA_CHECK(launch::scale(ptr<scalar_t>(x), f, ptr<scalar_t>(out), n, stream()));
+    });
+  } else if (out.scalar_type() == at::kHalf) {
+    C10_CUDA_CHECK(launch::scale(x.data_ptr<float>(), f, ptr<at::Half>(out), n, stream()));
+  } else {
+    C10_CUDA_CHECK(launch::scale(x.data_ptr<float>(), f, ptr<at::BFloat16>(out), n, stream()));
+  }
 }
 
 void multi_tensor_adamw(const std::vector<at::Tensor>& params,
@@ -244,54 +263,65 @@ void multi_tensor_adamw(const std::vector<at::Tensor>& params,
   if (params.empty()) return;
   const c10::cuda::OptionalCUDAGuard guard(params[0].device());
   const bool has_master = !masters.empty();
-  const int64_t n = static_cast<int64_t>(params.size());
-  auto meta = at::empty({n, 6}, at::TensorOptions().dtype(at::kLong));
-  auto* mp = meta.data_ptr<int64_t>();
-  std::vector<int32_t> table;
-  for (int64_t i = 0; i < n; ++i) {
-    mp[6 * i + 0] = reinterpret_cast<int64_t>(params[i].data_ptr());
-    mp[6 * i + 1] = reinterpret_cast<int64_t>(grads[i].data_ptr());
-    mp[6 * i + 2] = reinterpret_cast<int64_t>(exp_avgs[i].data_ptr());
-    mp[6 * i + 3] = reinterpret_cast<int64_t>(exp_avg_sqs[i].data_ptr());
-    mp[6 * i + 4] = has_master ? reinterpret_cast<int64_t>(masters[i].data_ptr()) : 0;
-    mp[6 * i + 5] = params[i].numel();
-    const int64_t chunks = (params[i].numel() + launch::kAdamChunk - 1) / launch::kAdamChunk;
-    TORCH_CHECK(i < INT32_MAX && chunks < INT32_MAX, "multi_tensor_adamw: too many elements");
-    for (int64_t c = 0; c < chunks; ++c) {
-      table.push_back(static_cast<int32_t>(i));
-      table.push_back(static_cast<int32_t>(c));
-    }
-  }
-  const int64_t nblocks = static_cast<int64_t>(table.size()) / 2;
-  if (nblocks == 0) return;
-  TORCH_CHECK(nblocks <= INT32_MAX, "multi_tensor_adamw: too many chunks for one launch");
-  auto blocks = at::empty({static_cast<int64_t>(table.size())}, at::TensorOptions().dtype(at::kInt));
-  std::copy(table.begin(), table.end(), blocks.data_ptr<int32_t>());
-  // Blocking host->device copies: the kernel then reads device-side tables that the caching
-  // allocator keeps alive in stream order.
-  const auto dev = params[0].device();
-  const auto meta_d = meta.to(dev);
-  const auto blocks_d = blocks.to(dev);
   const launch::AdamHyper h{static_cast<float>(lr), static_cast<float>(beta1),
                             static_cast<float>(beta2), static_cast<float>(eps),
                             static_cast<float>(weight_decay), static_cast<float>(bias_correction1),
                             static_cast<float>(std::sqrt(bias_correction2))};
-  const int64_t* md = meta_d.data_ptr<int64_t>();
-  const int32_t* bd = blocks_d.data_ptr<int32_t>();
   const auto pt = params[0].scalar_type();
-  cudaError_t err;
-  if (pt == at::kFloat) {
-    err = launch::adamw<float, float>(md, bd, nblocks, h, stream());
-  } else if (pt == at::kHalf) {
-    err = has_master ? launch::adamw<__half, float>(md, bd, nblocks, h, stream())
-                     : launch::adamw<__half, __half>(md, bd, nblocks, h, stream());
-  } else if (pt == at::kBFloat16) {
-    err = has_master ? launch::adamw<__nv_bfloat16, float>(md, bd, nblocks, h, stream())
-                     : launch::adamw<__nv_bfloat16, __nv_bfloat16>(md, bd, nblocks, h, stream());
-  } else {
-    TORCH_CHECK(false, "multi_tensor_adamw: unsupported param dtype ", pt);
+  auto launch_batch = [&](const launch::AdamBatch& b) {
+    cudaError_t err;
+    if (pt == at::kFloat) {
+      err = launch::adamw<float, float>(b, h, stream());
+    } else if (pt == at::kHalf) {
+      err = has_master ? launch::adamw<__half, float>(b, h, stream())
+                       : launch::adamw<__half, __half>(b, h, stream());
+    } else if (pt == at::kBFloat16) {
+      err = has_master ? launch::adamw<__nv_bfloat16, float>(b, h, stream())
+                       : launch::adamw<__nv_bfloat16, __nv_bfloat16>(b, h, stream());
+    } else {
+      TORCH_CHECK(false, "multi_tensor_adamw: unsupported param dtype ", pt);
+    }
+    C10_CUDA_CHECK(err);
+  };
+  // Fill fixed-size batches (as apex's multi_tensor_apply): a batch launches when its tensor
+  // slots or block slots are full; a tensor with chunks left carries over into the next batch.
+  launch::AdamBatch b{};
+  int nt = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    if (n == 0) continue;
+    b.param[nt] = params[i].data_ptr();
+    b.grad[nt] = grads[i].data_ptr();
+    b.exp_avg[nt] = exp_avgs[i].data_ptr();
+    b.exp_avg_sq[nt] = exp_avg_sqs[i].data_ptr();
+    b.master[nt] = has_master ? masters[i].data_ptr<float>() : nullptr;
+    b.numel[nt] = n;
+    const int64_t chunks = (n + launch::kAdamChunk - 1) / launch::kAdamChunk;
+    TORCH_CHECK(chunks < INT32_MAX, "multi_tensor_adamw: tensor too large");
+    ++nt;
+    for (int64_t c = 0; c < chunks; ++c) {
+      b.block_tensor[b.nblocks] = static_cast<uint8_t>(nt - 1);
+      b.block_chunk[b.nblocks] = static_cast<int32_t>(c);
+      ++b.nblocks;
+      const bool blocks_full = b.nblocks == launch::kAdamMaxBlocks;
+      const bool tensors_full = nt == launch::kAdamMaxTensors && c == chunks - 1;
+      if (blocks_full || tensors_full) {
+        launch_batch(b);
+        const bool carry = c < chunks - 1;  // this tensor continues in the next batch
+        if (carry) {
+          b.param[0] = b.param[nt - 1];
+          b.grad[0] = b.grad[nt - 1];
+          b.exp_avg[0] = b.exp_avg[nt - 1];
+          b.exp_avg_sq[0] = b.exp_avg_sq[nt - 1];
+          b.master[0] = b.master[nt - 1];
+          b.numel[0] = b.numel[nt - 1];
+        }
+        nt = carry ? 1 : 0;
+        b.nblocks = 0;
+      }
+    }
   }
-  C10_CUDA_CHECK(err);
+  if (b.nblocks > 0) launch_batch(b);
 }
 
 }  // namespace megalm

@@ -30,18 +30,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd(const at::Tensor& dy, c
                                                          const at::Tensor& scale,
                                                          const at::Tensor& mean,
                                                          const at::Tensor& rstd);
-// RoPE: x [B, T, H, D]; cos/sin fp32 [B, T, D/2]; inverse rotates by -angle (the backward).
-at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                    bool inverse);
+// RoPE on q [B, T, Hq, D] and k [B, T, Hk, D] in one launch; cos/sin fp32 [1 or B, T, D/2];
+// inverse rotates by -angle (the backward).
+std::tuple<at::Tensor, at::Tensor> rope_fwd(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& cos, const at::Tensor& sin,
+                                            bool inverse);
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
                                               const at::Tensor& up);
-// CE rows: logits [N, V], labels int64 [N], grad_scale fp32 scalar tensor on device.
-// Returns (loss per row fp32 [N], grad [N, V] in logits dtype; aliases logits when inplace).
+// CE rows: logits [N, V], labels int64 [N]. Returns (loss per row fp32 [N], unscaled grad
+// softmax - onehot [N, V] in logits dtype — aliasing logits when inplace, undefined when
+// !need_grad).
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
                                                      const at::Tensor& labels,
-                                                     const at::Tensor& grad_scale,
-                                                     int64_t ignore_index, bool inplace);
+                                                     int64_t ignore_index, bool inplace,
+                                                     bool need_grad);
+// out = x * factor (fp32 one-element tensor on the device), computed in fp32; out has x's shape
+// and x's dtype, or half/bfloat16 when x is float32.
+void scale_cast(const at::Tensor& x, const at::Tensor& factor, const at::Tensor& out);
 void multi_tensor_adamw(const std::vector<at::Tensor>& params,
                         const std::vector<at::Tensor>& grads,
                         const std::vector<at::Tensor>& exp_avgs,

@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 namespace megalm {
 
@@ -51,16 +53,107 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return total;
 }
 
-// Threads per row of `cols` elements: a multiple of 32 in [32, 1024], ~4 elements per thread.
-inline int row_threads(int64_t cols) {
+// Threads per row of `items` work items (vectors): a multiple of 32 in [32, 1024], ~4 per thread.
+inline int row_threads(int64_t items) {
   int t = 32;
-  while (t < kMaxThreads && t * 4 < cols) t *= 2;
+  while (t < kMaxThreads && t * 4 < items) t *= 2;
   return t;
+}
+
+// ---- 16-byte vector access -------------------------------------------------------------------
+// A kernel templated on N (elements per access) uses these; N = 1 is the scalar path. When
+// N * sizeof(T) is a multiple of 16 the access is split into 16-byte loads/stores, which needs the
+// address 16-byte aligned: the host picks N > 1 only when every base pointer is 16-byte aligned and
+// the row length / element count is a multiple of N (see vec_width).
+template <typename T, int E>
+struct alignas(sizeof(T) * E) Vec {
+  T v[E];
+};
+
+template <typename T>
+constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));  // elements in 16 bytes
+
+template <int N, typename T>
+__device__ __forceinline__ void load_f(const T* p, float (&out)[N]) {
+  constexpr int E = kVec16<T>;
+  if constexpr (N % E == 0) {
+#pragma unroll
+    for (int c = 0; c < N / E; ++c) {
+      const Vec<T, E> v = reinterpret_cast<const Vec<T, E>*>(p)[c];
+#pragma unroll
+      for (int i = 0; i < E; ++i) out[c * E + i] = to_f(v.v[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_f(p[i]);
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_f(T* p, const float (&in)[N]) {
+  constexpr int E = kVec16<T>;
+  if constexpr (N % E == 0) {
+#pragma unroll
+    for (int c = 0; c < N / E; ++c) {
+      Vec<T, E> v;
+#pragma unroll
+      for (int i = 0; i < E; ++i) v.v[i] = from_f<T>(in[c * E + i]);
+      reinterpret_cast<Vec<T, E>*>(p)[c] = v;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = from_f<T>(in[i]);
+  }
+}
+
+__host__ __device__ inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Elements per access for T: 16 bytes' worth when `count` is a multiple of it and every pointer
+// (null ones ignored) is 16-byte aligned, else 1.
+template <typename T>
+inline int vec_width(int64_t count, std::initializer_list<const void*> ptrs) {
+  const int n = kVec16<T>;
+  if (count % n != 0) return 1;
+  for (const void* p : ptrs)
+    if (p != nullptr && !aligned16(p)) return 1;
+  return n;
 }
 
 inline int grid_1d(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return static_cast<int>(blocks < 1 ? 1 : (blocks > 65535LL * 32 ? 65535LL * 32 : blocks));
+}
+
+// Calls f(std::integral_constant<int, N>) with N = n when n is T's 16-byte width, else N = 1.
+template <typename T, typename F>
+inline void dispatch_vec(int n, F&& f) {
+  if (n == kVec16<T>) {
+    f(std::integral_constant<int, kVec16<T>>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Per-thread column slots of a row walked with N-element accesses by `threads` threads: the
+// accumulator of column (k * threads + t) * N + i lives at slot (k * N + i) * threads + t, so a
+// warp touches consecutive shared-memory words (no bank conflicts). slots = rounds * N * threads.
+inline int64_t acc_slots(int64_t cols, int threads, int n) {
+  const int64_t per_round = static_cast<int64_t>(threads) * n;
+  return (cols + per_round - 1) / per_round * per_round;
+}
+
+__device__ __forceinline__ int64_t acc_slot(int64_t k, int i, int n) {
+  return (k * n + i) * blockDim.x + threadIdx.x;
+}
+
+// Largest dynamic shared memory a block may opt into on the current device.
+inline int64_t max_dynamic_smem() {
+  int dev = 0, bytes = 48 * 1024;
+  if (cudaGetDevice(&dev) == cudaSuccess)
+    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return bytes;
 }
 
 }  // namespace megalm

@@ -34,10 +34,12 @@ cudaError_t layer_norm_bwd(const T* dy, const T* x, const float* w, const float*
                            int64_t G, int64_t C, int64_t rows_per_batch, int64_t affine_stride,
                            bool plus_one, cudaStream_t s);
 
-// x [B, T, H, D], cos/sin fp32 [B, T, D/2]; inverse rotates by -angle (the backward).
+// q [B, T, hq, D] and k [B, T, hk, D] in one launch; cos/sin fp32 [B, T, D/2] when cos_batched,
+// else [1, T, D/2] shared by the batch; inverse rotates by -angle (the backward).
 template <typename T>
-cudaError_t rope(const T* x, const float* cos, const float* sin, T* y, int64_t numel,
-                 int64_t heads, int64_t head_dim, bool inverse, cudaStream_t s);
+cudaError_t rope(const T* q, const T* k, T* qo, T* ko, const float* cos, const float* sin,
+                 int64_t B, int64_t T_, int64_t hq, int64_t hk, int64_t head_dim, bool cos_batched,
+                 bool inverse, cudaStream_t s);
 
 template <typename T>
 cudaError_t swiglu_fwd(const T* gate, const T* up, T* y, int64_t n, cudaStream_t s);
@@ -45,21 +47,38 @@ template <typename T>
 cudaError_t swiglu_bwd(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n,
                        cudaStream_t s);
 
-// grad may alias logits (in place).
+// Unscaled grad = softmax - onehot (0 on ignored rows); may alias logits (in place), or be null
+// for the loss only.
 template <typename T>
-cudaError_t cross_entropy_fwd(const T* logits, const int64_t* labels, const float* grad_scale,
-                              T* grad, float* loss, int64_t N, int64_t V, int64_t ignore_index,
-                              cudaStream_t s);
+cudaError_t cross_entropy_fwd(const T* logits, const int64_t* labels, T* grad, float* loss,
+                              int64_t N, int64_t V, int64_t ignore_index, cudaStream_t s);
+
+// y = x * (*factor) in fp32, stored as Out (In == Out, or float -> half / bfloat16).
+template <typename In, typename Out>
+cudaError_t scale(const In* x, const float* factor, Out* y, int64_t n, cudaStream_t s);
 
 struct AdamHyper {
   float lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt;
 };
 constexpr int64_t kAdamChunk = 65536;  // elements per block
-// meta [n, 6] int64 on device: param, grad, exp_avg, exp_avg_sq, master (or 0), numel;
-// blocks [nblocks, 2] int32 on device: (tensor index, chunk index). P = param/grad type,
-// S = moment type (float with masters, else P).
+// One launch's worth of tensors, passed by value as a kernel parameter (must stay < 4 KB):
+// addresses per tensor, and for each block the tensor (index into these arrays) and chunk.
+constexpr int kAdamMaxTensors = 24;
+constexpr int kAdamMaxBlocks = 320;
+struct AdamBatch {
+  void* param[kAdamMaxTensors];
+  const void* grad[kAdamMaxTensors];
+  void* exp_avg[kAdamMaxTensors];
+  void* exp_avg_sq[kAdamMaxTensors];
+  float* master[kAdamMaxTensors];  // null without masters
+  int64_t numel[kAdamMaxTensors];
+  int32_t block_chunk[kAdamMaxBlocks];
+  uint8_t block_tensor[kAdamMaxBlocks];
+  int32_t nblocks;
+};
+static_assert(sizeof(AdamBatch) + sizeof(AdamHyper) <= 4096, "kernel parameters must fit 4 KB");
+// P = param/grad type, S = moment type (float with masters, else P).
 template <typename P, typename S>
-cudaError_t adamw(const int64_t* meta, const int32_t* blocks, int64_t nblocks, AdamHyper h,
-                  cudaStream_t s);
+cudaError_t adamw(const AdamBatch& batch, AdamHyper h, cudaStream_t s);
 
 }  // namespace megalm::launch

@@ -1,81 +1,148 @@
 // LayerNorm over rows [R, C], fp32 accumulation, two-pass variance. Also serves adaLN: rows come
 // in batches of T rows whose affine params start at batch * affine_stride, and plus_one turns
 // the weight into (1 + scale) — so norm(x) * (1 + scale[b]) + shift[b] is the same kernel.
+// N = elements per access (16-byte vectors when C and the pointers allow, else 1).
 #include "kernels.cuh"
 #include "launch.h"
 
 namespace megalm {
 namespace {
 
-__device__ __forceinline__ float gamma_at(const float* w, int64_t i, bool plus_one) {
-  return w == nullptr ? 1.f : (plus_one ? 1.f + w[i] : w[i]);
+template <int N>
+__device__ __forceinline__ void gamma_at(const float* w, int64_t j, bool plus_one, float (&g)[N]) {
+  if (w == nullptr) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) g[i] = 1.f;
+    return;
+  }
+  load_f<N>(w + j, g);
+  if (plus_one) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) g[i] += 1.f;
+  }
 }
 
-template <typename T>
-__global__ void ln_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w,
-                              const float* __restrict__ b, T* __restrict__ y,
-                              float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                              int64_t C, int64_t rows_per_batch, int64_t affine_stride,
-                              bool plus_one, float eps) {
+template <typename T, int N>
+__global__ void __launch_bounds__(kMaxThreads)
+    ln_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                  T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                  int64_t C, int64_t rows_per_batch, int64_t affine_stride, bool plus_one,
+                  float eps) {
   __shared__ float smem[kMaxThreads / kWarp];
   const int64_t row = blockIdx.x;
   const int64_t off = (row / rows_per_batch) * affine_stride;
   const T* xr = x + row * C;
+  T* yr = y + row * C;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * N;
   float s = 0.f;
-  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) s += to_f(xr[j]);
+  for (int64_t j = threadIdx.x * N; j < C; j += step) {
+    float v[N];
+    load_f<N>(xr + j, v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) s += v[i];
+  }
   const float mean = block_sum(s, smem) / static_cast<float>(C);
   // Second pass: sum((x - mean)^2) is stable where E[x^2] - mean^2 cancels catastrophically.
-  float v = 0.f;
-  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-    const float d = to_f(xr[j]) - mean;
-    v += d * d;
+  float var = 0.f;
+  for (int64_t j = threadIdx.x * N; j < C; j += step) {
+    float v[N];
+    load_f<N>(xr + j, v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) var += (v[i] - mean) * (v[i] - mean);
   }
-  const float rstd = rsqrtf(block_sum(v, smem) / static_cast<float>(C) + eps);
+  const float rstd = rsqrtf(block_sum(var, smem) / static_cast<float>(C) + eps);
   if (threadIdx.x == 0) {
     mean_out[row] = mean;
     rstd_out[row] = rstd;
   }
-  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-    float o = (to_f(xr[j]) - mean) * rstd;
-    if (w != nullptr) o *= gamma_at(w, off + j, plus_one);
-    if (b != nullptr) o += b[off + j];
-    y[row * C + j] = from_f<T>(o);
+  for (int64_t j = threadIdx.x * N; j < C; j += step) {
+    float v[N], g[N], bb[N];
+    load_f<N>(xr + j, v);
+    gamma_at<N>(w != nullptr ? w + off : nullptr, j, plus_one, g);
+    if (b != nullptr) load_f<N>(b + off + j, bb);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = (v[i] - mean) * rstd * g[i] + (b != nullptr ? bb[i] : 0.f);
+    store_f<N>(yr + j, v);
   }
 }
 
-// Block (g, batch) handles rows g, g+G, ... of its batch: writes dx, and partial sums
-// dw_part[batch, g, :] += dy * xhat, db_part[batch, g, :] += dy (columns owned per thread).
-template <typename T>
-__global__ void ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                              const float* __restrict__ w, const float* __restrict__ mean,
-                              const float* __restrict__ rstd, T* __restrict__ dx,
-                              float* __restrict__ dw_part, float* __restrict__ db_part, int64_t C,
-                              int64_t rows_per_batch, int64_t affine_stride, bool plus_one) {
-  __shared__ float smem[kMaxThreads / kWarp];
+// Block (g, batch) handles rows g, g+G, ... of its batch: writes dx, and keeps its partial sums
+// of dy * xhat (dw) and dy (db) in shared memory — or, when C is too wide for it, directly in
+// dw_part/db_part — writing dw_part[batch, g, :] / db_part[batch, g, :] once at the end.
+template <typename T, int N>
+__global__ void __launch_bounds__(kMaxThreads)
+    ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ w,
+                  const float* __restrict__ mean, const float* __restrict__ rstd,
+                  T* __restrict__ dx, float* __restrict__ dw_part, float* __restrict__ db_part,
+                  int64_t C, int64_t rows_per_batch, int64_t affine_stride, bool plus_one,
+                  bool smem_acc, int64_t slots) {
+  __shared__ float red[kMaxThreads / kWarp];
+  extern __shared__ float acc_smem[];
   const int64_t G = gridDim.x, g = blockIdx.x, batch = blockIdx.y;
-  const int64_t off = batch * affine_stride;
+  const float* wb = w != nullptr ? w + batch * affine_stride : nullptr;
   const int64_t part_off = (batch * G + g) * C;
+  float* dwp = dw_part != nullptr ? dw_part + part_off : nullptr;
+  float* dbp = db_part != nullptr ? db_part + part_off : nullptr;
+  float* dw_acc = acc_smem;          // slots floats
+  float* db_acc = acc_smem + slots;  // slots floats
+  const int64_t step = static_cast<int64_t>(blockDim.x) * N;
+  if (smem_acc) {  // each thread zeroes (and later uses) only its own slots: no barrier needed
+    int64_t k = 0;
+    for (int64_t j = threadIdx.x * N; j < C; j += step, ++k)
+#pragma unroll
+      for (int i = 0; i < N; ++i) dw_acc[acc_slot(k, i, N)] = db_acc[acc_slot(k, i, N)] = 0.f;
+  }
   for (int64_t t = g; t < rows_per_batch; t += G) {
     const int64_t row = batch * rows_per_batch + t;
     const T* dyr = dy + row * C;
     const T* xr = x + row * C;
+    T* dxr = dx + row * C;
     const float mu = mean[row], r = rstd[row];
     // dx = r * (gy - mean(gy) - xhat * mean(gy * xhat)), gy = dy * gamma
     float s1 = 0.f, s2 = 0.f;
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-      const float gy = to_f(dyr[j]) * gamma_at(w, off + j, plus_one);
-      s1 += gy;
-      s2 += gy * (to_f(xr[j]) - mu) * r;
+    for (int64_t j = threadIdx.x * N; j < C; j += step) {
+      float d[N], v[N], ga[N];
+      load_f<N>(dyr + j, d);
+      load_f<N>(xr + j, v);
+      gamma_at<N>(wb, j, plus_one, ga);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float gy = d[i] * ga[i];
+        s1 += gy;
+        s2 += gy * (v[i] - mu) * r;
+      }
     }
-    s1 = block_sum(s1, smem) / static_cast<float>(C);
-    s2 = block_sum(s2, smem) / static_cast<float>(C);
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-      const float d = to_f(dyr[j]);
-      const float xhat = (to_f(xr[j]) - mu) * r;
-      dx[row * C + j] = from_f<T>(r * (d * gamma_at(w, off + j, plus_one) - s1 - xhat * s2));
-      if (dw_part != nullptr) dw_part[part_off + j] += d * xhat;
-      if (db_part != nullptr) db_part[part_off + j] += d;
+    s1 = block_sum(s1, red) / static_cast<float>(C);
+    s2 = block_sum(s2, red) / static_cast<float>(C);
+    int64_t k = 0;
+    for (int64_t j = threadIdx.x * N; j < C; j += step, ++k) {
+      float d[N], v[N], ga[N], o[N];
+      load_f<N>(dyr + j, d);
+      load_f<N>(xr + j, v);
+      gamma_at<N>(wb, j, plus_one, ga);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float xhat = (v[i] - mu) * r;
+        o[i] = r * (d[i] * ga[i] - s1 - xhat * s2);
+        if (smem_acc) {
+          dw_acc[acc_slot(k, i, N)] += d[i] * xhat;
+          db_acc[acc_slot(k, i, N)] += d[i];
+        } else {
+          if (dwp != nullptr) dwp[j + i] += d[i] * xhat;
+          if (dbp != nullptr) dbp[j + i] += d[i];
+        }
+      }
+      store_f<N>(dxr + j, o);
     }
+  }
+  if (smem_acc) {
+    int64_t k = 0;
+    for (int64_t j = threadIdx.x * N; j < C; j += step, ++k)
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        if (dwp != nullptr) dwp[j + i] = dw_acc[acc_slot(k, i, N)];
+        if (dbp != nullptr) dbp[j + i] = db_acc[acc_slot(k, i, N)];
+      }
   }
 }
 
@@ -87,8 +154,12 @@ template <typename T>
 cudaError_t layer_norm_fwd(const T* x, const float* w, const float* b, T* y, float* mean,
                            float* rstd, int64_t R, int64_t C, int64_t rows_per_batch,
                            int64_t affine_stride, bool plus_one, float eps, cudaStream_t s) {
-  ln_fwd_kernel<T><<<static_cast<unsigned>(R), row_threads(C), 0, s>>>(
-      x, w, b, y, mean, rstd, C, rows_per_batch, affine_stride, plus_one, eps);
+  // affine_stride is C or 0, so every batch's params stay 16-byte aligned when C allows.
+  dispatch_vec<T>(vec_width<T>(C, {x, w, b, y}), [&](auto n) {
+    constexpr int N = decltype(n)::value;
+    ln_fwd_kernel<T, N><<<static_cast<unsigned>(R), row_threads(C / N), 0, s>>>(
+        x, w, b, y, mean, rstd, C, rows_per_batch, affine_stride, plus_one, eps);
+  });
   return cudaGetLastError();
 }
 
@@ -97,10 +168,26 @@ cudaError_t layer_norm_bwd(const T* dy, const T* x, const float* w, const float*
                            const float* rstd, T* dx, float* dw_part, float* db_part, int64_t B,
                            int64_t G, int64_t C, int64_t rows_per_batch, int64_t affine_stride,
                            bool plus_one, cudaStream_t s) {
-  dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
-  ln_bwd_kernel<T><<<grid, row_threads(C), 0, s>>>(dy, x, w, mean, rstd, dx, dw_part, db_part, C,
-                                                   rows_per_batch, affine_stride, plus_one);
-  return cudaGetLastError();
+  cudaError_t err = cudaSuccess;
+  dispatch_vec<T>(vec_width<T>(C, {dy, x, w, dx}), [&](auto n) {
+    constexpr int N = decltype(n)::value;
+    const int threads = row_threads(C / N);
+    const int64_t slots = acc_slots(C, threads, N);
+    const bool want = dw_part != nullptr || db_part != nullptr;
+    const int64_t bytes = 2 * slots * 4;
+    const bool smem_acc = want && bytes + 1024 <= max_dynamic_smem();
+    const size_t smem = smem_acc ? static_cast<size_t>(bytes) : 0;
+    if (smem > 48 * 1024) {
+      err = cudaFuncSetAttribute(ln_bwd_kernel<T, N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem));
+      if (err != cudaSuccess) return;
+    }
+    dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
+    ln_bwd_kernel<T, N><<<grid, threads, smem, s>>>(dy, x, w, mean, rstd, dx, dw_part, db_part, C,
+                                                    rows_per_batch, affine_stride, plus_one,
+                                                    smem_acc, slots);
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 #define INSTANTIATE(T)                                                                          \

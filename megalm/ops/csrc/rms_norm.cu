@@ -1,63 +1,107 @@
 // RMSNorm over rows [R, C]: one block per row, fp32 accumulation; weight is fp32 [C].
+// N = elements per access (16-byte vectors when C and the pointers allow, else 1).
 #include "kernels.cuh"
 #include "launch.h"
 
 namespace megalm {
 namespace {
 
-template <typename T>
-__global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w,
-                                    T* __restrict__ y, float* __restrict__ rstd_out, int64_t C,
-                                    float eps) {
+template <typename T, int N>
+__global__ void __launch_bounds__(kMaxThreads)
+    rms_norm_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y,
+                        float* __restrict__ rstd_out, int64_t C, float eps) {
   __shared__ float smem[kMaxThreads / kWarp];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * C;
+  T* yr = y + row * C;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * N;
   float ss = 0.f;
-  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-    const float v = to_f(xr[j]);
-    ss += v * v;
+  for (int64_t j = threadIdx.x * N; j < C; j += step) {
+    float v[N];
+    load_f<N>(xr + j, v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) ss += v[i] * v[i];
   }
   ss = block_sum(ss, smem);
   const float rstd = rsqrtf(ss / static_cast<float>(C) + eps);
   if (threadIdx.x == 0) rstd_out[row] = rstd;
-  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-    float v = to_f(xr[j]) * rstd;
-    if (w != nullptr) v *= w[j];
-    y[row * C + j] = from_f<T>(v);
+  for (int64_t j = threadIdx.x * N; j < C; j += step) {
+    float v[N], g[N];
+    load_f<N>(xr + j, v);
+    if (w != nullptr) load_f<N>(w + j, g);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] *= rstd * (w != nullptr ? g[i] : 1.f);
+    store_f<N>(yr + j, v);
   }
 }
 
-// Block g handles rows g, g+G, ...: dx per row, and its partial dw in dw_part[g, :]
-// (each thread owns its columns, so no atomics).
-template <typename T>
-__global__ void rms_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                    const float* __restrict__ w, const float* __restrict__ rstd,
-                                    T* __restrict__ dx, float* __restrict__ dw_part, int64_t R,
-                                    int64_t C) {
-  __shared__ float smem[kMaxThreads / kWarp];
+// Block g handles rows g, g+G, ...: dx per row; its partial dw stays in shared memory (or, when C
+// is too wide for shared memory, in dw_part directly) and is written to dw_part[g, :] once.
+template <typename T, int N>
+__global__ void __launch_bounds__(kMaxThreads)
+    rms_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                        const float* __restrict__ w, const float* __restrict__ rstd,
+                        T* __restrict__ dx, float* __restrict__ dw_part, int64_t R, int64_t C,
+                        bool smem_acc) {
+  __shared__ float red[kMaxThreads / kWarp];
+  extern __shared__ float acc_smem[];
+  const int64_t step = static_cast<int64_t>(blockDim.x) * N;
+  float* part = dw_part != nullptr ? dw_part + blockIdx.x * C : nullptr;
+  // Each thread owns the same columns in every row: no atomics, no barriers on the accumulators.
+  if (part != nullptr && smem_acc) {
+    int64_t k = 0;
+    for (int64_t j = threadIdx.x * N; j < C; j += step, ++k)
+#pragma unroll
+      for (int i = 0; i < N; ++i) acc_smem[acc_slot(k, i, N)] = 0.f;
+  }
   for (int64_t row = blockIdx.x; row < R; row += gridDim.x) {
     const T* dyr = dy + row * C;
     const T* xr = x + row * C;
+    T* dxr = dx + row * C;
     const float r = rstd[row];
     // dx_j = r * (w_j dy_j - xhat_j * mean_i(w_i dy_i xhat_i)), xhat = x * r
     float dot = 0.f;
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-      const float wdy = to_f(dyr[j]) * (w != nullptr ? w[j] : 1.f);
-      dot += wdy * to_f(xr[j]) * r;
+    for (int64_t j = threadIdx.x * N; j < C; j += step) {
+      float g[N], v[N], ww[N];
+      load_f<N>(dyr + j, g);
+      load_f<N>(xr + j, v);
+      if (w != nullptr) load_f<N>(w + j, ww);
+#pragma unroll
+      for (int i = 0; i < N; ++i) dot += g[i] * (w != nullptr ? ww[i] : 1.f) * v[i] * r;
     }
-    dot = block_sum(dot, smem) / static_cast<float>(C);
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-      const float g = to_f(dyr[j]);
-      const float xhat = to_f(xr[j]) * r;
-      const float wdy = g * (w != nullptr ? w[j] : 1.f);
-      dx[row * C + j] = from_f<T>(r * (wdy - xhat * dot));
-      if (dw_part != nullptr) dw_part[blockIdx.x * C + j] += g * xhat;
+    dot = block_sum(dot, red) / static_cast<float>(C);
+    int64_t k = 0;
+    for (int64_t j = threadIdx.x * N; j < C; j += step, ++k) {
+      float g[N], v[N], ww[N], o[N];
+      load_f<N>(dyr + j, g);
+      load_f<N>(xr + j, v);
+      if (w != nullptr) load_f<N>(w + j, ww);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float xhat = v[i] * r;
+        o[i] = r * (g[i] * (w != nullptr ? ww[i] : 1.f) - xhat * dot);
+        if (part != nullptr) {
+          if (smem_acc) {
+            acc_smem[acc_slot(k, i, N)] += g[i] * xhat;
+          } else {
+            part[j + i] += g[i] * xhat;
+          }
+        }
+      }
+      store_f<N>(dxr + j, o);
     }
+  }
+  if (part != nullptr && smem_acc) {
+    int64_t k = 0;
+    for (int64_t j = threadIdx.x * N; j < C; j += step, ++k)
+#pragma unroll
+      for (int i = 0; i < N; ++i) part[j + i] = acc_smem[acc_slot(k, i, N)];
   }
 }
 
-__global__ void column_sum_kernel(const float* __restrict__ in, float* __restrict__ out,
-                                  int64_t groups, int64_t cols) {
+__global__ void __launch_bounds__(256)
+    column_sum_kernel(const float* __restrict__ in, float* __restrict__ out, int64_t groups,
+                      int64_t cols) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t b = blockIdx.y;
   if (c >= cols) return;
@@ -82,16 +126,33 @@ cudaError_t column_sum(const float* in, float* out, int64_t B, int64_t G, int64_
 template <typename T>
 cudaError_t rms_norm_fwd(const T* x, const float* w, T* y, float* rstd, int64_t R, int64_t C,
                          float eps, cudaStream_t s) {
-  rms_norm_fwd_kernel<T><<<static_cast<unsigned>(R), row_threads(C), 0, s>>>(x, w, y, rstd, C, eps);
+  dispatch_vec<T>(vec_width<T>(C, {x, w, y}), [&](auto n) {
+    constexpr int N = decltype(n)::value;
+    rms_norm_fwd_kernel<T, N><<<static_cast<unsigned>(R), row_threads(C / N), 0, s>>>(x, w, y, rstd,
+                                                                                   C, eps);
+  });
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t rms_norm_bwd(const T* dy, const T* x, const float* w, const float* rstd, T* dx,
                          float* dw_part, int64_t R, int64_t C, int64_t G, cudaStream_t s) {
-  rms_norm_bwd_kernel<T><<<static_cast<unsigned>(G), row_threads(C), 0, s>>>(dy, x, w, rstd, dx,
-                                                                            dw_part, R, C);
-  return cudaGetLastError();
+  cudaError_t err = cudaSuccess;
+  dispatch_vec<T>(vec_width<T>(C, {dy, x, w, dx}), [&](auto n) {
+    constexpr int N = decltype(n)::value;
+    const int threads = row_threads(C / N);
+    const int64_t bytes = dw_part != nullptr ? acc_slots(C, threads, N) * 4 : 0;
+    const bool smem_acc = dw_part != nullptr && bytes + 1024 <= max_dynamic_smem();
+    const size_t smem = smem_acc ? static_cast<size_t>(bytes) : 0;
+    if (smem > 48 * 1024) {
+      err = cudaFuncSetAttribute(rms_norm_bwd_kernel<T, N>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (err != cudaSuccess) return;
+    }
+    rms_norm_bwd_kernel<T, N><<<static_cast<unsigned>(G), threads, smem, s>>>(
+        dy, x, w, rstd, dx, dw_part, R, C, smem_acc);
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 #define INSTANTIATE(T)                                                                          \

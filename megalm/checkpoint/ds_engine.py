@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
-from megalm.train.checkpoint_files import FileEntry, fsync_dir, write_durably
+from megalm.checkpoint.files import FileEntry, WriteError, fsync_dir, write_durably
+from megalm.checkpoint.unpickle import safe_load
 
 ENGINE_NAME = "MegalmCheckpointEngine"
 
@@ -98,9 +99,9 @@ class MegalmCheckpointEngine(CheckpointEngine):
         self._root: str | None = None
         self._async = False
         self._entries: list[FileEntry] = []
-        self._errors: list[str] = []
+        self._errors: list[WriteError] = []
         self._pending: list[tuple[str, str, Any]] = []
-        # Snapshot buffers reused across saves; returned by write_pending once written.
+        # Snapshot buffers reused across saves; returned by release() once written.
         self._pool: dict[int, list[torch.Tensor]] = {}
         self._pool_lock = threading.Lock()
 
@@ -110,34 +111,41 @@ class MegalmCheckpointEngine(CheckpointEngine):
         self._root, self._async = root, async_save
         self._entries, self._pending, self._errors = [], [], []
 
-    def end(self) -> tuple[list[FileEntry], list[tuple[str, str, Any]], list[str]]:
+    def end(self) -> tuple[list[FileEntry], list[tuple[str, str, Any]], list[WriteError]]:
         """Stop collecting; return (entries written so far, snapshots still to write, errors)."""
         out = (self._entries, self._pending, self._errors)
         self._root, self._entries, self._pending, self._errors = None, [], [], []
         return out
+
+    def record_error(self, rel: str, exc: BaseException) -> None:
+        """A failure of a write DeepSpeed does itself (reported with this checkpoint's errors)."""
+        self._errors.append(WriteError.of(rel, exc))
 
     def write_one(self, path: str, rel: str, state: Any) -> FileEntry:
         nbytes, digest = write_durably(
             path, lambda f: torch.save(state, f, _use_new_zipfile_serialization=self._zip))
         return FileEntry(rel, nbytes, digest)
 
-    def write_pending(self, pending: list[tuple[str, str, Any]]) -> list[FileEntry]:
-        """Write queued snapshots (any thread); their buffers go back to the pool afterwards."""
-        entries = []
-        for path, rel, (state, taken) in pending:
-            entries.append(self.write_one(path, rel, state))
-            del state
-            with self._pool_lock:
-                for buf in taken:
-                    self._pool.setdefault(buf.numel(), []).append(buf)
+    def write_pending(self, pending: list[tuple[str, str, Any]]) -> tuple[list[FileEntry], list[WriteError]]:
+        """Write queued snapshots (any thread); stops at the first failure. The snapshots stay
+        queued (a retry writes them again) until release()."""
+        entries: list[FileEntry] = []
+        for path, rel, (state, _) in pending:
+            try:
+                entries.append(self.write_one(path, rel, state))
+            except Exception as exc:
+                return entries, [WriteError.of(rel, exc)]
         for directory in {os.path.dirname(path) for path, _, _ in pending}:
             fsync_dir(directory)
-        return entries
+        return entries, []
 
-    def drop_pool(self) -> None:
-        """Free the reusable snapshot memory (e.g. before a phase that needs host memory)."""
+    def release(self, pending: list[tuple[str, str, Any]]) -> None:
+        """Return the snapshots' buffers to the pool for the next save."""
         with self._pool_lock:
-            self._pool = {}
+            for _, _, (_, taken) in pending:
+                for buf in taken:
+                    self._pool.setdefault(buf.numel(), []).append(buf)
+        pending.clear()
 
     # --- DeepSpeed's CheckpointEngine interface -------------------------------------------------
     def create(self, info: CheckpointCommitInfo) -> None:
@@ -161,10 +169,10 @@ class MegalmCheckpointEngine(CheckpointEngine):
                 self._entries.append(self.write_one(path, rel, state_dict))
                 fsync_dir(os.path.dirname(path))
         except Exception as exc:
-            self._errors.append(f"{rel}: {type(exc).__name__}: {exc}")
+            self.record_error(rel, exc)
 
     def load(self, path: str, map_location=None) -> Any:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return safe_load(path, map_location=map_location)
 
     def commit(self, info: CheckpointCommitInfo) -> bool:
         # Publication (manifest, marker, rename, `latest`) is CheckpointManager's job.

@@ -12,6 +12,7 @@ extra read, and load-time verification hashes files in parallel threads (hashlib
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,12 +21,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from megalm.fsio import atomic_write, fsync_dir, sha256_file
+from megalm.fsio import fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
 MARKER = "COMPLETE"
 FORMAT = "megalm-checkpoint"
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class WriteError:
+    """A file a rank failed to write (picklable: gathered on rank 0)."""
+
+    path: str  # relative to the checkpoint directory
+    text: str
+    disk_full: bool
+
+    @classmethod
+    def of(cls, rel: str, exc: BaseException) -> "WriteError":
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        return cls(rel, f"{rel}: {type(exc).__name__}: {exc}", full)
 
 
 @dataclass(frozen=True)
@@ -45,11 +60,16 @@ class HashingWriter:
         self._raw = raw
         self._hash = hashlib.sha256()
         self.bytes = 0
+        self.error: OSError | None = None  # torch.save turns a failed write into a vague RuntimeError
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         self._hash.update(view)
-        self._raw.write(view)
+        try:
+            self._raw.write(view)
+        except OSError as exc:
+            self.error = exc
+            raise
         self.bytes += view.nbytes
         return view.nbytes
 
@@ -61,18 +81,22 @@ class HashingWriter:
 
 
 def write_durably(path: str, write_fn) -> tuple[int, str]:
-    """Create `path`, let write_fn(file_like) fill it, fsync it; return (bytes, sha256)."""
-    with open(path, "wb") as raw:
-        writer = HashingWriter(raw)
-        write_fn(writer)
-        raw.flush()
-        os.fsync(raw.fileno())
+    """Create `path`, let write_fn(file_like) fill it, fsync it; return (bytes, sha256).
+
+    A failed write raises the OSError itself (errno ENOSPC for a full disk), whatever the
+    serializer made of it."""
+    writer = None
+    try:
+        with open(path, "wb") as raw:
+            writer = HashingWriter(raw)
+            write_fn(writer)
+            raw.flush()
+            os.fsync(raw.fileno())
+    except Exception as exc:
+        if writer is not None and writer.error is not None and exc is not writer.error:
+            raise writer.error from exc
+        raise
     return writer.bytes, writer.hexdigest()
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
-    atomic_write(path, text)
 
 
 def list_files(root: str) -> list[str]:

@@ -17,10 +17,10 @@ import os
 import sys
 from typing import Any
 
-from megalm.train.checkpoint_files import (
-    MARKER, complete_directory, fsync_dir, read_manifest, remove_tree, verify_directory)
+from megalm.checkpoint.files import MARKER, complete_directory, fsync_dir, read_manifest, remove_tree, verify_directory
+from megalm.checkpoint.layout import CACHE
+from megalm.checkpoint.unpickle import check_dir
 
-CACHE = ".universal"
 UNIVERSAL_INFO_KEY = "universal_checkpoint_info"  # ds_to_universal asserts it is in client state
 UNIVERSAL_INFO = {"universal_checkpoint_version": 0.2}
 
@@ -31,25 +31,6 @@ def has_partitioned_optimizer(manifest: dict[str, Any]) -> bool:
 
 def conversion_needed(manifest: dict[str, Any], dp_world_size: int) -> bool:
     return has_partitioned_optimizer(manifest) and int(manifest["dp_world_size"]) != dp_world_size
-
-
-def needs_universal(ckpt_dir: str, dp_world_size: int, tag: str | None = None) -> bool:
-    """Would loading `tag` (default: the newest complete checkpoint) on `dp_world_size`
-    data-parallel ranks go through universal conversion? Cheap: reads manifests only.
-
-    CheckpointManager.load sets DeepSpeed's `load_universal` flag itself when needed, so engine
-    builders only need this to report/plan (e.g. log that a conversion will happen).
-    """
-    from megalm.train.checkpoint import published_tags  # local: checkpoint imports this module
-
-    tags = [tag] if tag else list(reversed(published_tags(ckpt_dir)))
-    for name in tags:
-        try:
-            manifest = verify_directory(os.path.join(ckpt_dir, name), full=False)
-        except ValueError:
-            continue
-        return conversion_needed(manifest, dp_world_size)
-    return False
 
 
 def _convert(source: str, out: str) -> None:
@@ -85,10 +66,12 @@ def ensure_universal(ckpt_dir: str, tag: str) -> str:
         try:
             if read_manifest(final).get("source_marker") == source_marker:
                 verify_directory(final, full=True)
+                check_dir(final)  # DeepSpeed's universal loader unpickles with weights_only=False
                 return cache
         except ValueError:
             pass
         remove_tree(final)  # stale (source re-saved) or damaged: convert again
+    check_dir(source)  # ds_to_universal unpickles with weights_only=False
     os.makedirs(cache, exist_ok=True)
     work = os.path.join(cache, f".tmp-{tag}")
     remove_tree(work)

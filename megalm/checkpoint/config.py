@@ -1,0 +1,26 @@
+"""The `checkpoint:` section of a training config, which is also CheckpointManager's config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalm.errors import UserError
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # checkpoint root; "" = the trainer's default, runs/<name>/checkpoints
+    interval: int = 1000  # optimizer steps between saves (and always at the end)
+    keep_last: int = 3  # published checkpoints kept; older ones deleted after a newer publish
+    async_save: bool = False  # write + publish in a background thread
+
+    def validate(self, source: str = "config") -> None:
+        """One UserError line naming `source` and the key at fault."""
+        if not isinstance(self.dir, str):
+            raise UserError(f"{source}: checkpoint.dir: expected a path, got {self.dir!r}")
+        for key in ("interval", "keep_last"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{source}: checkpoint.{key}: expected an integer >= 1, got {value!r}")
+        if not isinstance(self.async_save, bool):
+            raise UserError(f"{source}: checkpoint.async_save: expected true or false, got {self.async_save!r}")
