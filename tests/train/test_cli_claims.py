@@ -158,8 +158,9 @@ def test_bf16_and_activation_checkpointing_are_really_on(runs):
 
 
 # The ops' CPU reference implementations, which a GPU run with the built kernels never calls (on a
-# GPU, FusedAdamW's step counter is a CPU tensor, so its .item() is no device synchronisation).
-CPU_ONLY = ("ce_rows_reference", "_step_reference")
+# GPU, FusedAdamW's step counter is a CPU tensor, so its .item() is no device synchronisation), and
+# the reference's label check, which reads tensors only when they are on the CPU.
+CPU_ONLY = ("ce_rows_reference", "_step_reference", "_check_labels")
 
 
 def test_at_most_one_host_sync_per_step(runs):
