@@ -8,7 +8,7 @@ CUDA_VENV := .venv-cuda
 TORCH_CPU := torch==2.13.0
 TORCH_CUDA := torch==2.14.1
 
-.PHONY: demo test venv cuda-venv clean
+.PHONY: demo demo-diffusion test venv cuda-venv clean
 
 venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
@@ -28,6 +28,10 @@ $(CUDA_VENV)/.installed: Makefile
 demo: venv
 	bash scripts/demo.sh
 
+# Diffusion on the same engine: digits -> DiT on 2 CPU ranks -> sample grid -> classifier score.
+demo-diffusion: venv
+	bash scripts/demo_diffusion.sh
+
 # With Slurm installed, the local 2-node cluster (slurm/local/) runs for the Slurm tests; it is
 # stopped afterwards only if this target started it.
 test: venv cuda-venv
@@ -37,7 +41,7 @@ test: venv cuda-venv
 	if [ -n "$$started" ]; then bash slurm/local/stop.sh; fi; exit $$rc
 
 clean:
-	rm -rf build runs data/demo
+	rm -rf build runs data/demo data/digits
 
 # GPU-only checks on a machine with a CUDA GPU, using that machine's own CUDA torch (python3), not
 # the CPU .venv: build the ops (default arch list) and self-test every kernel on the GPU, failing

@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    from .images import wants_images
+
+    if wants_images(argv):  # images (diffusion) have their own options: data_prep/images.py
+        from .images import main as images_main
+
+        return images_main(argv)
     args = _parser().parse_args(argv)
     if args.verify:
         from .manifest import verify

@@ -38,7 +38,8 @@ def test_wheel_trains_with_a_preset_from_another_directory(tmp_path):
           "-w", str(dist), str(src)], cwd=tmp_path)
     (wheel,) = dist.glob("megalm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"megalm/configs/models/tiny.yaml", "megalm/configs/demo.yaml", "megalm/ops/csrc/rms_norm.cu"} <= names
+    assert {"megalm/configs/models/tiny.yaml", "megalm/configs/demo.yaml", "megalm/ops/csrc/rms_norm.cu",
+            "megalm/configs/models/dit/presets.yaml", "megalm/configs/diffusion-digits.yaml"} <= names
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])

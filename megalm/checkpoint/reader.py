@@ -167,6 +167,13 @@ def resolve(path: str) -> tuple[CheckpointReader, str]:
     return reader, chosen[0]
 
 
+def read_client_state(checkpoint: str) -> tuple[str, dict[str, Any]]:
+    """(checkpoint folder, the client state the trainer saved there) for any path resolve()
+    takes; verified, weights not read (a task whose sampler needs only its own saved state)."""
+    reader, tag = resolve(checkpoint)
+    return os.path.join(reader.dir, tag), reader.client_state(tag)
+
+
 def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The plain LLM with the checkpoint's weights (fp32), and the run's saved client state."""
     from megalm.models.config import LLMConfig

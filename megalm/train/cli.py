@@ -36,9 +36,9 @@ def main(argv: list[str]) -> int:
     from megalm.train.engine import init_distributed
     from megalm.train.loop import Trainer
     from megalm.train.metrics import json_safe
-    from megalm.train.task import LMTask
+    from megalm.train.task import build_task
 
-    task = LMTask(cfg)
+    task = build_task(cfg)
     rank, world = init_distributed()
     trainer = Trainer(cfg, task, rank=rank, world_size=world)
     trainer.resume(args.resume)

@@ -20,12 +20,14 @@ import yaml
 from megalm import CONFIGS_DIR
 from megalm.checkpoint.config import CheckpointConfig
 from megalm.data.sources import DataConfig
+from megalm.diffusion.config import DiffusionSection
 from megalm.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 MAX_SCALE_POWER = 32  # fp16 dynamic loss scale starts at most at 2**32
 DTYPES = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "muon")
+TASKS = ("lm", "diffusion")
 
 
 @dataclass
@@ -110,6 +112,7 @@ class DebugSection:
 @dataclass
 class TrainConfig:
     name: str = "run"
+    task: str = "lm"  # lm: next-token pretraining; diffusion: DiT on image shards (section `diffusion`)
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -123,6 +126,7 @@ class TrainConfig:
     bad_steps: BadStepsSection = field(default_factory=BadStepsSection)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
     debug: DebugSection = field(default_factory=DebugSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)  # used by task: diffusion
     source: str = "config"  # file name used in error messages (not a YAML key)
 
     # ---- derived -------------------------------------------------------------------------
@@ -159,6 +163,10 @@ class TrainConfig:
     def validate(self, world_size: int | None = None) -> None:
         """Reject impossible settings up front; `world_size` adds the batch/parallel checks."""
         b, p, o = self.batch, self.parallel, self.optimizer
+        if self.task not in TASKS:
+            raise self._err("task", f"expected one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "diffusion":
+            self.diffusion.validate(self.source)
         try:
             self.data.validate()
         except UserError as exc:

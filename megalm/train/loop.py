@@ -72,6 +72,10 @@ class Trainer:
         # the last one.
         self.eval_loader = (task.build_eval_loader(self.b.dp_rank, self.b.dp_world)
                             if cfg.eval.batches > 0 else None)
+        # Optional per-task extra state (e.g. diffusion's EMA): `after_step(step, applied)` after
+        # each optimizer step, `state_dict`/`load_state_dict` through the checkpoint's client state.
+        attach = getattr(task, "attach", None)
+        self.task_hook = attach(self.engine, self.b.dp_rank, self.b.dp_world) if attach else None
         self.ckpt = CheckpointManager(dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint_dir()),
                                       rank=rank, world_size=world_size)
         self.ckpt.check_space(self.engine)
@@ -103,7 +107,8 @@ class Trainer:
                 "loader": self.loader.state_dict(), "rng": rngs, "guard": self.guard.state_dict(),
                 "skip_plan": dict(self.skip_plan), "rollbacks": self.rollbacks,
                 "config": self.cfg.to_dict(), "data": data, "world_size": self.world,
-                "megalm_version": megalm.__version__}
+                "megalm_version": megalm.__version__,
+                **({"task_state": self.task_hook.state_dict()} if self.task_hook else {})}
 
     def restore(self, cs: dict[str, Any]) -> None:
         fp, saved = self.task.fingerprint(), cs.get("data", {})
@@ -119,6 +124,10 @@ class Trainer:
         rngs = cs["rng"]
         # Same rank count: each rank gets exactly its own state back; otherwise reuse cyclically.
         _set_rng_state(rngs[self.rank % len(rngs)])
+        if self.task_hook is not None:
+            if "task_state" not in cs:
+                raise UserError("checkpoint has no task_state (saved by another task); cannot resume this task")
+            self.task_hook.load_state_dict(cs["task_state"])
 
     def resume(self, mode: str) -> bool:
         """Collective: take the run lock, then continue from `mode` (auto | none | a checkpoint
@@ -196,6 +205,8 @@ class Trainer:
         self.step += 1
         if not self.guard.last_bad:
             self.tokens += self.tokens_per_step
+        if self.task_hook is not None:
+            self.task_hook.after_step(self.step, applied=not self.guard.last_bad)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, list[float]]:

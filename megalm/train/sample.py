@@ -2,7 +2,8 @@
 
 CHECKPOINT is a published checkpoint directory (`.../step_00000100`), a checkpoint root or a run
 directory (the newest valid checkpoint is used). Reading is megalm.checkpoint.reader's job
-(verified, consolidated from any layout, never running code from the files).
+(verified, consolidated from any layout, never running code from the files). A diffusion (DiT)
+checkpoint, given without --prompt, samples an image grid instead (megalm/diffusion/sample.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and "--prompt" not in argv and os.path.isdir(first):  # a DiT checkpoint: images
+        from megalm.checkpoint.reader import read_client_state
+        from megalm.diffusion.sample import is_diffusion, main as diffusion_main
+
+        tag_dir, meta = read_client_state(first)
+        if is_diffusion(meta):
+            return diffusion_main(argv, meta, tag_dir)
     args = _parse(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading a checkpoint is CPU work; skip GPU probing
     with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the sample

@@ -27,10 +27,18 @@ class Loader(Protocol):
     def skip(self, n: int) -> None: ...
 
 
+class EvalLoader(Protocol):
+    """Fixed eval micro batches, source by source (the loop weighs sources like the training blend)."""
+
+    num_sources: int
+
+    def source_batches(self, k: int) -> Iterator[Batch]: ...
+
+
 class Task(Protocol):
     def build_model(self) -> nn.Module: ...
     def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader: ...
-    def build_eval_loader(self, dp_rank: int, dp_world: int) -> Iterable[Batch]: ...
+    def build_eval_loader(self, dp_rank: int, dp_world: int) -> EvalLoader: ...
     def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor: ...
     # Pipeline parallelism: the model as a layer list, the loss on the last stage's output, and
     # how a micro batch splits into (first-stage inputs, last-stage labels).
@@ -38,6 +46,9 @@ class Task(Protocol):
     def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
     def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]: ...
     def fingerprint(self) -> dict[str, Any]: ...
+    # Optional: `attach(engine, dp_rank, dp_world)` returning an object with
+    # `after_step(step, applied)`, `state_dict()` (collective) and `load_state_dict(state)`: task
+    # state that must follow the weights through checkpoints (the diffusion task's EMA).
 
 
 def _manifest_tokenizer(shard_dir: str) -> Any:
@@ -101,7 +112,7 @@ class LMTask:
         return build_loader(dataclasses.replace(self.cfg.data, split=split), self.cfg.batch.global_batch,
                             self.cfg.batch.micro_batch, dp_rank, dp_world)
 
-    def build_eval_loader(self, dp_rank: int, dp_world: int) -> Iterable[Batch]:
+    def build_eval_loader(self, dp_rank: int, dp_world: int) -> EvalLoader:
         from megalm.data.loader import build_eval_loader
 
         return build_eval_loader(self.cfg.data, self.cfg.batch.micro_batch, dp_rank, dp_world)
@@ -145,3 +156,12 @@ class LMTask:
                 "tokenizer_path": os.path.abspath(os.path.join(self.cfg.data.paths[0], self._tok.path)),
                 "tokenizer_sha256": self._tok.sha256, "vocab_size": self._tok.vocab_size,
                 "eos_id": self._tok.eos_id, "model_config": self._model_config.to_dict()}
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The Task that `cfg.task` names (config.TASKS): lm, or diffusion (megalm/diffusion/task.py)."""
+    if cfg.task == "diffusion":
+        from megalm.diffusion.task import DiffusionTask
+
+        return DiffusionTask(cfg)
+    return LMTask(cfg)

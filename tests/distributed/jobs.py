@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 MODES: dict[str, list[str]] = {
     "zero0": ["parallel.zero_stage=0"],
@@ -26,19 +26,23 @@ def small_overrides(shards: str, name: str, steps: int = 4) -> list[str]:
             "eval.batches=0"]
 
 
-def train(overrides: list[str], resume: str = "auto") -> dict[str, Any]:
-    """One in-process training run on the current process group; returns its summary + losses."""
+def train(overrides: list[str], resume: str = "auto",
+          extra: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One in-process training run (of the task `task=` names) on the current process group;
+    returns its summary, plus what `extra(trainer)` adds (collective calls allowed)."""
     import torch.distributed as dist
 
     from megalm.train.config import load_config
     from megalm.train.loop import Trainer
-    from megalm.train.task import LMTask
+    from megalm.train.task import build_task
 
     cfg = load_config(None, overrides, world_size=dist.get_world_size())
-    trainer = Trainer(cfg, LMTask(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
+    trainer = Trainer(cfg, build_task(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
     trainer.resume(resume)
     summary = trainer.run()
     summary["run_dir"] = str(cfg.run_dir())
+    if extra is not None:
+        summary.update(extra(trainer))
     del trainer
     gc.collect()
     return summary

@@ -173,5 +173,7 @@ def test_data_verify_option():
 def test_shipped_example_by_name_and_unknown_name_lists_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # away from the checkout: found as package data, not ./configs
     assert load_config("demo", ["data.paths=[d]"]).name == "demo"
-    with pytest.raises(UserError, match=r"^nope: cannot read config .*shipped examples: demo, gpt2-124m, recipe-tiny$"):
+    assert load_config("diffusion-digits", ["data.paths=[d]"]).task == "diffusion"
+    with pytest.raises(UserError, match=r"^nope: cannot read config .*shipped examples: demo, diffusion-digits, "
+                                        r"gpt2-124m, recipe-tiny$"):
         load_config("nope")
