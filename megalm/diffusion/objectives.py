@@ -7,6 +7,8 @@ so a loss is a pure function of the batch and the weights.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from megalm.diffusion.config import DiffusionSection
@@ -16,10 +18,10 @@ from megalm.errors import UserError
 FLOW_TIME_SCALE = 1000.0  # flow time t in [0, 1] enters the timestep embedding as t * 1000
 
 
-class Objective:
+class Objective(abc.ABC):
+    @abc.abstractmethod
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, timestep input for the model, regression target)."""
-        raise NotImplementedError
 
     def loss(self, model, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         x_t, t_in, target = self.noisy(x0, noise, u)
