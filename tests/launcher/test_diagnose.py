@@ -24,15 +24,22 @@ def _wait(check, what, timeout=60):
         time.sleep(0.02)
 
 
-def test_watch_names_missing_ranks_and_every_rank_dumps(capfd):
+def _watched_ranks(world: int):
+    """A rendezvous store plus one CollectiveWatch per rank (0.2 s timeout); give-ups are recorded
+    as (rank, exit code) instead of ending the test process."""
     port = free_port()
-    server = dist.TCPStore("127.0.0.1", port, 3, is_master=True, timeout=datetime.timedelta(seconds=30),
+    server = dist.TCPStore("127.0.0.1", port, world, is_master=True, timeout=datetime.timedelta(seconds=30),
                            wait_for_workers=False)
-    clients = [dist.TCPStore("127.0.0.1", port, 3, is_master=False, timeout=datetime.timedelta(seconds=30))
-               for _ in range(3)]
     gave_up: list[tuple[int, int]] = []
-    watches = [CollectiveWatch(r, 3, timeout_s=0.2, store=clients[r], poll_s=0.02,
-                               give_up=lambda code, r=r: gave_up.append((r, code))) for r in range(3)]
+    watches = [CollectiveWatch(r, world, timeout_s=0.2, poll_s=0.02,
+                               store=dist.TCPStore("127.0.0.1", port, world, is_master=False,
+                                                   timeout=datetime.timedelta(seconds=30)),
+                               give_up=lambda code, r=r: gave_up.append((r, code))) for r in range(world)]
+    return server, watches, gave_up
+
+
+def test_watch_names_missing_ranks_and_every_rank_dumps(capfd):
+    server, watches, gave_up = _watched_ranks(3)
     try:
         for w in watches:
             w.arrive(1)
@@ -53,14 +60,7 @@ def test_watch_names_missing_ranks_and_every_rank_dumps(capfd):
 
 
 def test_a_slow_step_that_every_rank_entered_is_no_hang(capfd):
-    port = free_port()
-    server = dist.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=datetime.timedelta(seconds=30),
-                           wait_for_workers=False)
-    clients = [dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=30))
-               for _ in range(2)]
-    gave_up: list[int] = []
-    watches = [CollectiveWatch(r, 2, timeout_s=0.2, store=clients[r], poll_s=0.02, give_up=gave_up.append)
-               for r in range(2)]
+    server, watches, gave_up = _watched_ranks(2)
     try:
         for w in watches:
             w.arrive(7)  # both ranks are inside step 7, which takes longer than the timeout
