@@ -1,0 +1,1 @@
+"""Export megalm checkpoints for serving."""
