@@ -175,6 +175,7 @@ def write_folder(out: str, files: dict[str, Any]) -> None:
             dirs.add(os.path.dirname(path))
             if isinstance(data, dict):
                 save_file(data, path, metadata={"format": "pt"})
+                os.chmod(path, 0o666 & ~_umask())  # safetensors may create it private
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
             else:
@@ -242,15 +243,19 @@ def model_card(meta: dict[str, Any], c: DiTConfig, sched: dict[str, Any], source
         loop = (f"ts = torch.linspace({d['timesteps'] - 1}, 0, steps).round().long().unique_consecutive().tolist()\n"
                 "sched.set_timesteps(timesteps=ts)  # megalm's respacing; its ancestral DDPM sampler\n"
                 "x = torch.randn(shape, generator=gen)")
+    model_line = (f"DiT, {c.depth} blocks, width {c.dim}, {c.heads} heads, patch {c.patch_size}, "
+                  f"on {c.channels}-channel {c.image_size}x{c.image_size} images in [-1, 1] "
+                  f"(pixel space: there is no VAE).")
+    labels = (f"{c.num_classes} ({', '.join(map(str, classes[:20])) or 'unconditional'}); class index "
+              f"{c.num_classes} is the null class for classifier-free guidance.")
     y = "torch.tensor([3] * n)" if c.num_classes else "torch.zeros(n, dtype=torch.long)  # unconditional: row 0"
     return f"""# DiT exported from megalm
 
 - Source: `{source}` (step {meta.get('step')}); weights: {weights}.
-- Model: DiT, {c.depth} blocks, width {c.dim}, {c.heads} heads, patch {c.patch_size}, on
-  {c.channels}-channel {c.image_size}x{c.image_size} images in [-1, 1] (pixel space: there is no VAE).
-- Classes: {c.num_classes} ({', '.join(map(str, classes[:20])) or 'unconditional'}); class index
-  {c.num_classes} is the null class for classifier-free guidance.
-- Objective: {objective}. `scheduler/` is diffusers' `{sched['_class_name']}` with that schedule.
+- Model: {model_line}
+- Classes: {labels}
+- Objective: {objective}.
+- Scheduler: `scheduler/` is diffusers' `{sched['_class_name']}` with that schedule.
 
 `transformer/` is a `DiTTransformer2DModel` whose output equals megalm's DiT on the same (x, t, y)
 in fp32. The condition embedding, shared by all blocks in megalm, is stored once per block as

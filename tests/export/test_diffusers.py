@@ -17,7 +17,8 @@ from megalm.diffusion.objectives import DDPM, Flow
 from megalm.diffusion.samplers import sample
 from megalm.diffusion.schedules import alpha_bar
 from megalm.errors import UserError
-from megalm.export.diffusers import check_exportable, export_dit, scheduler_config, transformer_files, write_folder
+from megalm.export.diffusers import (WEIGHTS, check_exportable, export_dit, scheduler_config, transformer_files,
+                                     write_folder)
 from megalm.models.dit import DiT, DiTConfig
 from tests.diffusion.conftest import digits  # noqa: F401  (session fixture: the digits as image shards)
 from tests.distributed.helper import run_distributed
@@ -122,6 +123,10 @@ def test_trained_checkpoint_exports_its_ema_weights(runs, exported):
 
     assert sorted(os.listdir(exported)) == ["README.md", "scheduler", "transformer"]
     assert not [n for n in os.listdir(os.path.dirname(exported)) if n.startswith(".tmp-")]
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (exported, os.path.join(exported, "transformer", WEIGHTS)):  # shareable, as the umask allows
+        assert os.stat(path).st_mode & 0o044 == 0o044 & ~mask
     theirs = _load(exported)
     ema, _ = from_checkpoint(runs["dit"])  # what `megalm sample` runs: the EMA weights
     assert ema.config.dim == 128 and ema.config.depth == 4  # dit-tiny
