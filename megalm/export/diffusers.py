@@ -161,7 +161,10 @@ def _check_out(out: str) -> None:
 def write_folder(out: str, files: dict[str, Any]) -> None:
     """files: relative path -> bytes/str, or a tensor dict (safetensors). Built under a temporary
     name beside `out`, every file fsynced, renamed into place at the end; nothing left on failure."""
-    from safetensors.torch import save_file
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("--format diffusers needs the safetensors package: pip install 'megalm[export]'") from None
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
