@@ -239,6 +239,7 @@ def model_card(meta: dict[str, Any], c: DiTConfig, sched: dict[str, Any], source
                  if d["objective"] == "flow" else
                  f"DDPM, {d['schedule']} schedule over {d['timesteps']} steps, predicting "
                  f"{'the noise' if d['prediction'] == 'eps' else 'v'}")
+    sampler = "euler" if d["objective"] == "flow" else "ddpm"
     if d["objective"] == "flow":
         loop = ("sched.set_timesteps(sigmas=torch.linspace(1, 0, steps + 1)[:-1].tolist())  # megalm's Euler grid\n"
                 "x = torch.randn(shape, generator=gen)")
@@ -282,5 +283,8 @@ images = x.clamp(-1, 1)
 ```
 
 For guidance w, run the null class (`class_labels` = {c.num_classes}) too and use
-`uncond + w * (cond - uncond)` as `out`.
+`uncond + w * (cond - uncond)` as `out`. This loop reproduces `megalm sample --sampler {sampler}`.
+megalm's default samplers have no exact diffusers twin: `FlowMatchHeunDiscreteScheduler`'s grid
+stops at sigma = 1/1000 (megalm's Heun goes to 0), and `DDIMScheduler` steps from t to t - T/steps
+rather than to the next respaced timestep (megalm's DDIM).
 """
