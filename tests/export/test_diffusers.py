@@ -1,8 +1,8 @@
 """DiT -> diffusers, checked by diffusers itself: `DiTTransformer2DModel.from_pretrained` on the
 export gives megalm's output in fp32 (max abs diff <= 1e-4, null class included) for random DiTs
 with non-zero adaLN and for a dit-tiny trained through the real trainer (ZeRO-2, 2 gloo ranks,
-EMA weights); the exported scheduler reproduces megalm's schedules and samplers; bad input is one
-line with nothing left behind."""
+EMA weights); the exported scheduler has megalm's schedule, and the model card's own sampling code
+reproduces megalm's DDPM sampler (Euler for flow); bad input is one line with nothing left behind."""
 
 from __future__ import annotations
 
