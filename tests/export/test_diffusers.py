@@ -70,6 +70,16 @@ def _random_dit(**fields) -> DiT:
     return model.eval()
 
 
+def _trained_weights(run: str) -> DiT:
+    """The run's DiT with its trained (non-EMA) weights, consolidated from the ZeRO-2 partitions."""
+    from megalm.checkpoint.reader import read_client_state, resolve
+
+    reader, tag = resolve(run)
+    model = DiT(DiTConfig.from_saved(read_client_state(run)[1]["data"]["model_config"]))
+    model.load_state_dict(reader.weights(tag, model))
+    return model.eval()
+
+
 def _load(out: str) -> DiTTransformer2DModel:
     model = DiTTransformer2DModel.from_pretrained(os.path.join(out, "transformer"))
     assert not model.training
@@ -122,7 +132,6 @@ def test_shapes_diffusers_cannot_express_are_refused_naming_the_key(fields, key)
 
 
 def test_trained_checkpoint_exports_its_ema_weights(runs, exported):
-    from megalm.checkpoint.reader import resolve
     from megalm.diffusion.sample import from_checkpoint
 
     assert sorted(os.listdir(exported)) == ["README.md", "scheduler", "transformer"]
@@ -137,12 +146,23 @@ def test_trained_checkpoint_exports_its_ema_weights(runs, exported):
     diff, scale = _max_diff(ema, theirs)
     assert scale > 0.01 and diff <= TOL
     # The trained (non-EMA) weights give another output: the export did take the EMA.
-    reader, tag = resolve(runs["dit"])
-    raw = DiT(ema.config)
-    raw.load_state_dict(reader.weights(tag, raw))
-    assert _max_diff(raw.eval(), theirs)[0] > 100 * TOL
+    assert _max_diff(_trained_weights(runs["dit"]), theirs)[0] > 100 * TOL
     card = open(os.path.join(exported, "README.md")).read()
     assert "EMA of the weights (decay 0.9, 4 updates)" in card and "step 4" in card
+
+
+def test_checkpoint_without_ema_exports_its_trained_weights(runs, tmp_path, monkeypatch):
+    """The ZeRO-2 partitions consolidated through the reader, when the client state has no EMA."""
+    from megalm.checkpoint.reader import CheckpointReader
+
+    client_state = CheckpointReader.client_state
+    monkeypatch.setattr(CheckpointReader, "client_state",
+                        lambda self, tag: {k: v for k, v in client_state(self, tag).items() if k != "task_state"})
+    export_dit(runs["dit"], str(tmp_path / "out"))
+    monkeypatch.undo()
+    diff, scale = _max_diff(_trained_weights(runs["dit"]), _load(str(tmp_path / "out")))
+    assert scale > 0.01 and diff <= TOL
+    assert "the trained weights (the checkpoint holds no EMA)" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_model_card_loop_reproduces_megalm_ddpm_sampling(runs, exported):
