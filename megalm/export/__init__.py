@@ -1,1 +1,0 @@
-"""Export megalm checkpoints for serving."""
