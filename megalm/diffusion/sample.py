@@ -49,7 +49,7 @@ def load(meta: dict[str, Any], source: str) -> tuple[torch.nn.Module, Objective]
     from megalm.diffusion.objectives import build_objective
     from megalm.models.dit import DiT, DiTConfig
 
-    mc = DiTConfig.from_dict(dict(meta["data"]["model_config"]), source=f"{source}: model_config")
+    mc = DiTConfig.from_saved(dict(meta["data"]["model_config"]), source=f"{source}: model_config")
     model = DiT(mc)
     try:
         flat = meta["task_state"]["ema"]["flat"]

@@ -49,6 +49,9 @@ class DiTConfig:
     num_classes: int = 1000  # 0 = unconditional
     learn_sigma: bool = False  # also predict the variance interpolation (improved DDPM)
     freq_dim: int = 256  # sinusoidal timestep features before the MLP
+    # Frequencies 10000^(-k / (freq_dim/2 - freq_shift)). 1 is diffusers' DiTTransformer2DModel
+    # (hard-coded there), so an export is exact; 0 is the DiT paper's code.
+    freq_shift: int = 1
 
     @property
     def out_channels(self) -> int:
@@ -60,6 +63,11 @@ class DiTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any], source: str = "model_config") -> "DiTConfig":
+        """A model_config recorded in a checkpoint; one saved before freq_shift existed used 0."""
+        return cls.from_dict({"freq_shift": 0, **values}, source)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "model") -> "DiTConfig":
@@ -92,14 +100,16 @@ class DiTConfig:
             raise UserError(f"{source}: heads: {self.heads} does not divide dim={self.dim}")
         if self.num_classes < 0:
             raise UserError(f"{source}: num_classes: expected >= 0, got {self.num_classes}")
+        if self.freq_shift not in (0, 1) or self.freq_shift >= self.freq_dim // 2:
+            raise UserError(f"{source}: freq_shift: expected 0 or 1 (below freq_dim/2), got {self.freq_shift!r}")
         if self.mlp_ratio <= 0:
             raise UserError(f"{source}: mlp_ratio: expected > 0, got {self.mlp_ratio}")
 
 
-def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_features(t: torch.Tensor, dim: int, shift: int = 1, max_period: float = 10000.0) -> torch.Tensor:
     """[B] float timesteps -> [B, dim] cos/sin features at geometrically spaced frequencies."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
     angles = t.float()[:, None] * freqs[None]
     feats = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     return F.pad(feats, (0, dim % 2))
@@ -205,7 +215,7 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.patch_embed.weight.dtype  # the engine may have cast the module to bf16
         h = self.patch_embed(x.to(dtype)).flatten(2).transpose(1, 2) + self.pos_embed.to(dtype)
-        cond = self.time_mlp(timestep_features(t, self.config.freq_dim).to(dtype))
+        cond = self.time_mlp(timestep_features(t, self.config.freq_dim, self.config.freq_shift).to(dtype))
         if self.class_embed is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.null_class(), dtype=torch.long, device=x.device)

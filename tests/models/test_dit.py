@@ -78,3 +78,18 @@ def test_unpatchify_inverts_patchify_layout():
 def test_config_errors_name_the_key(fields, key):
     with pytest.raises(UserError, match=rf"cfg: {key}"):
         DiTConfig.from_dict(fields, source="cfg")
+
+
+def test_freq_shift_picks_the_timestep_frequencies_and_old_saved_configs_keep_the_papers():
+    from megalm.models.dit import timestep_features
+
+    t = torch.tensor([0.0, 10.0, 999.0])
+    ours, paper = timestep_features(t, 256, shift=1), timestep_features(t, 256, shift=0)
+    assert torch.equal(ours[:, 127], torch.cos(t * 10000.0 ** -1.0))  # lowest frequency: 10000^(-127/127)
+    assert torch.allclose(paper[:, 127], torch.cos(t * 10000.0 ** (-127 / 128)))
+    fields = {"preset": "dit-tiny", "image_size": 8, "channels": 1, "num_classes": 10}
+    assert DiTConfig.from_dict(fields).freq_shift == 1  # new models: diffusers' form
+    assert DiTConfig.from_saved(fields).freq_shift == 0  # saved before the field existed
+    assert DiTConfig.from_saved({**fields, "freq_shift": 1}).freq_shift == 1
+    with pytest.raises(UserError, match=r"cfg: freq_shift"):
+        DiTConfig.from_dict({**fields, "freq_shift": 2}, source="cfg")
