@@ -77,6 +77,10 @@ class DiffusionTask:
         return {"task": "diffusion", "shard_dirs": [os.path.abspath(p) for p in self.cfg.data.paths],
                 "classes": list(self.manifest.classes), "model_config": self.model_config.to_dict()}
 
+    def saved_model_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's model_config as trained (one saved before freq_shift existed used 0)."""
+        return DiTConfig.from_saved(saved).to_dict()
+
     def attach(self, engine: Any, dp_rank: int, dp_world: int) -> "EMAHook":
         return EMAHook(self, engine, dp_rank, dp_world)
 

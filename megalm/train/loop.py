@@ -152,6 +152,11 @@ class Trainer:
         ours = self.task.fingerprint().get("model_config")
         if saved is None or ours is None:
             return
+        # A task whose model gained a field with a new default reads an older checkpoint's
+        # config as it was trained (diffusion: freq_shift), so the user can name the old value.
+        upgrade = getattr(self.task, "saved_model_config", None)
+        if upgrade is not None:
+            saved = upgrade(saved)
         diffs = [f"model.{k} is {saved.get(k)!r} there, {ours.get(k)!r} here"
                  for k in sorted((set(saved) | set(ours)) - RESUMABLE_CHANGES) if saved.get(k) != ours.get(k)]
         if not diffs:

@@ -71,3 +71,25 @@ def test_sample_refuses_a_planted_pickle_in_a_dit_checkpoint(digits, tmp_path):
     line = one_error_line(megalm(["sample", str(evil), "--out", str(tmp_path / "e.png")], tmp_path))
     assert "mp_rank_00_model_states.pt" in line, line
     assert not marker.exists() and not (tmp_path / "e.png").exists()
+
+
+def test_resume_check_reads_a_dit_saved_before_freq_shift_as_trained():
+    """Checkpoints from before `freq_shift` existed were trained with 0: resuming them with the new
+    default (1) is refused naming the field, and `model.freq_shift: 0` resumes them."""
+    from types import SimpleNamespace
+
+    from megalm.diffusion.task import DiffusionTask
+    from megalm.errors import UserError
+    from megalm.models.dit import DiTConfig
+    from megalm.train.loop import Trainer
+
+    def check(ours: DiTConfig, saved: dict) -> None:
+        task = SimpleNamespace(fingerprint=lambda: {"model_config": ours.to_dict()},
+                               saved_model_config=lambda s: DiffusionTask.saved_model_config(None, s))
+        Trainer._same_model(SimpleNamespace(task=task), {"data": {"model_config": saved}})
+
+    old = {k: v for k, v in DiTConfig.from_dict({"preset": "dit-tiny", "freq_shift": 0}).to_dict().items()
+           if k != "freq_shift"}
+    with pytest.raises(UserError, match="model.freq_shift is 0 there, 1 here"):
+        check(DiTConfig.from_dict({"preset": "dit-tiny"}), old)
+    check(DiTConfig.from_dict({"preset": "dit-tiny", "freq_shift": 0}), old)
