@@ -198,6 +198,9 @@ def load_tokenizer(meta: dict[str, Any]):
 
     data = meta["data"]
     path, want, stored = data["tokenizer_path"], data["tokenizer_sha256"], data.get("tokenizer_model")
+    if want is None:  # `megalm import-hf` of a folder without a sentencepiece tokenizer.model
+        raise UserError(f"checkpoint imported from {meta.get('imported_from', 'elsewhere')} has no sentencepiece "
+                        f"tokenizer (the source folder had no tokenizer.model)")
     try:
         with open(path, "rb") as f:
             blob, problem = f.read(), "changed since training (sha256 differs from the checkpoint's)"
