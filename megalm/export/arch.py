@@ -131,4 +131,4 @@ def to_hf(items: Iterable[Item], cfg: LLMConfig, arch: str) -> Iterator[Item]:
         conv = t.dim() == 2 and (".mlp." in out or ".c_proj." in out)
         yield out, t.t().contiguous() if conv else t
         if not cfg.bias and out.endswith(".weight") and out.startswith(("transformer.h.", "transformer.ln_f")):
-            yield out[:-len("weight")] + "bias", t.new_zeros(t.shape[1] if conv else t.shape[0])
+            yield out[:-len("weight")] + "bias", t.new_zeros(t.shape[0])  # nn.Linear [out, in]: out
