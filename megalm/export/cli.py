@@ -47,6 +47,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--format: unknown format {args.format!r}; expected one of {', '.join(FORMATS)}")
     if args.dtype is not None and args.dtype not in ("fp32", "bf16", "fp16"):
         raise UserError(f"--dtype: expected fp32, bf16 or fp16, got {args.dtype!r}")
+    from megalm.export.outdir import check_destination
+
+    check_destination(args.out, args.overwrite)  # before minutes of reading, not after
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading a checkpoint is CPU work
     with contextlib.redirect_stdout(sys.stderr):  # library chatter stays off stdout
         if args.format == "hf":
