@@ -173,20 +173,27 @@ def import_hf(hf_dir: str, out: str, overwrite: bool = False) -> dict[str, Any]:
             raise UserError(f"{files}: {k} has shape {tuple(state[k].shape)}, config.json implies {tuple(t.shape)}")
     module = {k: state[k] for k in want}  # the model's state-dict order
     data = _tokenizer_fields(hf_dir, hf, cfg)
+    write_checkpoint(out, module, data, {"imported_from": hf_dir}, overwrite=overwrite)
+    return {"arch": kind, "tensors": len(module), "parameters": sum(t.numel() for t in module.values()),
+            "tokenizer": data["tokenizer_sha256"] is not None}
+
+
+def write_checkpoint(out: str, module: dict[str, torch.Tensor], data: dict[str, Any], extra: dict[str, Any],
+                     precision: str = "fp32", overwrite: bool = False) -> None:
+    """A one-rank, ZeRO-0 megalm checkpoint root at `out` holding weights `module` (state-dict
+    order) and a client state with `data` (tokenizer fields + model_config, as the trainer records)."""
     client = {"step": 0, "data_step": 0, "tokens": 0, "data": data, "world_size": 1,
-              "megalm_version": megalm.__version__, "imported_from": hf_dir,
+              "megalm_version": megalm.__version__, **extra,
               "config": {"name": os.path.basename(os.path.abspath(out)), "parallel": {"zero_stage": 0, "pipeline_stages": 1},
-                         "precision": {"dtype": "fp32"}}}
+                         "precision": {"dtype": precision}}}
     tag = tag_for(0)
     with staged_dir(out, overwrite) as work:
         step_dir = os.path.join(work, tag)
         os.makedirs(step_dir)
         torch.save({"module": module, **client, CLIENT_KEYS: list(client)}, os.path.join(step_dir, MODEL_STATES))
         complete_directory(step_dir, [], {"tag": tag, "step": 0, "world_size": 1, "dp_world_size": 1, "zero_stage": 0,
-                                          "pipeline_stages": 1, "imported_from": hf_dir})
+                                          "pipeline_stages": 1, **extra})
         atomic_write(os.path.join(work, LATEST), tag + "\n")
-    return {"arch": kind, "tensors": len(module), "parameters": sum(t.numel() for t in module.values()),
-            "tokenizer": data["tokenizer_sha256"] is not None}
 
 
 def _tokenizer_fields(hf_dir: str, hf: dict[str, Any], cfg: LLMConfig) -> dict[str, Any]:

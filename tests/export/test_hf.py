@@ -74,3 +74,18 @@ def test_streamed_tensors_equal_the_consolidated_model(exported, trained):
     ref = model.state_dict()
     assert [n for n, _ in items] == list(ref)
     assert all(torch.equal(t.float(), ref[n]) for n, t in items)
+
+
+@pytest.mark.parametrize("run", ["zero2-frozen", "zero3-frozen"])
+def test_frozen_parameters_stream_from_their_fragments(trained, run):
+    """Frozen weights (LoRA's base) sit outside ZeRO's flat partitions; they still stream, unchanged
+    from their initial values, in state-dict order."""
+    from tests.export.jobs import FROZEN
+
+    model, _ = load_model(trained[run])
+    src = CheckpointTensors(trained[run])
+    items = dict(src.items())
+    assert list(items) == list(model.state_dict())
+    assert all(torch.equal(items[n].float(), t) for n, t in model.state_dict().items())
+    assert torch.equal(items["norm.weight"], torch.ones_like(items["norm.weight"]))  # frozen at its init
+    assert set(FROZEN) <= set(items)
