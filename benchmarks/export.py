@@ -5,7 +5,7 @@
 
 Two megalm checkpoints of random weights (fp32, ZeRO-0 layout, the run's precision recorded as
 bf16 as on a GPU run, so the export writes bf16 by default): GPT-2 124M (gpt2-124m preset ->
-GPT2LMHeadModel) and a ~0.75B Llama-style model (2 x 2 GiB default shards). Each measurement runs
+GPT2LMHeadModel) and a 1.16B Llama-style model (2.3 GB of bf16: two 2 GiB default shards). Each measurement runs
 in a fresh process:
   - megalm: `export_hf` at its defaults (checksum verification, streaming, 2 GiB shards);
   - load_all (baseline, same run): the whole model consolidated in memory
@@ -36,7 +36,7 @@ sys.path.insert(0, REPO)
 
 MODELS = {
     "gpt2-124m": {"preset": "gpt2-124m"},
-    "llama-0.75b": {"inline": dict(vocab_size=32000, dim=2048, n_layers=12, n_heads=16, n_kv_heads=16, mlp="swiglu",
+    "llama-1.2b": {"inline": dict(vocab_size=32000, dim=2048, n_layers=20, n_heads=16, n_kv_heads=16, mlp="swiglu",
                                    mlp_hidden=5632, norm="rmsnorm", positions="rope", max_seq_len=2048)},
 }
 

@@ -17,8 +17,8 @@ Layouts (the same choice as megalm.checkpoint.reader.CheckpointReader.weights):
 Parameters frozen during training (LoRA's base weights) come from `frozen_param_fragments`.
 
 Files are memory-mapped and only the pages of the tensor being read are touched; the mappings
-are dropped every `release_bytes` read, so resident memory stays near one tensor (plus what the
-consumer buffers) whatever the model size. Nothing here runs code from the files: every load goes
+are dropped every `release_bytes` read (a tensor still held keeps only its own pages), so resident
+memory stays near one tensor plus what the consumer buffers, whatever the model size. Nothing here runs code from the files: every load goes
 through megalm.checkpoint.unpickle's allowlist, and the checkpoint's checksums are verified first.
 """
 
@@ -45,7 +45,7 @@ _RANK_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_states\.pt$"
 class CheckpointTensors:
     """The model tensors of one verified checkpoint (a step folder, checkpoint root or run dir)."""
 
-    def __init__(self, checkpoint: str, release_bytes: int = 256 << 20,
+    def __init__(self, checkpoint: str, release_bytes: int = 128 << 20,
                  build_model: Callable[[LLMConfig], torch.nn.Module] | None = None):
         reader, tag = resolve(checkpoint)  # verifies every file's sha256 and the unpickle allowlist
         self.tag_dir = os.path.join(reader.dir, tag)
@@ -107,16 +107,16 @@ class CheckpointTensors:
     # -- the tensors ---------------------------------------------------------------------------
 
     def items(self) -> Iterator[Item]:
-        """(name, tensor) in the model's state-dict order; each tensor is a fresh contiguous copy
-        in the stored (master) dtype."""
+        """(name, tensor) in the model's state-dict order, contiguous, in the stored (master)
+        dtype. A tensor may be a view of the memory-mapped file: copy it before changing it."""
         reads = {"zero0": self._zero0_items, "zero12": self._zero12_items, "zero3": self._zero3_items,
                  "pipeline": self._pipeline_items}[self.layout]
         try:
             for name, tensor in reads():
                 self._touched += tensor.numel() * tensor.element_size()
-                yield name, tensor
                 if self._touched >= self.release_bytes:
-                    self.release()
+                    self.release()  # before the consumer holds the tensor: its pages go with it
+                yield name, tensor
         finally:
             self.release()
 
@@ -130,7 +130,7 @@ class CheckpointTensors:
 
     def _zero0_items(self) -> Iterator[Item]:
         for name in list(self._load(self._model_states_name())["module"]):
-            yield name, self._load(self._model_states_name())["module"][name].clone()
+            yield name, self._load(self._model_states_name())["module"][name]
 
     def _zero12_items(self) -> Iterator[Item]:
         states = self._load(self._model_states_name())
@@ -145,10 +145,10 @@ class CheckpointTensors:
         ranks = len(self._rank_files("optim"))
         for name in self.names():
             if name in frozen:
-                yield name, self._load(self._model_states_name())["frozen_param_fragments"][name].clone()
+                yield name, self._load(self._model_states_name())["frozen_param_fragments"][name]
                 continue
             if name not in where:
-                yield name, self._load(self._model_states_name())["module"][name].clone()  # a buffer
+                yield name, self._load(self._model_states_name())["module"][name]  # a buffer
                 continue
             g, start, shape = where[name]
             parts, pos, end = [], start, start + math.prod(shape)
@@ -178,14 +178,14 @@ class CheckpointTensors:
             if name in frozen:
                 shape = torch.Size(frozen[name])
                 frags = [self._load(f)["frozen_param_fragments"][name].reshape(-1) for f in model_files]
-                yield name, torch.cat(frags)[:shape.numel()].view(shape).clone()
+                yield name, torch.cat(frags)[:shape.numel()].view(shape)
                 continue
             if name not in where:
                 raise UserError(f"{self.tag_dir}: {name} is in neither param_shapes nor frozen_param_shapes")
             start, shape = where[name]
             part = math.ceil(shape.numel() / ranks)
             pieces = [_flat_slice(self._optim(r)["fp32_flat_groups"], start, part) for r in range(ranks)]
-            yield name, torch.cat(pieces)[:shape.numel()].view(shape).clone()
+            yield name, torch.cat(pieces)[:shape.numel()].view(shape)
 
     def _pipeline_map(self) -> list[tuple[str, str, str]]:
         """(layer file, name inside it, plain model name) for every parameter, first use only."""
@@ -208,7 +208,7 @@ class CheckpointTensors:
             saved = self._load(file)
             if local not in saved:
                 raise UserError(f"{os.path.join(self.tag_dir, file)}: missing parameter {local}")
-            yield plain, saved[local].clone()
+            yield plain, saved[local]
 
 
 def _flat_slice(groups: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
