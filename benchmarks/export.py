@@ -11,8 +11,8 @@ in a fresh process:
   - load_all (baseline, same run): the whole model consolidated in memory
     (megalm.checkpoint.reader.load_model, verified the same way), cast, then
     `safetensors.torch.save_file` of the full HF state dict — what conversion scripts do.
-Reported per model: output GB, seconds, GB/s (output bytes / wall time), peak RSS (ru_maxrss)
-and RSS after imports, the largest tensor (fp32, as read) and largest written shard, and
+Reported per model: output GB, seconds, GB/s (output bytes / wall time), peak RSS
+(VmHWM) and RSS after imports, the largest tensor (fp32, as read) and largest written shard, and
 `peak_rss_over_largest_tensor_plus_shard_ratio` = (peak RSS - RSS after imports) /
 (largest tensor + largest shard): near 1 means memory is what the streaming design promises.
 """
@@ -24,7 +24,6 @@ import io
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -41,9 +40,9 @@ MODELS = {
 }
 
 
-def _rss_kib() -> int:
+def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
 def make_checkpoint(name: str, out: str, tok_blob: bytes) -> None:
@@ -63,8 +62,6 @@ def make_checkpoint(name: str, out: str, tok_blob: bytes) -> None:
         model = LLM(cfg)
     module = {k: torch.randn(v.shape) * 0.02 for k, v in model.state_dict().items()}
     tok_path = os.path.join(os.path.dirname(out), "tokenizer.model")
-    with open(tok_path, "wb") as f:
-        f.write(tok_blob)
     data = {"tokenizer_path": tok_path, "tokenizer_sha256": hashlib.sha256(tok_blob).hexdigest(),
             "tokenizer_model": tok_blob, "vocab_size": cfg.vocab_size, "eos_id": 2, "model_config": cfg.to_dict()}
     write_checkpoint(out, module, data, {"benchmark": name}, precision="bf16")
@@ -81,7 +78,7 @@ def run_child(mode: str, checkpoint: str, out: str) -> dict:
     import safetensors.torch  # noqa: F401
     import transformers  # noqa: F401  (tokenizers, loaded by the export)
 
-    base = _rss_kib()
+    base = _status_kib("VmRSS")
     start = time.perf_counter()
     if mode == "megalm":
         stats = export_hf(checkpoint, out)
@@ -97,7 +94,8 @@ def run_child(mode: str, checkpoint: str, out: str) -> dict:
         stats = {"bytes": nbytes, "largest_shard_bytes": nbytes, "shards": 1,
                  "largest_tensor_bytes": max(t.numel() * t.element_size() for t in state.values())}
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, not ru_maxrss: Linux carries a parent's peak into ru_maxrss across fork + exec.
+    peak = _status_kib("VmHWM")
     return {"rss_after_imports_kib": base, "peak_rss_kib": peak, "seconds": seconds, **stats}
 
 
@@ -127,7 +125,12 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--keep", default=None, help="scratch folder (default: a temporary one, deleted)")
     p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--make", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.make:
+        with open(args.make[2], "rb") as f:
+            make_checkpoint(args.make[0], args.make[1], f.read())
+        return
     if args.child:
         print(json.dumps(run_child(*args.child)))
         return
@@ -137,8 +140,12 @@ def main() -> None:
         blob = tokenizer_blob()
         for name in MODELS:
             ck = os.path.join(scratch, name)
-            if not os.path.exists(ck):
-                make_checkpoint(name, ck, blob)
+            if not os.path.exists(ck):  # in a child: this process stays small while measuring
+                tok = os.path.join(scratch, "tokenizer.model")
+                with open(tok, "wb") as f:
+                    f.write(blob)
+                env = dict(os.environ, PYTHONPATH=REPO)
+                subprocess.run([sys.executable, __file__, "--make", name, ck, tok], env=env, check=True)
             row = {}
             for mode in ("megalm", "load_all"):
                 out = os.path.join(scratch, f"{name}-{mode}")

@@ -20,7 +20,7 @@ import torch
 
 from megalm.errors import UserError
 from megalm.export.arch import compile_names, architecture, rename
-from megalm.export.hf import DTYPES, load_spm, model_items, num_elements, output_dtype, progress
+from megalm.export.hf import DTYPES, load_spm, model_items, output_dtype, progress
 from megalm.export.outdir import staged_dir
 from megalm.export.source import CheckpointTensors, Item
 from megalm.export.tokenizer import UNUSED, SpmModel
@@ -127,7 +127,7 @@ def export_gguf(checkpoint: str, out: str, dtype: str | None = None, overwrite: 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         expected = iter(plan)
-        with progress(num_elements(src) * DTYPES[dtype].itemsize, "export") as bar:
+        with progress(sum(t.numel() for _, t in plan) * DTYPES[dtype].itemsize, "export") as bar:
             for n, t in gguf_items(model_items(src), cfg):
                 want, shape = next(expected, (None, None))
                 if n != want or t.shape != shape.shape:

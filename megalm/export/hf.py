@@ -48,20 +48,10 @@ def cast(items: Iterator[Item], dtype: torch.dtype) -> Iterator[Item]:
 
 
 def progress(total: int, desc: str):
-    """A tqdm bar in bytes on stderr (silent when stderr is not a terminal unless forced)."""
+    """A tqdm bar in bytes on stderr (tqdm leaves it out when stderr is not a terminal)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
-                disable=None if not os.environ.get("MEGALM_PROGRESS") else False)
-
-
-def num_elements(src: CheckpointTensors) -> int:
-    """Elements of the model's state dict (a tied embedding counts once), from shapes alone."""
-    from megalm.models.llm import LLM
-
-    with torch.device("meta"):
-        model = LLM(src.config)
-    return sum(t.numel() for t in model.state_dict().values())
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=None)
 
 
 def special_ids(spm: SpmModel) -> dict[str, int | None]:
@@ -84,7 +74,7 @@ def model_card(src: CheckpointTensors, arch: str, dtype: str, stats: dict[str, i
     run = meta.get("config", {})
     facts = {
         "architecture": "LlamaForCausalLM" if arch == "llama" else "GPT2LMHeadModel",
-        "parameters": f"{num_elements(src):,}",
+        "parameters": f"{src.numel():,}",
         "training steps": meta.get("step"), "training tokens": meta.get("tokens"),
         "run": run.get("name"), "data": ", ".join(map(str, run.get("data", {}).get("paths", []))),
         "sequence length": run.get("data", {}).get("seq_len"), "precision (training)": src.precision,
@@ -112,7 +102,7 @@ def export_hf(checkpoint: str, out: str, dtype: str | None = None, max_shard_byt
     spm = load_spm(src)
     with staged_dir(out, overwrite) as work:
         write_hf_tokenizer(spm, work, f"{src.tag_dir}: tokenizer", src.config.max_seq_len)
-        with progress(num_elements(src) * DTYPES[dtype].itemsize, "export") as bar:
+        with progress(src.numel() * DTYPES[dtype].itemsize, "export") as bar:
             stats = write_sharded(to_hf(cast(model_items(src), DTYPES[dtype]), src.config, arch), work,
                                   max_shard_bytes, on_tensor=bar.update)
         _write_json(os.path.join(work, "config.json"), hf_config(src.config, arch, HF_DTYPE_NAMES[dtype],

@@ -50,6 +50,8 @@ class CheckpointTensors:
         reader, tag = resolve(checkpoint)  # verifies every file's sha256 and the unpickle allowlist
         self.tag_dir = os.path.join(reader.dir, tag)
         self.meta = reader.client_state(tag)
+        if self.meta.get("data", {}).get("task") == "diffusion":
+            raise UserError(f"{self.tag_dir}: a DiT (diffusion) checkpoint: export it with --format diffusers")
         if "model_config" not in self.meta.get("data", {}):
             raise UserError(f"{self.tag_dir}: not a language-model checkpoint (no data.model_config in its client state)")
         self.config = LLMConfig.from_dict(dict(self.meta["data"]["model_config"]),
@@ -127,6 +129,17 @@ class CheckpointTensors:
             return [plain for _, _, plain in self._pipeline_map()]
         return list(states["module"].keys()) if states.get("module") else \
             [n for group in states["param_shapes"] for n in group]
+
+    def numel(self) -> int:
+        """Elements of all tensors items() yields, from the files' shape records (no data read)."""
+        states = self._load(self._model_states_name())
+        if self.layout == "pipeline":
+            return sum(self._load(f)[local].numel() for f, local, _ in self._pipeline_map())
+        if self.layout == "zero3":
+            shapes = {n: s for group in states["param_shapes"] for n, s in group.items()}
+            shapes.update(states.get("frozen_param_shapes") or {})
+            return sum(math.prod(s) for s in shapes.values())
+        return sum(t.numel() for t in states["module"].values())
 
     def _zero0_items(self) -> Iterator[Item]:
         for name in list(self._load(self._model_states_name())["module"]):

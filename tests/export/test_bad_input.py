@@ -88,3 +88,14 @@ def test_models_hf_cannot_express_are_refused(change, expect):
     cfg = LLMConfig(**{**dict(vocab_size=64, dim=32, n_layers=1, n_heads=2), **change})
     with pytest.raises(UserError, match=expect):
         architecture(cfg, "ck: model_config")
+
+
+def test_dit_checkpoint_points_to_diffusers(tmp_path, capsys):
+    import torch
+
+    from megalm.export.import_hf import write_checkpoint
+
+    write_checkpoint(str(tmp_path / "dit"), {"w": torch.zeros(2)}, {"task": "diffusion", "model_config": {}}, {})
+    line = one_error(capsys, ["export", str(tmp_path / "dit"), "--format", "gguf", "--out", str(tmp_path / "out")])
+    assert line.endswith("step_00000000: a DiT (diffusion) checkpoint: export it with --format diffusers"), line
+    assert nothing_written(tmp_path)
