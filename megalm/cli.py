@@ -23,7 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: megalm <verb> [args...]", "", "verbs:"]
-    lines += [f"  {verb:<9} {help_}" for verb, (_, help_) in VERBS.items()]
+    lines += [f"  {verb:<10} {help_}" for verb, (_, help_) in VERBS.items()]
     return "\n".join(lines)
 
 

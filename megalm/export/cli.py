@@ -22,6 +22,13 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?$", re.IGNORECA
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one `error:` line (exit 2) through the CLI's UserError path."""
+
+    def error(self, message: str) -> None:
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def parse_size(text: str, flag: str) -> int:
     match = _SIZE.match(text.strip())
     if not match or float(match.group(1)) <= 0:
@@ -30,7 +37,7 @@ def parse_size(text: str, flag: str) -> int:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="megalm export", description=__doc__.splitlines()[0],
+    p = Parser(prog="megalm export", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("checkpoint")
     p.add_argument("--format", required=True, help="hf, gguf or diffusers")

@@ -12,7 +12,6 @@ the weights still import and sampling says what is missing. Names and layouts: m
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -220,7 +219,9 @@ def _tokenizer_fields(hf_dir: str, hf: dict[str, Any], cfg: LLMConfig) -> dict[s
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="megalm import-hf", description=__doc__.splitlines()[0])
+    from megalm.export.cli import Parser
+
+    p = Parser(prog="megalm import-hf", description=__doc__.splitlines()[0])
     p.add_argument("hf_dir", help="local Hugging Face model folder (config.json + safetensors)")
     p.add_argument("--out", required=True, help="megalm checkpoint root to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")

@@ -99,3 +99,11 @@ def test_dit_checkpoint_points_to_diffusers(tmp_path, capsys):
     line = one_error(capsys, ["export", str(tmp_path / "dit"), "--format", "gguf", "--out", str(tmp_path / "out")])
     assert line.endswith("step_00000000: a DiT (diffusion) checkpoint: export it with --format diffusers"), line
     assert nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["export", "ck", "--format", "hf"], "megalm export: the following arguments are required: --out"),
+    (["import-hf", "hf"], "megalm import-hf: the following arguments are required: --out"),
+])
+def test_usage_errors_are_one_line(capsys, argv, expect):
+    assert one_error(capsys, argv) == f"error: {expect} (see {expect.split(':')[0]} --help)"
