@@ -84,6 +84,7 @@ def model_card(src: CheckpointTensors, arch: str, dtype: str, stats: dict[str, i
         "tokenizer sha256": meta.get("data", {}).get("tokenizer_sha256"),
         "megalm version": meta.get("megalm_version"), "source checkpoint": src.tag_dir,
     }
+    facts.update(_losses(src))
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items() if v not in (None, ""))
     model_rows = "\n".join(f"| {k} | {v} |" for k, v in cfg.to_dict().items())
     return (f"---\nlibrary_name: transformers\ntags:\n- megalm\n- {arch}\n---\n\n"
@@ -91,6 +92,20 @@ def model_card(src: CheckpointTensors, arch: str, dtype: str, stats: dict[str, i
             f"Exported by `megalm export` from a megalm training checkpoint; logits match megalm's own model.\n\n"
             f"## Training\n\n| fact | value |\n|---|---|\n{rows}\n\n"
             f"## megalm model config\n\n| key | value |\n|---|---|\n{model_rows}\n")
+
+
+def _losses(src: CheckpointTensors) -> dict[str, Any]:
+    """Loss figures from the run's summary.json (runs/<name>/summary.json), when it describes the
+    exported step."""
+    path = os.path.join(os.path.dirname(os.path.dirname(src.tag_dir)), "summary.json")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if summary.get("step") != src.meta.get("step"):
+        return {}
+    return {"last training loss": summary.get("last_loss"), "eval loss": summary.get("eval_loss")}
 
 
 def export_hf(checkpoint: str, out: str, dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,

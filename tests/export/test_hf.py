@@ -38,7 +38,7 @@ def test_layout_is_sharded_safetensors_with_index(exported):
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
     card = (out / "README.md").read_text()
-    assert "| training steps | 2 |" in card and "| training tokens |" in card
+    assert "| training steps | 2 |" in card and "| training tokens |" in card and "| last training loss | " in card
 
 
 def test_transformers_logits_and_greedy_match_megalm(exported):
