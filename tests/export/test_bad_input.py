@@ -107,3 +107,20 @@ def test_dit_checkpoint_points_to_diffusers(tmp_path, capsys):
 ])
 def test_usage_errors_are_one_line(capsys, argv, expect):
     assert one_error(capsys, argv) == f"error: {expect} (see {expect.split(':')[0]} --help)"
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(trained, tmp_path, capsys):
+    import hashlib
+
+    from megalm.export.import_hf import write_checkpoint
+    from megalm.models.llm import LLM
+
+    cfg = LLMConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2)
+    blob = open(os.path.join(trained["shards"], "tokenizer.model"), "rb").read()  # 320 pieces
+    data = {"tokenizer_path": os.path.join(trained["shards"], "tokenizer.model"),
+            "tokenizer_sha256": hashlib.sha256(blob).hexdigest(), "tokenizer_model": blob, "vocab_size": 64,
+            "eos_id": 2, "model_config": cfg.to_dict()}
+    write_checkpoint(str(tmp_path / "ck"), LLM(cfg).state_dict(), data, {})
+    line = one_error(capsys, ["export", str(tmp_path / "ck"), "--format", "hf", "--out", str(tmp_path / "out")])
+    assert "tokenizer mismatch: the tokenizer has 320 pieces but the model's vocab_size is 64" in line, line
+    assert nothing_written(tmp_path)
