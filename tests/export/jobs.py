@@ -13,6 +13,8 @@ from tests.distributed.jobs import MODES, small_overrides, train
 LAYOUTS: dict[str, list[str]] = {
     "zero3": MODES["zero3"],
     "pp2": MODES["pp2"] + ["model.tie_embeddings=true"],
+    # bf16 training: DeepSpeed names the files bf16_zero_pp_rank_*; the export defaults to bf16.
+    "zero1-bf16": MODES["zero1"] + ["precision.dtype=bf16"],
 }
 # Parameters frozen during training (as LoRA freezes its base weights): DeepSpeed keeps them out of
 # the flat partitions, in `frozen_param_fragments`.

@@ -89,3 +89,22 @@ def test_frozen_parameters_stream_from_their_fragments(trained, run):
     assert all(torch.equal(items[n].float(), t) for n, t in model.state_dict().items())
     assert torch.equal(items["norm.weight"], torch.ones_like(items["norm.weight"]))  # frozen at its init
     assert set(FROZEN) <= set(items)
+
+
+def test_bf16_run_exports_bf16_by_default(trained, tmp_path):
+    """A bf16 run (ZeRO-1, DeepSpeed's bf16_* files) exports its fp32 master weights rounded to bf16;
+    transformers computes megalm's logits from them."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    assert megalm_main(["export", trained["zero1-bf16"], "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model, meta = load_model(trained["zero1-bf16"])
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+    assert embed.dtype == torch.bfloat16 and torch.equal(embed, model.tok_embeddings.weight.bfloat16())
+    model.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([load_tokenizer(meta).encode(SAMPLE)])
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
