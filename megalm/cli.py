@@ -12,6 +12,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "tokenize raw corpora into Arrow shards + manifest"),
     "train": ("megalm.train.cli", "train a model from a YAML config (DeepSpeed)"),
     "sample": ("megalm.train.sample", "generate text from a checkpoint"),
+    "export": ("megalm.export.cli", "export a checkpoint for serving: Hugging Face, GGUF, diffusers"),
+    "import-hf": ("megalm.export.import_hf", "turn a local Hugging Face Llama/GPT-2 folder into a megalm checkpoint"),
     "launch": ("launcher.cli", "start N local ranks of a command (torchrun-compatible env)"),
     "submit": ("launcher.slurm", "submit a training run to Slurm (requeue + resume on preemption)"),
     "plan": ("megalm.plan", "per-GPU memory and step time for ZeRO stages / pipeline splits"),
@@ -21,7 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: megalm <verb> [args...]", "", "verbs:"]
-    lines += [f"  {verb:<8} {help_}" for verb, (_, help_) in VERBS.items()]
+    lines += [f"  {verb:<10} {help_}" for verb, (_, help_) in VERBS.items()]
     return "\n".join(lines)
 
 

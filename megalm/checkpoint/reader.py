@@ -89,20 +89,22 @@ class CheckpointReader:
                 _warn(f"skipping checkpoint {os.path.join(self.dir, name)}: {reason}")
         return None
 
-    def model_states(self, tag: str) -> dict[str, Any]:
-        """The model-states file that holds megalm's client state (DeepSpeed's keys included)."""
+    def model_states(self, tag: str, mmap: bool = False) -> dict[str, Any]:
+        """The model-states file that holds megalm's client state (DeepSpeed's keys included).
+
+        `mmap`: tensors (a ZeRO-0 file's whole model) stay on disk until touched."""
         tag_dir = os.path.join(self.dir, tag)
         files = [os.path.join(tag_dir, MODEL_STATES)] + sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
         for f in dict.fromkeys(files):
             if os.path.exists(f) and not os.path.basename(f).startswith("layer_"):
-                state = safe_load(f)
+                state = safe_load(f, mmap=mmap)
                 if isinstance(state, dict) and CLIENT_KEYS in state:
                     return state
         raise UserError(f"{tag_dir}: not a megalm training checkpoint (no model states with megalm's client state)")
 
     def client_state(self, tag: str) -> dict[str, Any]:
         """Exactly the client_state dict the trainer saved."""
-        state = self.model_states(tag)
+        state = self.model_states(tag, mmap=True)  # the weights beside it are not read
         return {k: state[k] for k in state[CLIENT_KEYS]}
 
     def weights(self, tag: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -198,6 +200,9 @@ def load_tokenizer(meta: dict[str, Any]):
 
     data = meta["data"]
     path, want, stored = data["tokenizer_path"], data["tokenizer_sha256"], data.get("tokenizer_model")
+    if want is None:  # `megalm import-hf` of a folder without a sentencepiece tokenizer.model
+        raise UserError(f"checkpoint imported from {meta.get('imported_from', 'elsewhere')} has no sentencepiece "
+                        f"tokenizer (the source folder had no tokenizer.model)")
     try:
         with open(path, "rb") as f:
             blob, problem = f.read(), "changed since training (sha256 differs from the checkpoint's)"

@@ -63,12 +63,14 @@ def check_dir(root: str) -> None:
                 check_file(os.path.join(dirpath, name))
 
 
-def safe_load(path: str, map_location: Any = "cpu") -> Any:
-    """torch.load that builds only allowlisted objects; UserError naming the file otherwise."""
+def safe_load(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """torch.load that builds only allowlisted objects; UserError naming the file otherwise.
+
+    `mmap`: tensors stay in the file's pages until touched (export reads tensor by tensor)."""
     check_file(path)
     with torch.serialization.safe_globals(_allowlist()):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as exc:  # pickle.UnpicklingError from the weights-only unpickler, mostly
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{path}: refusing to load: {first}") from None
