@@ -10,6 +10,7 @@ them alone (`adapter.safetensors` + `adapter_config.json`).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch.nn as nn
@@ -27,6 +28,15 @@ class SFTTask(LMTask):
 
             apply_lora(model, self.cfg.lora)
         return model
+
+    def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Any:
+        loader = super().build_loader(split, dp_rank, dp_world)
+        cut = sum(ds.truncated for ds in loader.sources.datasets)
+        if cut and dp_rank == 0:
+            print(f"warning: {cut} {split} examples are longer than data.seq_len={self.cfg.data.seq_len}; "
+                  f"they keep their first {self.cfg.data.seq_len + 1} tokens (raise data.seq_len to train on "
+                  f"all of them)", file=sys.stderr, flush=True)
+        return loader
 
     def fingerprint(self) -> dict[str, Any]:
         fp = {**super().fingerprint(), "task": "sft"}

@@ -92,3 +92,13 @@ def test_task_sft_refuses_text_shards(tmp_path):
     text = make_corpus(str(tmp_path / "text"))
     with pytest.raises(UserError, match=r"kind: 'text' shards, but this run reads 'sft'.*task lm"):
         build_loader(DataConfig(paths=[text], seq_len=SEQ), 4, 4, kind="sft")
+
+
+def test_eval_batches_come_from_the_valid_split_in_order(tmp_path, sft_dir):
+    from megalm.data.loader import build_eval_loader
+
+    ev = build_eval_loader(DataConfig(paths=[sft_dir], seq_len=SEQ, eval_split="train"), 2, kind="sft")
+    first, again = list(ev), list(ev)
+    assert len(first) == len(ev) >= 1
+    assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(first, again))  # fixed batches
+    assert all((mb["labels"] != -100).any() for mb in first)

@@ -119,3 +119,30 @@ def test_builtin_topics_qa_needs_no_download(tmp_path, model_path):
     assert cli(["prep", "--sft", "builtin:python-topics-qa", "--tokenizer", str(model_path), "-o", str(out)]) == 0
     m = load_manifest(str(out))
     assert m.splits["train"].documents + m.splits["valid"].documents >= 50
+
+
+def test_verify_checks_the_loss_mask(tmp_path, model_path, capsys):
+    import pyarrow as pa
+
+    src = _write(tmp_path / "c.jsonl", [{"prompt": "p", "response": f"r {n}"} for n in range(5)])
+    out = tmp_path / "out"
+    assert cli(["prep", "--sft", src, "--tokenizer", str(model_path), "-o", str(out), "--valid-fraction", "0"]) == 0
+    assert cli(["prep", "--verify", str(out)]) == 0
+    # a shard whose mask rows are shorter than its token rows, with a manifest that matches its bytes
+    shard = out / "train-00000.arrow"
+    with pa.memory_map(str(shard)) as f:
+        table = pa.ipc.open_file(f).read_all()
+    masks = pa.array([m[:-1] for m in table.column("loss_mask").to_pylist()], pa.list_(pa.uint8()))
+    bad = pa.table({"tokens": table.column("tokens"), "loss_mask": masks})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, bad.schema) as writer:
+        writer.write_table(bad)
+    blob = sink.getvalue().to_pybytes()
+    shard.write_bytes(blob)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    entry.update(bytes=len(blob), sha256=__import__("hashlib").sha256(blob).hexdigest())
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli(["prep", "--verify", str(out)]) == 1
+    assert "loss_mask rows differ in length from the tokens rows" in capsys.readouterr().out

@@ -22,7 +22,7 @@ from megalm.train.config import load_config
 from megalm.train.task import build_task
 from tests.distributed.corpus import make_corpus
 from tests.distributed.helper import run_distributed
-from tests.train.sft_jobs import sft_overrides
+from tests.train.sft_jobs import MODEL as MODEL_ARGS, sft_overrides
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -126,3 +126,15 @@ def test_lora_outside_sft_and_missing_init_from_are_one_line(job, tmp_path):
         load_config(None, ["task=lm", "lora.rank=4", f"data.paths=[{job['text']}]", "train.steps=1"])
     with pytest.raises(UserError, match=r"no such checkpoint"):
         _task(job, f"checkpoint.init_from={tmp_path / 'nothing'}").build_model()
+
+
+def test_truncated_examples_are_said_once(tmp_path, capsys):
+    text = make_corpus(str(tmp_path / "text"))
+    sft = _prep(tmp_path, "sft", text)
+    cfg = load_config(None, ["task=sft", f"data.paths=[{sft}]", "data.seq_len=12", "train.steps=1",
+                             "batch.micro_batch=2", "batch.global_batch=2", *MODEL_ARGS])
+    capsys.readouterr()
+    loader = build_task(cfg).build_loader("train", 0, 1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "examples are longer than data.seq_len=12; they keep their first 13" in err[0]
+    assert next(iter(loader))[0]["input_ids"].shape == (2, 12)
