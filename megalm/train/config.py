@@ -176,6 +176,9 @@ class TrainConfig:
             raise self._err("lora.rank", f"LoRA finetunes with task: sft, got task: {self.task}")
         if self.lora.enabled and self.parallel.pipeline_stages > 1:
             raise self._err("lora.rank", "LoRA is not supported with parallel.pipeline_stages > 1 yet")
+        if self.lora.enabled and self.optimizer.name == "muon":
+            # Muon picks matrices by name and shape: it would take the adapters and the frozen base.
+            raise self._err("optimizer.name", "muon is not supported with lora yet; use adamw")
         try:
             self.data.validate()
         except UserError as exc:

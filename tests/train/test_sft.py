@@ -124,6 +124,11 @@ def test_init_from_another_tokenizer_is_one_line(job):
 def test_lora_outside_sft_and_missing_init_from_are_one_line(job, tmp_path):
     with pytest.raises(UserError, match=r"lora\.rank: LoRA finetunes with task: sft"):
         load_config(None, ["task=lm", "lora.rank=4", f"data.paths=[{job['text']}]", "train.steps=1"])
+    for extra, error in (("parallel.pipeline_stages=2", r"lora\.rank: LoRA is not supported with parallel"),
+                         ("optimizer.name=muon", r"optimizer\.name: muon is not supported with lora")):
+        with pytest.raises(UserError, match=error):
+            load_config(None, ["task=sft", "lora.rank=4", "parallel.zero_stage=1", extra,
+                               f"data.paths=[{job['sft']}]", "train.steps=1"])
     with pytest.raises(UserError, match=r"no such checkpoint"):
         _task(job, f"checkpoint.init_from={tmp_path / 'nothing'}").build_model()
 
