@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,14 +155,13 @@ def _write(out: Path, rows: dict, model: bytes, info: dict, dtype: str, template
                            "max_token_id": max(max(i) for i, _ in part)})
             start, k = stop, k + 1
         splits[name] = {"documents": len(examples), "tokens": sum(len(i) for i, _ in examples), "shards": shards}
-    lengths = sorted(len(i) for ex in rows.values() for i, _ in ex)
+    lengths = [len(i) for ex in rows.values() for i, _ in ex]
     manifest = {"format": token_manifest.FORMAT, "format_version": token_manifest.FORMAT_VERSION, "kind": KIND,
                 "tokenizer": {"path": token_manifest.TOKENIZER_FILE, **info}, "dtype": dtype, "splits": splits,
                 "sft": {"template": template.to_dict(), "end_of_turn": "eos", "inputs": inputs},
                 "stats": {"examples": len(lengths), "tokens": sum(lengths),
                           "trained_tokens": sum(sum(m) for ex in rows.values() for _, m in ex),
-                          "tokens_per_example": token_manifest.percentiles(
-                              {n: lengths.count(n) for n in set(lengths)})}}
+                          "tokens_per_example": token_manifest.percentiles(dict(Counter(lengths)))}}
     fsync_dir(out)
     token_manifest.write(out, manifest)  # last: its presence means the directory is complete
     return manifest

@@ -107,7 +107,8 @@ def merge_lora_items(items: Iterable[tuple[str, torch.Tensor]], lora: LoraConfig
 
     `X.base.weight` + `X.lora_A` + `X.lora_B` become `X.weight` = W + (alpha/rank) B @ A (in at
     least fp32, cast back to W's dtype); `X.base.bias` becomes `X.bias`; other items pass through. In
-    state-dict order a module's three tensors are adjacent, so at most one module is buffered.
+    state-dict order a module's three tensors are adjacent (lora_A, lora_B, base.weight), so at most
+    one module is buffered; in another order a tensor waits only until its module is complete.
     """
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in items:
