@@ -39,12 +39,19 @@ class SFTTask(LMTask):
         return loader
 
     def fingerprint(self) -> dict[str, Any]:
-        fp = {**super().fingerprint(), "task": "sft"}
+        fp = {**super().fingerprint(), "task": "sft", "chat_template": self._chat_template()}
         if self.cfg.lora.enabled:
             fp["lora"] = self.cfg.lora.to_dict()  # load_model / init_from merge the adapters with it
         if self.cfg.checkpoint.init_from:
             fp["init_from"] = os.path.abspath(self.cfg.checkpoint.init_from)
         return fp
+
+    def _chat_template(self) -> dict[str, str] | None:
+        """The first shard dir's template (`megalm sample --chat` renders prompts with it)."""
+        import json
+
+        with open(os.path.join(self.cfg.data.paths[0], "manifest.json")) as f:
+            return json.load(f).get("sft", {}).get("template")
 
     def attach(self, engine: Any, dp_rank: int, dp_world: int) -> "AdapterHook | None":
         return AdapterHook(self, engine) if self.cfg.lora.enabled else None

@@ -143,3 +143,19 @@ def test_truncated_examples_are_said_once(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "examples are longer than data.seq_len=12; they keep their first 13" in err[0]
     assert next(iter(loader))[0]["input_ids"].shape == (2, 12)
+
+
+def test_sample_chat_renders_the_runs_template(job, capsys):
+    import sentencepiece as spm
+
+    from data_prep.chat import ChatTemplate
+
+    run = os.path.join(job["work"], "runs/lora-straight")
+    capsys.readouterr()
+    assert cli(["sample", run, "--chat", "--prompt", "Count to 3", "--temperature", "0",
+                "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out.strip()
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(job["text"], "tokenizer.model"))
+    assert out.startswith(sp.decode(sp.encode(ChatTemplate().prompt([("user", "Count to 3")]))))
+    assert cli(["sample", os.path.join(job["work"], "runs/base"), "--chat", "--prompt", "x"]) == 2
+    assert "not an SFT checkpoint" in capsys.readouterr().err
