@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from .images import wants_images
+    from .sft import wants_sft
+
+    if wants_sft(argv):  # instruction data with a loss mask: data_prep/sft.py
+        from .sft import main as sft_main
+
+        return sft_main(argv)
 
     if wants_images(argv):  # images (diffusion) have their own options: data_prep/images.py
         from .images import main as images_main

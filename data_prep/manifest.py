@@ -135,7 +135,7 @@ def verify(out_dir: str | Path) -> list[str]:
     # hand-edited or damaged manifest is one line rather than a KeyError below.
     from megalm.data.manifest import load_manifest
 
-    load_manifest(str(out_dir))
+    parsed = load_manifest(str(out_dir))
     problems = []
     tok = manifest["tokenizer"]
     tok_path = out_dir / tok["path"]
@@ -157,6 +157,13 @@ def verify(out_dir: str | Path) -> list[str]:
         for shard in split["shards"]:
             problems += check_shard(out_dir / shard["file"], shard, manifest["dtype"], vocab)
             rows, tokens = rows + shard["rows"], tokens + shard["tokens"]
+        if parsed.kind == "sft" and not problems:  # loss_mask: present, uint8, rows as long as tokens
+            from megalm.data.shards import open_split
+
+            try:
+                open_split(parsed, split_name)
+            except UserError as exc:
+                problems.append(str(exc))
         if (rows, tokens) != (split["documents"], split["tokens"]):
             problems.append(f"manifest.json: splits.{split_name} totals ({split['documents']} "
                             f"documents, {split['tokens']} tokens) differ from its shards "

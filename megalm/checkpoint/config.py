@@ -13,6 +13,9 @@ class CheckpointConfig:
     interval: int = 1000  # optimizer steps between saves (and always at the end)
     keep_last: int = 3  # published checkpoints kept; older ones deleted after a newer publish
     async_save: bool = False  # write + publish in a background thread
+    # Start from these weights only (a checkpoint folder, root, run dir, or `megalm import-hf`
+    # output): fresh optimizer, step and data position. A resumable checkpoint of this run wins.
+    init_from: str = ""
 
     def validate(self, source: str = "config") -> None:
         """One UserError line naming `source` and the key at fault."""
@@ -22,5 +25,7 @@ class CheckpointConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{source}: checkpoint.{key}: expected an integer >= 1, got {value!r}")
+        if not isinstance(self.init_from, str):
+            raise UserError(f"{source}: checkpoint.init_from: expected a checkpoint path, got {self.init_from!r}")
         if not isinstance(self.async_save, bool):
             raise UserError(f"{source}: checkpoint.async_save: expected true or false, got {self.async_save!r}")

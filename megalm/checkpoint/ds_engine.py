@@ -147,6 +147,15 @@ class MegalmCheckpointEngine(CheckpointEngine):
                     self._pool.setdefault(buf.numel(), []).append(buf)
         pending.clear()
 
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """A small file of megalm's own into the checkpoint being written (synchronously, also
+        under async_save), hashed for the manifest like DeepSpeed's files."""
+        try:
+            size, digest = write_durably(os.path.join(self._root, rel), lambda f: f.write(data))
+            self._entries.append(FileEntry(rel, size, digest))
+        except Exception as exc:
+            self.record_error(rel, exc)
+
     # --- DeepSpeed's CheckpointEngine interface -------------------------------------------------
     def create(self, info: CheckpointCommitInfo) -> None:
         pass

@@ -195,8 +195,9 @@ class CheckpointManager:
                 "pipeline_stages": int(getattr(engine, "num_stages", 1)),
                 "deepspeed_version": deepspeed.__version__, "time": time.time()}
 
-    def save(self, engine, step: int, client_state: dict) -> str:
-        """Collective. Returns the tag. With async_save, returns once state is in CPU memory."""
+    def save(self, engine, step: int, client_state: dict, files: dict[str, bytes] | None = None) -> str:
+        """Collective. Returns the tag. With async_save, returns once state is in CPU memory.
+        `files` ({name: bytes}, rank 0's) are written into the checkpoint folder too."""
         if self.read_only:
             raise CheckpointError(f"{self.dir}: opened read-only; refusing to save here")
         t0 = time.perf_counter()
@@ -219,7 +220,7 @@ class CheckpointManager:
             remove_tree(root)
         meta = self._meta(engine, step, tag)
         for attempt in (0, 1):
-            entries, pending, errors = self._write(engine, ce, root, state)
+            entries, pending, errors = self._write(engine, ce, root, state, files or {})
             if self.cfg.async_save:
                 self._job_error = None
                 self._job = threading.Thread(target=self._run_job, name=f"megalm-ckpt-{tag}", daemon=False,
@@ -231,7 +232,7 @@ class CheckpointManager:
         self.last_blocked_s = time.perf_counter() - t0
         return tag
 
-    def _write(self, engine, ce: MegalmCheckpointEngine, root: str, state: dict):
+    def _write(self, engine, ce: MegalmCheckpointEngine, root: str, state: dict, files: dict[str, bytes]):
         ce.begin(root, self.cfg.async_save)
         # DeepSpeed (rank 0, ZeRO saves) copies its consolidation scripts into the directory it is
         # given, i.e. our root, on every save, non-atomically and outside any manifest. Send them
@@ -248,6 +249,9 @@ class CheckpointManager:
             engine._copy_recovery_script = copy_into_root
         try:
             engine.save_checkpoint(self.dir, tag=os.path.basename(root), client_state=state, save_latest=False)
+            if self.rank == 0:
+                for rel, data in files.items():
+                    ce.write_bytes(rel, data)
         finally:
             if copy_scripts is not None:
                 del engine._copy_recovery_script

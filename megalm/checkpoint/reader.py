@@ -176,6 +176,18 @@ def read_client_state(checkpoint: str) -> tuple[str, dict[str, Any]]:
     return os.path.join(reader.dir, tag), reader.client_state(tag)
 
 
+def plain_weights(reader: CheckpointReader, tag: str, model: torch.nn.Module,
+                  meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The plain LLM's fp32 state from checkpoint `tag`; a LoRA run's adapters merged into it."""
+    state = reader.weights(tag, model)
+    lora = meta.get("data", {}).get("lora")
+    if lora and lora.get("rank"):  # megalm/models/lora.py
+        from megalm.models.lora import LoraConfig, merge_lora_items
+
+        state = dict(merge_lora_items(state.items(), LoraConfig(**lora)))
+    return state
+
+
 def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The plain LLM with the checkpoint's weights (fp32), and the run's saved client state."""
     from megalm.models.config import LLMConfig
@@ -185,7 +197,7 @@ def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     tag_dir = os.path.join(reader.dir, tag)
     meta = reader.client_state(tag)
     model = LLM(LLMConfig.from_dict(dict(meta["data"]["model_config"]), source=f"{tag_dir}: model_config"))
-    state = reader.weights(tag, model)
+    state = plain_weights(reader, tag, model, meta)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{tag_dir}: weights do not fit the recorded model (missing {missing[:3]}, "

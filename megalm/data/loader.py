@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from megalm.data.batch import collate
 from megalm.data.sources import DataConfig, Sources
 from megalm.errors import UserError
 
@@ -93,7 +92,7 @@ class TrainLoader(_TokenizerFacade):
         rng = self.rank_sample_range()
         windows = self.sources.windows(rng.start, len(rng))
         mb = self.micro_batch
-        return [collate(windows[i : i + mb]) for i in range(0, len(windows), mb)]
+        return [self.sources.collate(windows[i : i + mb]) for i in range(0, len(windows), mb)]
 
     def skip(self, n_steps: int) -> None:
         """Skip the next n_steps optimizer steps' samples (e.g. a bad data window after a rollback)."""
@@ -182,23 +181,27 @@ class EvalLoader(_TokenizerFacade):
         for b in range(self.source_batches_count[k]):
             start = (b * w + self.dp_rank) * mb
             idx = np.arange(start, start + mb)
-            yield collate(self.sources.gather(np.full(mb, k), idx))
+            yield self.sources.collate(self.sources.gather(np.full(mb, k), idx))
 
     def __iter__(self) -> Iterator[MicroBatch]:
         for k in range(self.num_sources):
             yield from self.source_batches(k)
 
 
-def build_loader(cfg: DataConfig, global_batch: int, micro_batch: int, dp_rank: int = 0, dp_world: int = 1) -> TrainLoader:
-    """Open `cfg.split` of every manifest and return this rank's training loader."""
+def build_loader(cfg: DataConfig, global_batch: int, micro_batch: int, dp_rank: int = 0, dp_world: int = 1,
+                 kind: str = "text") -> TrainLoader:
+    """Open `cfg.split` of every manifest (shards of `kind`: text or sft) and return this rank's
+    training loader."""
     _check_parallel(global_batch, micro_batch, dp_rank, dp_world)
-    return TrainLoader(Sources(cfg, cfg.split), global_batch, micro_batch, dp_rank, dp_world)
+    return TrainLoader(Sources(cfg, cfg.split, kind=kind), global_batch, micro_batch, dp_rank, dp_world)
 
 
 def build_eval_loader(
-    cfg: DataConfig, micro_batch: int, dp_rank: int = 0, dp_world: int = 1, max_samples: int | None = None
+    cfg: DataConfig, micro_batch: int, dp_rank: int = 0, dp_world: int = 1, max_samples: int | None = None,
+    kind: str = "text",
 ) -> EvalLoader:
     """Open `cfg.eval_split`; `max_samples` caps the samples taken from each source."""
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
         raise UserError(f"max_samples: expected an integer >= 1 or None, got {max_samples!r}")
-    return EvalLoader(Sources(cfg, cfg.eval_split, shuffle=False), micro_batch, dp_rank, dp_world, max_samples)
+    return EvalLoader(Sources(cfg, cfg.eval_split, shuffle=False, kind=kind), micro_batch, dp_rank, dp_world,
+                      max_samples)

@@ -17,6 +17,7 @@ from megalm.errors import UserError
 FORMAT = "megalm-shards"
 FORMAT_VERSION = 1
 DTYPES = {"uint16": 65536, "uint32": 2**32}
+KINDS = ("text", "sft")  # text: documents to pack; sft: examples with a loss mask
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Manifest:
     dtype: str
     splits: dict[str, SplitInfo]
     sha256: str  # of manifest.json bytes (informational; resume checks use the shard hashes)
+    kind: str = "text"  # "sft": rows also carry a loss_mask column (megalm prep --sft)
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -165,6 +167,9 @@ def load_manifest(shard_dir: str) -> Manifest:
     if vocab_size > DTYPES[dtype]:
         raise UserError(f"{path}: dtype: {dtype} cannot hold token ids of tokenizer.vocab_size={vocab_size}")
 
+    kind = obj.get("kind", "text")
+    if kind not in KINDS:
+        raise UserError(f"{path}: kind: expected one of {', '.join(KINDS)} for token shards, got {kind!r}")
     splits_raw = _get(obj, "splits", dict, "", path)
     splits = {name: _parse_split(name, s, dir_, path) for name, s in splits_raw.items()}
     return Manifest(
@@ -174,6 +179,7 @@ def load_manifest(shard_dir: str) -> Manifest:
         dtype=dtype,
         splits=splits,
         sha256=hashlib.sha256(raw).hexdigest(),
+        kind=kind,
     )
 
 

@@ -35,6 +35,7 @@ class DocIndex:
     doc_begin: np.ndarray  # int64 [documents]
     doc_len: np.ndarray  # int64 [documents]
     files: list[pa.MemoryMappedFile]  # kept open: the chunks point into these maps
+    mask_chunks: list[np.ndarray] | None = None  # SFT shards: the loss_mask values, laid out like chunks
 
     @property
     def documents(self) -> int:
@@ -48,8 +49,13 @@ class DocIndex:
         b = int(self.doc_begin[g])
         return self.chunks[int(self.doc_chunk[g])][b : b + int(self.doc_len[g])]
 
+    def doc_mask(self, g: int) -> np.ndarray:
+        """The loss mask of document g (SFT shards only)."""
+        b = int(self.doc_begin[g])
+        return self.mask_chunks[int(self.doc_chunk[g])][b : b + int(self.doc_len[g])]
 
-def _open_shard(shard: ShardInfo, dtype: str, vocab_size: int, verify: bool):
+
+def _open_shard(shard: ShardInfo, dtype: str, vocab_size: int, verify: bool, with_mask: bool):
     name = shard.file
     try:
         size = os.path.getsize(name)
@@ -63,7 +69,7 @@ def _open_shard(shard: ShardInfo, dtype: str, vocab_size: int, verify: bool):
             raise UserError(f"{name}: sha256 is {digest}, manifest says {shard.sha256} (corrupted)")
     mm = pa.memory_map(name, "r")
     try:
-        chunks, begins, lens = _index_batches(mm, name, dtype, vocab_size, verify)
+        chunks, begins, lens, masks = _index_batches(mm, name, dtype, vocab_size, verify, with_mask)
     except BaseException:
         mm.close()
         raise
@@ -74,10 +80,11 @@ def _open_shard(shard: ShardInfo, dtype: str, vocab_size: int, verify: bool):
         what = f"{rows} rows" if rows != shard.rows else f"{tokens} tokens"
         want = f"{shard.rows}" if rows != shard.rows else f"{shard.tokens}"
         raise UserError(f"{name}: has {what}, manifest says {want}")
-    return mm, chunks, begins, lens
+    return mm, chunks, begins, lens, masks
 
 
-def _index_batches(mm: pa.MemoryMappedFile, name: str, dtype: str, vocab_size: int, verify: bool):
+def _index_batches(mm: pa.MemoryMappedFile, name: str, dtype: str, vocab_size: int, verify: bool,
+                   with_mask: bool = False):
     whole = mm.read_buffer()  # zero-copy view of the map: where mapped buffers must lie
     mapped = (whole.address, whole.address + whole.size)
     try:
@@ -87,10 +94,12 @@ def _index_batches(mm: pa.MemoryMappedFile, name: str, dtype: str, vocab_size: i
 
     want = pa.list_(_ARROW_TYPES[dtype])
     schema = reader.schema
-    if schema.names != ["tokens"] or schema.field("tokens").type not in (want, pa.large_list(_ARROW_TYPES[dtype])):
-        raise UserError(f"{name}: schema is {schema.to_string(show_schema_metadata=False)!r}, expected tokens: {want}")
+    names = ["tokens", "loss_mask"] if with_mask else ["tokens"]
+    if schema.names != names or schema.field("tokens").type not in (want, pa.large_list(_ARROW_TYPES[dtype])):
+        expected = f"tokens: {want}" + (", loss_mask: list<uint8> (an SFT shard)" if with_mask else "")
+        raise UserError(f"{name}: schema is {schema.to_string(show_schema_metadata=False)!r}, expected {expected}")
 
-    chunks, begins, lens = [], [], []
+    chunks, begins, lens, masks = [], [], [], []
     for b in range(reader.num_record_batches):
         try:
             col = reader.get_batch(b).column(0)
@@ -110,10 +119,22 @@ def _index_batches(mm: pa.MemoryMappedFile, name: str, dtype: str, vocab_size: i
         arr = values.to_numpy(zero_copy_only=True)
         if verify and arr.size and int(arr.max()) >= vocab_size:
             raise UserError(f"{name}: record batch {b} holds token id {int(arr.max())} >= vocab_size {vocab_size}")
+        if with_mask:
+            masks.append(_mask_values(reader.get_batch(b).column(1), offsets, name, b))
         chunks.append(arr)
         begins.append(offsets[:-1].astype(np.int64))
         lens.append(np.diff(offsets).astype(np.int64))
-    return chunks, begins, lens
+    return chunks, begins, lens, masks
+
+
+def _mask_values(col: pa.Array, offsets: np.ndarray, name: str, b: int) -> np.ndarray:
+    """The loss_mask values of one record batch; each row as long as its tokens row."""
+    if col.type != pa.list_(pa.uint8()) or col.null_count or col.values.null_count:
+        raise UserError(f"{name}: record batch {b}: loss_mask is {col.type} with {col.null_count} nulls; "
+                        f"expected list<uint8> without nulls")
+    if not np.array_equal(col.offsets.to_numpy(), offsets):
+        raise UserError(f"{name}: record batch {b}: loss_mask rows differ in length from the tokens rows")
+    return col.values.to_numpy(zero_copy_only=True)
 
 
 def open_split(manifest: Manifest, split: str, verify: bool = False) -> DocIndex:
@@ -124,11 +145,14 @@ def open_split(manifest: Manifest, split: str, verify: bool = False) -> DocIndex
     begins: list[np.ndarray] = []
     lens: list[np.ndarray] = []
     chunk_ids: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
     try:
         # only verify reads every byte: worth a progress bar
         for shard in tqdm(info.shards, desc=f"verifying {split} shards", unit="shard", disable=not verify):
-            mm, c, b, n = _open_shard(shard, manifest.dtype, manifest.tokenizer.vocab_size, verify)
+            mm, c, b, n, mk = _open_shard(shard, manifest.dtype, manifest.tokenizer.vocab_size, verify,
+                                          manifest.kind == "sft")
             files.append(mm)
+            masks += mk
             for arr, beg, ln in zip(c, b, n):
                 chunk_ids.append(np.full(ln.size, len(chunks), dtype=np.int32))
                 chunks.append(arr)
@@ -145,4 +169,5 @@ def open_split(manifest: Manifest, split: str, verify: bool = False) -> DocIndex
         doc_begin=np.concatenate(begins) if begins else empty,
         doc_len=np.concatenate(lens) if lens else empty,
         files=files,
+        mask_chunks=masks if manifest.kind == "sft" else None,
     )

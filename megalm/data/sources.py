@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megalm.data.batch import collate
 from megalm.data.blend import BlendIndex
 from megalm.data.manifest import Manifest, load_manifest
 from megalm.data.packed import PackedDataset, Window
@@ -58,6 +59,10 @@ class DataConfig:
                 raise UserError(f"{p}.{key}: expected a split name such as 'train', got {getattr(self, key)!r}")
 
 
+KIND_HINT = {"text": "documents for pretraining: task lm", "sft": "instruction examples with a loss mask, made by "
+             "megalm prep --sft: task sft"}
+
+
 @dataclass(frozen=True)
 class TokenizerFacts:
     path: str
@@ -86,11 +91,16 @@ def _shared_tokenizer(manifests: list[Manifest]) -> TokenizerFacts:
 class Sources:
     """The packed datasets of one split of every configured manifest, blended by weight."""
 
-    def __init__(self, cfg: DataConfig, split: str, shuffle: bool = True):
+    def __init__(self, cfg: DataConfig, split: str, shuffle: bool = True, kind: str = "text"):
         cfg.validate()
         self.cfg = cfg
         self.split = split
+        self.kind = kind
         self.manifests = [load_manifest(p) for p in cfg.paths]
+        for m in self.manifests:
+            if m.kind != kind:
+                raise UserError(f"{m.path}: kind: {m.kind!r} shards, but this run reads {kind!r} shards "
+                                f"({KIND_HINT[m.kind]})")
         self.tokenizer = _shared_tokenizer(self.manifests)
         if cfg.verify:
             for m in self.manifests:
@@ -98,7 +108,14 @@ class Sources:
         self.datasets: list[PackedDataset] = []
         for k, m in enumerate(self.manifests):
             docs = open_split(m, split, verify=cfg.verify)
-            ds = PackedDataset(docs, cfg.seq_len, m.tokenizer.eos_id, cfg.seed, shuffle=shuffle, stream_id=k)
+            if kind == "sft":
+                from megalm.data.sft import SFTPackedDataset
+
+                ds = SFTPackedDataset(docs, cfg.seq_len, cfg.seed, shuffle=shuffle, stream_id=k)
+                if len(ds) == 0:
+                    raise UserError(f"{m.path}: splits.{split}: no example with a trained token")
+            else:
+                ds = PackedDataset(docs, cfg.seq_len, m.tokenizer.eos_id, cfg.seed, shuffle=shuffle, stream_id=k)
             if len(ds) == 0:
                 raise UserError(
                     f"{m.path}: splits.{split}: {ds.stream_tokens} tokens (with EOS) cannot fill one sample of "
@@ -107,6 +124,14 @@ class Sources:
             self.datasets.append(ds)
         weights = cfg.weights if cfg.weights is not None else [float(len(d)) for d in self.datasets]
         self.blend = BlendIndex(weights)
+
+    def collate(self, windows: list) -> dict:
+        """A micro batch (docs/interfaces.md, "Batches") from this kind's windows."""
+        if self.kind == "sft":
+            from megalm.data.sft import collate_sft
+
+            return collate_sft(windows)
+        return collate(windows)
 
     @property
     def fingerprint(self) -> str:

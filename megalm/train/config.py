@@ -22,12 +22,13 @@ from megalm.checkpoint.config import CheckpointConfig
 from megalm.data.sources import DataConfig
 from megalm.diffusion.config import DiffusionSection
 from megalm.errors import UserError
+from megalm.models.lora import LoraConfig
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 MAX_SCALE_POWER = 32  # fp16 dynamic loss scale starts at most at 2**32
 DTYPES = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "muon")
-TASKS = ("lm", "diffusion")
+TASKS = ("lm", "sft", "diffusion")
 
 
 @dataclass
@@ -112,7 +113,9 @@ class DebugSection:
 @dataclass
 class TrainConfig:
     name: str = "run"
-    task: str = "lm"  # lm: next-token pretraining; diffusion: DiT on image shards (section `diffusion`)
+    # lm: next-token pretraining; sft: finetuning on `megalm prep --sft` shards (loss on responses
+    # only, optional `lora`); diffusion: DiT on image shards (section `diffusion`)
+    task: str = "lm"
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -127,6 +130,7 @@ class TrainConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
     debug: DebugSection = field(default_factory=DebugSection)
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)  # used by task: diffusion
+    lora: LoraConfig = field(default_factory=LoraConfig)  # task sft: rank > 0 trains adapters only
     source: str = "config"  # file name used in error messages (not a YAML key)
 
     # ---- derived -------------------------------------------------------------------------
@@ -167,6 +171,14 @@ class TrainConfig:
             raise self._err("task", f"expected one of {', '.join(TASKS)}, got {self.task!r}")
         if self.task == "diffusion":
             self.diffusion.validate(self.source)
+        self.lora.validate(self.source)
+        if self.lora.enabled and self.task != "sft":
+            raise self._err("lora.rank", f"LoRA finetunes with task: sft, got task: {self.task}")
+        if self.lora.enabled and self.parallel.pipeline_stages > 1:
+            raise self._err("lora.rank", "LoRA is not supported with parallel.pipeline_stages > 1 yet")
+        if self.lora.enabled and self.optimizer.name == "muon":
+            # Muon picks matrices by name and shape: it would take the adapters and the frozen base.
+            raise self._err("optimizer.name", "muon is not supported with lora yet; use adamw")
         try:
             self.data.validate()
         except UserError as exc:

@@ -28,14 +28,13 @@ from megalm.fsio import atomic_write
 from megalm.train.config import TrainConfig
 from megalm.train.engine import build, device_of, peak_memory_gib
 from megalm.train.guard import StepGuard
+from megalm.train.init_from import model_differences
 from megalm.train.metrics import Metrics, json_safe
 from megalm.train.peak_flops import peak_flops
 from megalm.train.signals import STOP_SIGNALS, StopRequests
 from megalm.train.task import Batch, Task
 
 
-# Model fields a resumed run may change: they do not change what the saved weights mean.
-RESUMABLE_CHANGES = {"activation_checkpointing", "dropout", "init", "init_std"}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -148,8 +147,8 @@ class Trainer:
     def _same_model(self, cs: dict[str, Any]) -> None:
         """Refuse, naming each differing field, a checkpoint of another model shape (before
         DeepSpeed would fail deep inside load_state_dict)."""
-        saved = cs.get("data", {}).get("model_config")
-        ours = self.task.fingerprint().get("model_config")
+        data, fp = cs.get("data", {}), self.task.fingerprint()
+        saved, ours = data.get("model_config"), fp.get("model_config")
         if saved is None or ours is None:
             return
         # A task whose model gained a field with a new default reads an older checkpoint's
@@ -157,8 +156,9 @@ class Trainer:
         upgrade = getattr(self.task, "saved_model_config", None)
         if upgrade is not None:
             saved = upgrade(saved)
-        diffs = [f"model.{k} is {saved.get(k)!r} there, {ours.get(k)!r} here"
-                 for k in sorted((set(saved) | set(ours)) - RESUMABLE_CHANGES) if saved.get(k) != ours.get(k)]
+        diffs = model_differences(saved, ours)  # fields that change what the weights mean
+        if data.get("lora") != fp.get("lora"):
+            diffs.append(f"lora is {data.get('lora')} there, {fp.get('lora')} here")
         if not diffs:
             return
         raise UserError(f"a checkpoint of another model ({'; '.join(diffs)}): resume with the model settings it "
@@ -166,7 +166,9 @@ class Trainer:
                         f"with a fresh checkpoint.dir)")
 
     def save(self) -> None:
-        self.ckpt.save(self.engine, self.step, self.client_state())
+        # A task's own files (LoRA adapters alone) go inside the checkpoint, published with it.
+        files = getattr(self.task_hook, "checkpoint_files", None)
+        self.ckpt.save(self.engine, self.step, self.client_state(), files=files() if files else None)
         self._saved_step = self.step
 
     # ---- data --------------------------------------------------------------------------------

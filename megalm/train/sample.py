@@ -23,6 +23,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="megalm sample", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true",
+                   help="an SFT checkpoint: wrap --prompt as a user turn in the run's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -45,7 +47,15 @@ def main(argv: list[str]) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the sample
         model, meta = load_model(args.checkpoint)
     sp = load_tokenizer(meta)
-    ids = sp.encode(args.prompt)
+    prompt = args.prompt
+    if args.chat:
+        template = meta["data"].get("chat_template")
+        if template is None:
+            raise UserError(f"--chat: {args.checkpoint} is not an SFT checkpoint (no chat template recorded)")
+        from data_prep.chat import ChatTemplate
+
+        prompt = ChatTemplate(**template).prompt([("user", prompt)])
+    ids = sp.encode(prompt)
     if not ids:
         raise UserError("--prompt: encodes to no tokens")
     gen = torch.Generator().manual_seed(args.seed)

@@ -60,6 +60,8 @@ def _manifest_tokenizer(shard_dir: str) -> Any:
 class LMTask:
     """Next-token prediction over packed documents (labels -100 where there is no target)."""
 
+    shard_kind = "text"  # the manifest `kind` this task reads
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self._tok = _manifest_tokenizer(cfg.data.paths[0])
@@ -101,7 +103,13 @@ class LMTask:
     def build_model(self) -> nn.Module:
         from megalm.models.llm import LLM
 
-        return LLM(self._model_config)
+        model = LLM(self._model_config)
+        if self.cfg.checkpoint.init_from:
+            from megalm.train.init_from import load_init_weights
+
+            load_init_weights(self.cfg.checkpoint.init_from, model, self._model_config.to_dict(), self._tok.sha256,
+                              self.cfg.source)
+        return model
 
     def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader:
         from megalm.data.loader import build_loader
@@ -110,12 +118,12 @@ class LMTask:
         # Ids the embedding cannot hold would fail deep inside the first step; name the shard.
         check_token_ids([load_manifest(p) for p in self.cfg.data.paths], self._model_config.vocab_size)
         return build_loader(dataclasses.replace(self.cfg.data, split=split), self.cfg.batch.global_batch,
-                            self.cfg.batch.micro_batch, dp_rank, dp_world)
+                            self.cfg.batch.micro_batch, dp_rank, dp_world, kind=self.shard_kind)
 
     def build_eval_loader(self, dp_rank: int, dp_world: int) -> EvalLoader:
         from megalm.data.loader import build_eval_loader
 
-        return build_eval_loader(self.cfg.data, self.cfg.batch.micro_batch, dp_rank, dp_world)
+        return build_eval_loader(self.cfg.data, self.cfg.batch.micro_batch, dp_rank, dp_world, kind=self.shard_kind)
 
     def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor:
         return model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
@@ -159,7 +167,12 @@ class LMTask:
 
 
 def build_task(cfg: TrainConfig) -> Task:
-    """The Task that `cfg.task` names (config.TASKS): lm, or diffusion (megalm/diffusion/task.py)."""
+    """The Task that `cfg.task` names (config.TASKS): lm, sft (megalm/train/sft.py), or diffusion
+    (megalm/diffusion/task.py)."""
+    if cfg.task == "sft":
+        from megalm.train.sft import SFTTask
+
+        return SFTTask(cfg)
     if cfg.task == "diffusion":
         from megalm.diffusion.task import DiffusionTask
 

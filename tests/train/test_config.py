@@ -124,7 +124,7 @@ def test_cli_bad_config_is_one_line(tmp_path):
     assert proc.stderr.startswith("error: bad.yaml:2: invalid YAML")
 
 
-@pytest.mark.parametrize("name, world", [("demo", 2), ("gpt2-124m", 8)])
+@pytest.mark.parametrize("name, world", [("demo", 2), ("gpt2-124m", 8), ("sft-tiny", 2)])
 def test_shipped_configs_load(name, world):
     cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), world_size=world)
     ds = to_deepspeed_config(cfg, world)
@@ -175,5 +175,5 @@ def test_shipped_example_by_name_and_unknown_name_lists_them(tmp_path, monkeypat
     assert load_config("demo", ["data.paths=[d]"]).name == "demo"
     assert load_config("diffusion-digits", ["data.paths=[d]"]).task == "diffusion"
     with pytest.raises(UserError, match=r"^nope: cannot read config .*shipped examples: demo, diffusion-digits, "
-                                        r"gpt2-124m, recipe-tiny$"):
+                                        r"gpt2-124m, recipe-tiny, sft-tiny$"):
         load_config("nope")
