@@ -27,12 +27,16 @@ def hidden_matrices(model: nn.Module) -> set[int]:
     return {id(p) for p in layers.parameters() if p.requires_grad and p.dim() == 2}
 
 
-def muon_param_groups(model: nn.Module, o: OptimizerSection) -> list[dict[str, Any]]:
+def muon_param_groups(model: nn.Module, o: OptimizerSection,
+                      owned: nn.Module | None = None) -> list[dict[str, Any]]:
     """[Muon: hidden matrices] + [AdamW, decayed: other matrices] + [AdamW, no decay: the rest];
-    each parameter gets the `use_muon` attribute DeepSpeed's ZeRO optimizers read."""
+    each parameter gets the `use_muon` attribute DeepSpeed's ZeRO optimizers read.
+
+    `owned`: the module this rank optimises (a pipeline stage's PipelineModule holds only its own
+    layers); the hidden matrices are still found by structure on the whole `model`."""
     hidden = hidden_matrices(model)
     muon, adam_decay, adam_other = [], [], []
-    for p in model.parameters():
+    for p in (owned if owned is not None else model).parameters():
         if not p.requires_grad:
             continue
         p.use_muon = id(p) in hidden

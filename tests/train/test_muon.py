@@ -48,8 +48,13 @@ def test_muon_config_refusals_name_the_key():
     assert "optimizer.name: expected one of adamw, muon, got 'sgd'" in error_of("optimizer.name=sgd")
     assert "optimizer.grad_clip: muon under ZeRO-2 needs 0" in error_of("optimizer.name=muon",
                                                                        "parallel.zero_stage=2")
-    assert "optimizer.name: muon is not supported with parallel.pipeline_stages" in error_of(
-        "optimizer.name=muon", "parallel.pipeline_stages=2", "parallel.zero_stage=1", "optimizer.grad_clip=0")
+    # The pipeline's ZeRO-1 and ZeRO-Offload clip the orthogonalised update too (measured: same path).
+    assert "optimizer.grad_clip: muon under ZeRO-1 needs 0" in error_of(
+        "optimizer.name=muon", "parallel.pipeline_stages=2", "parallel.zero_stage=1")
+    assert "optimizer.grad_clip: muon under ZeRO-2 needs 0" in error_of(
+        "optimizer.name=muon", "parallel.zero_stage=2", "parallel.offload_optimizer=true")
+    assert cfg_of("optimizer.name=muon", "parallel.pipeline_stages=2", "parallel.zero_stage=0").optimizer.name == "muon"
+    assert cfg_of(*MUON, "parallel.zero_stage=3", "parallel.offload_optimizer=true").parallel.offload_optimizer
     assert "optimizer.muon_momentum" in error_of(*MUON, "optimizer.muon_momentum=1.0")
     assert cfg_of("optimizer.name=muon", "parallel.zero_stage=0").optimizer.grad_clip == 1.0  # stage 0 clips
     # the raw gradient before Muon's step, which is right
@@ -60,6 +65,20 @@ def test_zero3_muon_turns_reduce_scatter_off():
     assert to_deepspeed_config(cfg, 1)["zero_optimization"]["reduce_scatter"] is False
     plain = load_config(None, ["data.paths=[d]", "train.steps=10", "parallel.zero_stage=3"])
     assert "reduce_scatter" not in to_deepspeed_config(plain, 1)["zero_optimization"]
+
+
+def test_a_pipeline_stage_gets_only_its_own_parameters_tagged_by_structure():
+    from megalm.models.pipeline import pipeline_layers
+
+    model = LLM(LLMConfig(**SMALL))
+    layers = pipeline_layers(model)
+    stage = torch.nn.ModuleList(layers[len(layers) // 2:])  # the later half: blocks + head, no embedding
+    groups = muon_param_groups(model, cfg_of(*MUON).optimizer, stage)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [{names[id(p)] for p in g["params"]} for g in groups]
+    assert grouped[0] == {n for n, p in model.named_parameters() if n.startswith("layers.1.") and p.dim() == 2}
+    assert grouped[1] == {"output.weight"}  # the head stays on AdamW on the last stage too
+    assert set().union(*grouped) == {names[id(p)] for p in stage.parameters()}
 
 
 def test_a_model_without_blocks_is_refused():
