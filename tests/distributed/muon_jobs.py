@@ -47,3 +47,58 @@ def muon_modes(workdir: str, shards: str, modes: list[str], nan_modes: list[str]
                     + ["debug.nan_at_data_steps=[3]", "bad_steps.max_consecutive=3"])
         out[f"nan-{mode}"] = {"summary": nan, "records": train_records(nan["run_dir"])}
     return out
+
+
+def _save_momenta(path: str, zero: bool = False):
+    """A hook saving every Muon matrix's momentum (whole, by name) on rank 0; `zero` then wipes
+    the live momentum (the counterfactual of a resume that lost it)."""
+    def hook(trainer) -> dict[str, Any]:
+        import torch
+        import torch.distributed as dist
+
+        from megalm.checkpoint.muon_universal import MOMENTUM, momenta
+
+        found = momenta(trainer.engine)
+        if dist.get_rank() == 0:
+            torch.save(found, path)
+        if zero:
+            base = trainer.engine.optimizer.optimizer
+            for group in base.param_groups:
+                if group.get("use_muon"):
+                    base.state[group["params"][0]][MOMENTUM].zero_()
+        return {}
+    return hook
+
+
+def world_change(workdir: str, shards: str, phase: str, mode: str) -> dict[str, Any]:
+    """Muon across a DP-size change, in three launches: "a" (2 ranks) trains run `x` 2 of 4 steps
+    and `x-straight` all 4; "b" (1 rank) resumes `x` (2 -> 1), resumes a copy with the momentum
+    wiped, trains `y` 2 of 4 steps and `y-straight` all 4; "c" (2 ranks) resumes `y` (1 -> 2).
+    Momenta go to <name>-saved.pt (at the stop) and <name>-loaded.pt (right after the resume)."""
+    import shutil
+
+    os.chdir(workdir)
+
+    def cfg(name: str) -> list[str]:
+        return small_overrides(shards, name) + MUON + MODES[mode] + NO_CLIP[mode]
+
+    out: dict[str, Any] = {}
+    half = ["debug.max_steps_this_run=2"]
+    if phase == "a":
+        import torch.distributed as dist
+
+        out["x-first"] = train(cfg("x") + half, extra=_save_momenta("x-saved.pt"))
+        if dist.get_rank() == 0:
+            shutil.copytree("runs/x", "runs/x-wiped")
+        dist.barrier()
+        out["x-straight"] = train(cfg("x-straight"))
+    elif phase == "b":
+        out["x"] = train(cfg("x"), after_resume=_save_momenta("x-loaded.pt"))
+        out["x-wiped"] = train(cfg("x-wiped"), after_resume=_save_momenta("x-wiped.pt", zero=True))
+        out["y-first"] = train(cfg("y") + half, extra=_save_momenta("y-saved.pt"))
+        out["y-straight"] = train(cfg("y-straight"))
+    else:
+        out["y"] = train(cfg("y"), after_resume=_save_momenta("y-loaded.pt"))
+    for name, summary in out.items():
+        summary["losses"] = [r["loss"] for r in train_records(summary["run_dir"])]
+    return out

@@ -84,3 +84,26 @@ def test_a_pipeline_stage_gets_only_its_own_parameters_tagged_by_structure():
 def test_a_model_without_blocks_is_refused():
     with pytest.raises(UserError, match="optimizer.name: muon needs a model whose transformer blocks"):
         muon_param_groups(torch.nn.Linear(3, 3), cfg_of(*MUON).optimizer)
+
+
+def test_a_data_parallel_size_change_is_refused_where_muon_momentum_would_be_lost():
+    from megalm.train.muon import check_resumable
+
+    def saved(*overrides):
+        return cfg_of(*MUON, *overrides).to_dict()
+
+    with pytest.raises(UserError, match=r"optimizer.name: muon: this checkpoint was trained on data-parallel "
+                                        r"size 2 \(ZeRO-3\); resuming on 1 would lose"):
+        check_resumable(saved("parallel.zero_stage=3"), 2, 1)
+    with pytest.raises(UserError, match=r"size 1 \(ZeRO-0, bf16\)"):
+        check_resumable(saved("parallel.zero_stage=0"), 1, 2)  # the bf16 optimizer partitions it
+    with pytest.raises(UserError, match=r"size 2 \(ZeRO-1, pipeline\)"):
+        check_resumable(saved("parallel.pipeline_stages=2"), 4, 1)  # DP = world / stages
+    with pytest.raises(UserError, match=r"\(ZeRO-2, offload\)"):
+        check_resumable(saved("parallel.zero_stage=2", "parallel.offload_optimizer=true"), 2, 1)
+    check_resumable(saved("parallel.zero_stage=3"), 2, 2)  # same DP size: DeepSpeed's own load
+    check_resumable(saved("parallel.zero_stage=2"), 2, 1)  # re-sharded (tests/distributed/test_muon_world)
+    check_resumable(saved("parallel.zero_stage=1"), 1, 2)
+    check_resumable(saved("parallel.zero_stage=0", "precision.dtype=fp32"), 2, 1)  # whole state
+    check_resumable(saved("parallel.pipeline_stages=2"), 4, 2)
+    check_resumable(cfg_of("parallel.zero_stage=3").to_dict(), 2, 1)  # AdamW: universal conversion
