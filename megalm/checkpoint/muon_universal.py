@@ -141,11 +141,14 @@ def restore_momentum(engine: Any) -> None:
 
 
 def momenta(engine: Any) -> dict[str, torch.Tensor]:
-    """Collective: every Muon matrix's momentum, whole, by parameter name (ZeRO-1/2 without offload;
-    what `restore_momentum` rebuilt, read back for tests and checks)."""
+    """Collective: every Muon matrix's momentum, whole, by parameter name (ZeRO-0 in fp32, or
+    ZeRO-1/2 without offload: what `restore_momentum` rebuilt, read back for tests and checks)."""
     import torch.distributed as dist
 
     opt = engine.optimizer
+    if not hasattr(opt, "params_in_partition"):  # no ZeRO optimizer: per-matrix state, on every rank
+        return {name: opt.state[p][MOMENTUM].clone() for name, p in engine.module.named_parameters()
+                if getattr(p, "use_muon", False) and MOMENTUM in opt.state[p]}
     base, out = opt.optimizer, {}
     for group, pg in enumerate(base.param_groups):
         if not pg.get("use_muon"):

@@ -56,49 +56,53 @@ def _save_momenta(path: str, zero: bool = False):
         import torch
         import torch.distributed as dist
 
-        from megalm.checkpoint.muon_universal import MOMENTUM, momenta
+        from megalm.checkpoint.muon_universal import momenta
 
         found = momenta(trainer.engine)
         if dist.get_rank() == 0:
             torch.save(found, path)
         if zero:
-            base = trainer.engine.optimizer.optimizer
-            for group in base.param_groups:
-                if group.get("use_muon"):
-                    base.state[group["params"][0]][MOMENTUM].zero_()
+            opt = trainer.engine.optimizer
+            base = getattr(opt, "optimizer", opt)
+            for state in base.state.values():
+                if "momentum_buffer" in state:
+                    state["momentum_buffer"].zero_()
         return {}
     return hook
 
 
-def world_change(workdir: str, shards: str, phase: str, mode: str) -> dict[str, Any]:
-    """Muon across a DP-size change, in three launches: "a" (2 ranks) trains run `x` 2 of 4 steps
-    and `x-straight` all 4; "b" (1 rank) resumes `x` (2 -> 1), resumes a copy with the momentum
-    wiped, trains `y` 2 of 4 steps and `y-straight` all 4; "c" (2 ranks) resumes `y` (1 -> 2).
-    Momenta go to <name>-saved.pt (at the stop) and <name>-loaded.pt (right after the resume)."""
+def world_change(workdir: str, shards: str, phase: str, modes: list[str]) -> dict[str, Any]:
+    """Muon across a DP-size change, in three launches, per mode: "a" (2 ranks) trains run `x` 2 of
+    4 steps and `x-straight` all 4; "b" (1 rank) resumes `x` (2 -> 1), resumes a copy with the
+    momentum wiped, trains `y` 2 of 4 steps and `y-straight` all 4; "c" (2 ranks) resumes `y`
+    (1 -> 2). Momenta go to <mode>-<run>-saved.pt (at the stop) and -loaded.pt (after the resume)."""
     import shutil
 
+    import torch.distributed as dist
+
     os.chdir(workdir)
-
-    def cfg(name: str) -> list[str]:
-        return small_overrides(shards, name) + MUON + MODES[mode] + NO_CLIP[mode]
-
     out: dict[str, Any] = {}
     half = ["debug.max_steps_this_run=2"]
-    if phase == "a":
-        import torch.distributed as dist
+    for mode in modes:
+        def cfg(run: str) -> list[str]:
+            return small_overrides(shards, f"{mode}-{run}") + MUON + MODES[mode] + NO_CLIP[mode]
 
-        out["x-first"] = train(cfg("x") + half, extra=_save_momenta("x-saved.pt"))
-        if dist.get_rank() == 0:
-            shutil.copytree("runs/x", "runs/x-wiped")
-        dist.barrier()
-        out["x-straight"] = train(cfg("x-straight"))
-    elif phase == "b":
-        out["x"] = train(cfg("x"), after_resume=_save_momenta("x-loaded.pt"))
-        out["x-wiped"] = train(cfg("x-wiped"), after_resume=_save_momenta("x-wiped.pt", zero=True))
-        out["y-first"] = train(cfg("y") + half, extra=_save_momenta("y-saved.pt"))
-        out["y-straight"] = train(cfg("y-straight"))
-    else:
-        out["y"] = train(cfg("y"), after_resume=_save_momenta("y-loaded.pt"))
-    for name, summary in out.items():
+        def at(run: str, what: str) -> str:
+            return f"{mode}-{run}-{what}.pt"
+
+        if phase == "a":
+            out[f"{mode}-x-first"] = train(cfg("x") + half, extra=_save_momenta(at("x", "saved")))
+            if dist.get_rank() == 0:
+                shutil.copytree(f"runs/{mode}-x", f"runs/{mode}-x-wiped")
+            dist.barrier()
+            out[f"{mode}-x-straight"] = train(cfg("x-straight"))
+        elif phase == "b":
+            out[f"{mode}-x"] = train(cfg("x"), after_resume=_save_momenta(at("x", "loaded")))
+            out[f"{mode}-x-wiped"] = train(cfg("x-wiped"), after_resume=_save_momenta(at("x", "wiped"), zero=True))
+            out[f"{mode}-y-first"] = train(cfg("y") + half, extra=_save_momenta(at("y", "saved")))
+            out[f"{mode}-y-straight"] = train(cfg("y-straight"))
+        else:
+            out[f"{mode}-y"] = train(cfg("y"), after_resume=_save_momenta(at("y", "loaded")))
+    for summary in out.values():
         summary["losses"] = [r["loss"] for r in train_records(summary["run_dir"])]
     return out
