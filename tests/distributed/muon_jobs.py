@@ -15,7 +15,8 @@ MODES = {**PLAIN_MODES,
          "pp2-zero0": ["parallel.zero_stage=0", "parallel.pipeline_stages=2"],
          "zero1-offload": PLAIN_MODES["zero1"] + OFFLOAD,
          "zero2-offload": PLAIN_MODES["zero2"] + OFFLOAD,
-         "zero3-offload": PLAIN_MODES["zero3"] + OFFLOAD}
+         "zero3-offload": PLAIN_MODES["zero3"] + OFFLOAD,
+         "zero1-bf16": PLAIN_MODES["zero1"] + ["precision.dtype=bf16"]}
 # ZeRO 1-3 would clip Muon's update instead of the gradient: the config refuses clipping there.
 NO_CLIP = {mode: [] if mode in ("zero0", "pp2-zero0") else ["optimizer.grad_clip=0"] for mode in MODES}
 # One plain step: constant LR, no decay, so the weight change IS -lr x the update.

@@ -1,15 +1,16 @@
 """Muon's momentum across a data-parallel size change, through the trainer's resume on real gloo
-ranks (ZeRO-2: re-sharded by megalm.checkpoint.muon_universal; fp32 ZeRO-0: DeepSpeed's whole
-optimizer state): 2 ranks -> 1 rank and 1 rank -> 2 ranks.
+ranks (fp32 ZeRO-2 and bf16 ZeRO-1: re-sharded by megalm.checkpoint.muon_universal; fp32 ZeRO-0:
+DeepSpeed's whole optimizer state): 2 ranks -> 1 rank and 1 rank -> 2 ranks.
 
 - The momentum right after the resume equals the one the stopped run saved, matrix by matrix,
   bit for bit (DeepSpeed's universal conversion alone fails on Muon's state: KeyError 'exp_avg').
 - Training continues like the uninterrupted run on the saved DP size: the same global batches,
   summed in another order (4 micro-batches on one rank vs 2 + 2 and an all-reduce), so equal
   only within fp32 rounding, which Newton-Schulz's bf16 amplifies (a last-bit gradient change
-  moves the bf16 update by ~1e-2 relative): bound 1e-4 on the losses of steps 3-4 (measured:
-  ZeRO-2 equal to the last bit; ZeRO-0 1.2e-7 at step 3, 1.4e-5 at step 4). A resume that lost
-  the momentum misses by far more (the same resume with the momentum wiped: 2.6e-3 at step 4).
+  moves the bf16 update by ~1e-2 relative): bound 3e-4 on the losses of steps 3-4 (measured:
+  fp32 ZeRO-2 equal to the last bit; fp32 ZeRO-0 1.4e-5; bf16 ZeRO-1 3.0e-5 (2 -> 1) and 6.6e-5
+  (1 -> 2), at step 4). A resume that lost the momentum misses by far more (the same resume with
+  the momentum wiped: 2.6e-3 to 2.7e-3 at step 4).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from tests.distributed.corpus import make_corpus
 from tests.distributed.helper import run_distributed
 
 pytestmark = pytest.mark.timeout(900)
-MODES = ["zero2", "zero0"]
+MODES = ["zero2", "zero0", "zero1-bf16"]
+BOUND = 3e-4  # on the losses of steps 3-4 (see the module docstring for the measured misses)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_training_continues_like_the_uninterrupted_run(runs, mode, run):
     # Step 3 is the loaded weights' loss (averaged in another order); step 4 also shows the
     # update the restored momentum made.
     miss = max(abs(a - b) for a, b in zip(resumed["losses"][2:], straight["losses"][2:]))
-    assert miss < 1e-4, (resumed["losses"], straight["losses"])
+    assert miss < BOUND, (resumed["losses"], straight["losses"])
     if run == "x":
         wiped = abs(out[f"{mode}-x-wiped"]["losses"][3] - straight["losses"][3])
-        assert wiped > 20 * max(miss, 1e-7), (miss, wiped)
+        assert wiped > 5 * BOUND and wiped > 20 * miss, (miss, wiped)
