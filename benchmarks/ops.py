@@ -11,7 +11,8 @@ write dx; SwiGLU: 8 — 3 forward, 5 backward; RoPE: 4 passes over q and k; CE: 
 reads of the logits, one gradient write — and 2 backward — read, scale-write) as GB/s and % of the
 device's peak HBM bandwidth (from its memory clock and bus width) and of a measured device copy.
 LM-head loss at vocab 128k: fused linear CE vs logits = h @ W^T + F.cross_entropy, time and peak
-memory. AdamW: ours vs torch.optim.AdamW(foreach) and (fused). JSON under benchmarks/results/.
+memory. AdamW: ours vs torch.optim.AdamW(foreach) and (fused). Newton–Schulz (Muon, 5 quintic
+steps) on GPT-2 124M and 7B-class matrices: ours vs the eager reference. JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megalm.fsio import atomic_write  # noqa: E402
 from megalm.ops import (FusedAdamW, adaln_layer_norm, apply_rope, cross_entropy,  # noqa: E402
-                        fused_linear_cross_entropy, layer_norm, rms_norm, rope_cos_sin, swiglu)
+                        fused_linear_cross_entropy, layer_norm, newton_schulz, rms_norm, rope_cos_sin,
+                        swiglu)
 from megalm.ops import _backend  # noqa: E402
 
 GOALS = {"norm_swiglu_rope_pct_of_hbm_peak": 80.0, "fused_ce_speedup_vs_eager": 2.0,
@@ -219,6 +221,20 @@ def adamw(iters: int) -> dict:
             "speedup_vs_torch_fused": round(times["torch_fused"] / times["ours"], 2)}
 
 
+def newton_schulz_times(iters: int) -> list[dict]:
+    """Muon's orthogonalisation per matrix: ours (fused norm/cast + epilogue-fused GEMMs) vs the
+    eager reference (the same GEMMs plus 5 elementwise kernels per iteration), fp32 gradient in."""
+    rows = []
+    for shape in [(768, 768), (3072, 768), (768, 3072), (4096, 4096), (11008, 4096)]:
+        g = torch.randn(*shape, device="cuda")
+        times = {k: bench(lambda k=k: newton_schulz(g, backend=k), iters) for k in ("cuda", "reference")}
+        rows.append({"op": f"newton_schulz {shape[0]}x{shape[1]}", "ours_ms": round(times["cuda"] * 1e3, 4),
+                     "eager_ms": round(times["reference"] * 1e3, 4),
+                     "speedup_vs_eager": round(times["reference"] / times["cuda"], 3)})
+        log(json.dumps(rows[-1]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=30)
@@ -238,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     log(json.dumps(head))
     adam = adamw(max(5, args.iters // 3))
     log(json.dumps(adam))
+    ns = newton_schulz_times(max(5, args.iters // 3))
     bw_ops = [r for r in rows if r["op"].split()[0] in ("rms_norm", "layer_norm", "swiglu", "rope")]
     goals = {
         "norm_swiglu_rope_min_pct_of_hbm_peak": min((r.get("pct_of_hbm_peak", 0) for r in bw_ops),
@@ -258,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": name, "hbm_peak_bytes_per_s": peak, "measured_copy_bytes_per_s": round(copy_bw),
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
                      "python": platform.python_version()},
-        "ops": rows, "lm_head_loss_vocab128k": head, "adamw": adam, "goals": goals,
+        "ops": rows, "lm_head_loss_vocab128k": head, "adamw": adam,
+        "newton_schulz": ns, "goals": goals,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -148,3 +148,27 @@ def test_adamw_more_blocks_than_one_launch_holds(dtype, master):
     from megalm.ops.adamw import check_against_fp32_steps
 
     check_against_fp32_steps(DEV, dtype, master, [(330 * 65536 + 7,), (5,)] * 2, steps=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3072, 768), (768, 3072), (4096, 4096)])
+def test_newton_schulz_real_shapes(dtype, shape):
+    from megalm.ops.newton_schulz import _check
+
+    _check(randn(*shape, seed=21), dtype, f"newton_schulz {shape}")
+
+
+def test_auto_newton_schulz_runs_the_kernel_once_self_tested():
+    # What Muon calls (megalm.train.muon routes DeepSpeed's Newton-Schulz here; tested on CPU).
+    from megalm.ops import newton_schulz
+
+    g = randn(256, 1024, seed=22).float()
+    ext = _backend.extension()
+    real, calls = ext.newton_schulz, []
+    try:
+        ext.newton_schulz = lambda *a: calls.append(tuple(a[0].shape)) or real(*a)
+        out = newton_schulz(g)
+    finally:
+        ext.newton_schulz = real
+    assert calls == [(256, 1024)] and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), newton_schulz(g, backend="cuda").float(), rtol=0, atol=0)

@@ -41,6 +41,7 @@ from megalm.checkpoint.layout import (
     CACHE, CLIENT_KEYS, LATEST, LOCK, SET_ASIDE_RE, CheckpointError, tag_for)
 from megalm.checkpoint.lock import RunLock
 from megalm.checkpoint.space import estimate_bytes, free_bytes, human, volume_of
+from megalm.checkpoint.muon_universal import restore_momentum
 from megalm.checkpoint.universal import UNIVERSAL_INFO, UNIVERSAL_INFO_KEY, conversion_needed, ensure_universal
 from megalm.checkpoint.reader import CheckpointReader
 from megalm.checkpoint.resume import plan
@@ -455,6 +456,8 @@ class CheckpointManager:
             cfg.load_universal_checkpoint = saved_flag
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, name)}")
+        if universal:
+            restore_momentum(engine)
         loaded = client_state or {}
         if CLIENT_KEYS not in loaded:
             raise CheckpointError(f"{os.path.join(self.dir, name)}: no {CLIENT_KEYS} entry (not saved by megalm)")

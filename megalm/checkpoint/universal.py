@@ -19,6 +19,7 @@ from typing import Any
 
 from megalm.checkpoint.files import MARKER, complete_directory, fsync_dir, read_manifest, remove_tree, verify_directory
 from megalm.checkpoint.layout import CACHE
+from megalm.checkpoint.muon_universal import prepare_source
 from megalm.checkpoint.unpickle import check_dir
 
 UNIVERSAL_INFO_KEY = "universal_checkpoint_info"  # ds_to_universal asserts it is in client state
@@ -80,7 +81,7 @@ def ensure_universal(ckpt_dir: str, tag: str) -> str:
     out = os.path.join(work, tag)
     print(f"converting checkpoint {source} to a universal checkpoint (DP size changed)", file=sys.stderr,
           flush=True)
-    _convert(source, out)
+    _convert(prepare_source(source, work), out)  # Muon's momentum rides as Adam's exp_avg
     complete_directory(out, [], {"source_tag": tag, "source_marker": source_marker})
     os.rename(out, final)
     fsync_dir(cache)

@@ -16,4 +16,5 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("fused_linear_cross_entropy", ("cross_entropy_fwd", "scale_cast"),
            "megalm.ops.fused_linear_cross_entropy"),
     Kernel("FusedAdamW", ("multi_tensor_adamw",), "megalm.ops.adamw"),
+    Kernel("newton_schulz", ("newton_schulz",), "megalm.ops.newton_schulz"),
 )

@@ -117,8 +117,8 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
     pipeline = cfg.parallel.pipeline_stages > 1
     module = _pipeline_module(cfg, task, model, guard) if pipeline else model
     o = cfg.optimizer
-    if o.name == "muon":  # config validation keeps pipelines off this path: module is model
-        optimizer = guarded_muon(muon_param_groups(model, o), guard.decide)
+    if o.name == "muon":
+        optimizer = guarded_muon(muon_param_groups(model, o, module), guard.decide)
     else:
         optimizer = GuardedAdamW(_param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                  weight_decay=o.weight_decay)

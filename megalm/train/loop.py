@@ -30,6 +30,7 @@ from megalm.train.engine import build, device_of, peak_memory_gib
 from megalm.train.guard import StepGuard
 from megalm.train.init_from import model_differences
 from megalm.train.metrics import Metrics, json_safe
+from megalm.train.muon import check_resumable
 from megalm.train.peak_flops import peak_flops
 from megalm.train.signals import STOP_SIGNALS, StopRequests
 from megalm.train.task import Batch, Task
@@ -132,7 +133,7 @@ class Trainer:
         """Collective: take the run lock, then continue from `mode` (auto | none | a checkpoint
         folder). On a refusal the lock is released again, so the process may try otherwise."""
         try:
-            found = self.ckpt.resume(self.engine, mode, check=self._same_model)
+            found = self.ckpt.resume(self.engine, mode, check=self._resumable)
             if found is None:
                 return False
             self.restore(found[0])
@@ -143,6 +144,10 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from step {self.step} ({found[1]})", flush=True)
         return True
+
+    def _resumable(self, cs: dict[str, Any]) -> None:
+        self._same_model(cs)
+        check_resumable(cs.get("config", {}), int(cs.get("world_size", self.world)), self.b.dp_world)
 
     def _same_model(self, cs: dict[str, Any]) -> None:
         """Refuse, naming each differing field, a checkpoint of another model shape (before

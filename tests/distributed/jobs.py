@@ -27,9 +27,11 @@ def small_overrides(shards: str, name: str, steps: int = 4) -> list[str]:
 
 
 def train(overrides: list[str], resume: str = "auto",
-          extra: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+          extra: Callable[[Any], dict[str, Any]] | None = None,
+          after_resume: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """One in-process training run (of the task `task=` names) on the current process group;
-    returns its summary, plus what `extra(trainer)` adds (collective calls allowed)."""
+    returns its summary, plus what `extra(trainer)` adds (collective calls allowed);
+    `after_resume(trainer)` runs between the resume and the first step."""
     import torch.distributed as dist
 
     from megalm.train.config import load_config
@@ -39,6 +41,8 @@ def train(overrides: list[str], resume: str = "auto",
     cfg = load_config(None, overrides, world_size=dist.get_world_size())
     trainer = Trainer(cfg, build_task(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
     trainer.resume(resume)
+    if after_resume is not None:
+        after_resume(trainer)
     summary = trainer.run()
     summary["run_dir"] = str(cfg.run_dir())
     if extra is not None:

@@ -1,4 +1,5 @@
-"""optimizer.name=muon through the trainer on 2 real gloo ranks, ZeRO 0/1/2/3:
+"""optimizer.name=muon through the trainer on 2 real gloo ranks, ZeRO 0/1/2/3, a 2-stage pipeline
+(ZeRO 1 and 0) and ZeRO-Offload (optimizer on the CPU, ZeRO 1/2/3):
 - the applied update of a hidden matrix is orthogonalised (its singular values are about equal),
   while the untied head `output` and the embedding get AdamW's first step (|Δw| = lr everywhere);
 - 2 steps + a new engine resuming + 2 steps == 4 straight steps, bit for bit;
@@ -20,7 +21,9 @@ from tests.distributed.helper import assert_exact_resume, run_distributed
 from tests.distributed.muon_jobs import one_step_overrides
 
 pytestmark = pytest.mark.timeout(900)
-STAGES = ["zero0", "zero1", "zero2", "zero3"]
+STAGES = ["zero0", "zero1", "zero2", "zero3", "pp2", "pp2-zero0", "zero1-offload", "zero2-offload",
+          "zero3-offload"]
+NAN_MODES = ["zero2", "zero3", "zero2-offload"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,8 @@ def job(tmp_path_factory):
     shards = make_corpus(str(tmp_path_factory.mktemp("corpus") / "shards"))
     work = tmp_path_factory.mktemp("work")
     result = run_distributed("tests.distributed.muon_jobs:muon_modes",
-                             {"workdir": str(work), "shards": shards, "modes": STAGES}, nproc=2)[0]
+                             {"workdir": str(work), "shards": shards, "modes": STAGES,
+                              "nan_modes": NAN_MODES}, nproc=2)[0]
     return {"shards": shards, "work": work, "modes": result}
 
 
@@ -66,7 +70,7 @@ def test_exact_resume_with_muon_state(job, mode):
     assert_exact_resume(job["modes"][mode])
 
 
-@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+@pytest.mark.parametrize("mode", NAN_MODES)
 def test_nan_step_is_skipped_and_momentum_stays_finite(job, mode):
     s, records = job["modes"][f"nan-{mode}"]["summary"], job["modes"][f"nan-{mode}"]["records"]
     assert s["finished"] and s["skipped_steps"] == 1 and s["rollbacks"] == 0

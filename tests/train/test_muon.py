@@ -48,8 +48,13 @@ def test_muon_config_refusals_name_the_key():
     assert "optimizer.name: expected one of adamw, muon, got 'sgd'" in error_of("optimizer.name=sgd")
     assert "optimizer.grad_clip: muon under ZeRO-2 needs 0" in error_of("optimizer.name=muon",
                                                                        "parallel.zero_stage=2")
-    assert "optimizer.name: muon is not supported with parallel.pipeline_stages" in error_of(
-        "optimizer.name=muon", "parallel.pipeline_stages=2", "parallel.zero_stage=1", "optimizer.grad_clip=0")
+    # The pipeline's ZeRO-1 and ZeRO-Offload clip the orthogonalised update too (measured: same path).
+    assert "optimizer.grad_clip: muon under ZeRO-1 needs 0" in error_of(
+        "optimizer.name=muon", "parallel.pipeline_stages=2", "parallel.zero_stage=1")
+    assert "optimizer.grad_clip: muon under ZeRO-2 needs 0" in error_of(
+        "optimizer.name=muon", "parallel.zero_stage=2", "parallel.offload_optimizer=true")
+    assert cfg_of("optimizer.name=muon", "parallel.pipeline_stages=2", "parallel.zero_stage=0").optimizer.name == "muon"
+    assert cfg_of(*MUON, "parallel.zero_stage=3", "parallel.offload_optimizer=true").parallel.offload_optimizer
     assert "optimizer.muon_momentum" in error_of(*MUON, "optimizer.muon_momentum=1.0")
     assert cfg_of("optimizer.name=muon", "parallel.zero_stage=0").optimizer.grad_clip == 1.0  # stage 0 clips
     # the raw gradient before Muon's step, which is right
@@ -62,6 +67,43 @@ def test_zero3_muon_turns_reduce_scatter_off():
     assert "reduce_scatter" not in to_deepspeed_config(plain, 1)["zero_optimization"]
 
 
+def test_a_pipeline_stage_gets_only_its_own_parameters_tagged_by_structure():
+    from megalm.models.pipeline import pipeline_layers
+
+    model = LLM(LLMConfig(**SMALL))
+    layers = pipeline_layers(model)
+    stage = torch.nn.ModuleList(layers[len(layers) // 2:])  # the later half: blocks + head, no embedding
+    groups = muon_param_groups(model, cfg_of(*MUON).optimizer, stage)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [{names[id(p)] for p in g["params"]} for g in groups]
+    assert grouped[0] == {n for n, p in model.named_parameters() if n.startswith("layers.1.") and p.dim() == 2}
+    assert grouped[1] == {"output.weight"}  # the head stays on AdamW on the last stage too
+    assert set().union(*grouped) == {names[id(p)] for p in stage.parameters()}
+
+
 def test_a_model_without_blocks_is_refused():
     with pytest.raises(UserError, match="optimizer.name: muon needs a model whose transformer blocks"):
         muon_param_groups(torch.nn.Linear(3, 3), cfg_of(*MUON).optimizer)
+
+
+def test_a_data_parallel_size_change_is_refused_where_muon_momentum_would_be_lost():
+    from megalm.train.muon import check_resumable
+
+    def saved(*overrides):
+        return cfg_of(*MUON, *overrides).to_dict()
+
+    with pytest.raises(UserError, match=r"optimizer.name: muon: this checkpoint was trained on data-parallel "
+                                        r"size 2 \(ZeRO-3\); resuming on 1 would lose"):
+        check_resumable(saved("parallel.zero_stage=3"), 2, 1)
+    with pytest.raises(UserError, match=r"size 1 \(ZeRO-0, bf16\)"):
+        check_resumable(saved("parallel.zero_stage=0"), 1, 2)  # the bf16 optimizer partitions it
+    with pytest.raises(UserError, match=r"size 2 \(ZeRO-1, pipeline\)"):
+        check_resumable(saved("parallel.pipeline_stages=2"), 4, 1)  # DP = world / stages
+    with pytest.raises(UserError, match=r"\(ZeRO-2, offload\)"):
+        check_resumable(saved("parallel.zero_stage=2", "parallel.offload_optimizer=true"), 2, 1)
+    check_resumable(saved("parallel.zero_stage=3"), 2, 2)  # same DP size: DeepSpeed's own load
+    check_resumable(saved("parallel.zero_stage=2"), 2, 1)  # re-sharded (tests/distributed/test_muon_world)
+    check_resumable(saved("parallel.zero_stage=1"), 1, 2)
+    check_resumable(saved("parallel.zero_stage=0", "precision.dtype=fp32"), 2, 1)  # whole state
+    check_resumable(saved("parallel.pipeline_stages=2"), 4, 2)
+    check_resumable(cfg_of("parallel.zero_stage=3").to_dict(), 2, 1)  # AdamW: universal conversion

@@ -219,6 +219,15 @@ void multi_tensor_adamw(const std::vector<Tensor>& params, const std::vector<Ten
                              weight_decay, bias_correction1, bias_correction2);
 }
 
+Tensor newton_schulz(const Tensor& g, int64_t steps, double a, double b, double c, double eps) {
+  check_cuda(g, "g");
+  check_float_like(g, "g");
+  TORCH_CHECK(g.dim() == 2, "g must be 2-D [rows, cols], got ", g.dim(), "-D");
+  TORCH_CHECK(steps >= 0, "steps must be >= 0, got ", steps);
+  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  return megalm::newton_schulz(g, steps, a, b, c, eps);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -235,4 +244,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_fwd", &cross_entropy_fwd);
   m.def("scale_cast", &scale_cast);
   m.def("multi_tensor_adamw", &multi_tensor_adamw);
+  m.def("newton_schulz", &newton_schulz);
 }

@@ -3,7 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -322,6 +324,31 @@ void multi_tensor_adamw(const std::vector<at::Tensor>& params,
     }
   }
   if (b.nblocks > 0) launch_batch(b);
+}
+
+at::Tensor newton_schulz(const at::Tensor& g, int64_t steps, double a, double b, double c,
+                         double eps) {
+  const c10::cuda::OptionalCUDAGuard guard(g.device());
+  auto x = at::empty(g.sizes(), g.options().dtype(at::kBFloat16));
+  if (g.numel() == 0) return x;
+  auto factor = at::zeros({2}, g.options().dtype(at::kFloat));  // 1 / (norm + eps), a counter
+  MEGALM_DISPATCH(g.scalar_type(), "newton_schulz", [&] {
+    C10_CUDA_CHECK(launch::inverse_frobenius_norm(ptr<scalar_t>(g), factor.data_ptr<float>(),
+                                                  static_cast<float>(eps), g.numel(), stream()));
+    C10_CUDA_CHECK(launch::scale(ptr<scalar_t>(g), factor.data_ptr<float>(),
+                                 reinterpret_cast<__nv_bfloat16*>(x.data_ptr<at::BFloat16>()),
+                                 g.numel(), stream()));
+  });
+  // Iterate on the wide orientation so A = X·Xᵀ is the smaller Gram matrix; a transposed view is
+  // a cuBLAS transpose flag, not a copy.
+  const bool tall = g.size(0) > g.size(1);
+  at::Tensor X = tall ? x.t() : x;
+  for (int64_t i = 0; i < steps; ++i) {
+    const auto A = at::mm(X, X.t());
+    const auto B = at::addmm(A, A, A, /*beta=*/b, /*alpha=*/c);  // b·A + c·A² in one GEMM
+    X = at::addmm(X, B, X, /*beta=*/a, /*alpha=*/1.0);          // a·X + B·X in one GEMM
+  }
+  return tall ? X.t() : X;
 }
 
 }  // namespace megalm

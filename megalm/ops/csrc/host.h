@@ -56,4 +56,10 @@ void multi_tensor_adamw(const std::vector<at::Tensor>& params,
                         double beta2, double eps, double weight_decay, double bias_correction1,
                         double bias_correction2);
 
+// Quintic Newton–Schulz on a 2-D g (any float dtype): g / (||g||_F + eps) in bf16, then `steps`
+// iterations X <- a·X + (b·A + c·A²)·X with A = X·Xᵀ on the wide orientation (bf16 GEMMs,
+// fp32 accumulation). Returns bf16 with g's shape.
+at::Tensor newton_schulz(const at::Tensor& g, int64_t steps, double a, double b, double c,
+                         double eps);
+
 }  // namespace megalm

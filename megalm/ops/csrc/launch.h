@@ -81,4 +81,8 @@ static_assert(sizeof(AdamBatch) + sizeof(AdamHyper) <= 4096, "kernel parameters 
 template <typename P, typename S>
 cudaError_t adamw(const AdamBatch& batch, AdamHyper h, cudaStream_t s);
 
+// Newton–Schulz prologue: buf (2 zeroed floats) -> buf[0] = 1 / (||x||_F + eps), on the device.
+template <typename T>
+cudaError_t inverse_frobenius_norm(const T* x, float* buf, float eps, int64_t n, cudaStream_t s);
+
 }  // namespace megalm::launch

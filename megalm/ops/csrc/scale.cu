@@ -51,6 +51,11 @@ template cudaError_t scale<float, __half>(const float*, const float*, __half*, i
                                           cudaStream_t);
 template cudaError_t scale<float, __nv_bfloat16>(const float*, const float*, __nv_bfloat16*,
                                                  int64_t, cudaStream_t);
+// Newton–Schulz: any input dtype -> bf16.
+template cudaError_t scale<__half, __nv_bfloat16>(const __half*, const float*, __nv_bfloat16*,
+                                                  int64_t, cudaStream_t);
+template cudaError_t scale<double, __nv_bfloat16>(const double*, const float*, __nv_bfloat16*,
+                                                  int64_t, cudaStream_t);
 
 }  // namespace launch
 }  // namespace megalm
