@@ -9,11 +9,15 @@ same tokenizer and sequence length:
   default  megalm's default CPU config: configs/demo.yaml (tiny Llama-style model, AdamW)
   recipe   configs/recipe-tiny.yaml (Muon, QK-norm, ReLU², zero-init projections, soft-cap, ...)
 
-Equal wall-clock: before training, each configuration's step time is measured in short runs
-(interleaved, `--calibration-passes`) and its step count set so that training takes `--budget`
-seconds; the LR schedule then decays over exactly those steps. Seeds are interleaved across the
-configurations (seed 1 of each, then seed 2 of each, ...) so the machine's load hits them alike;
-each run's measured training seconds and the load average are recorded.
+Equal time: each configuration gets the step count that takes `--budget` seconds of training on
+an UNLOADED machine: steps = budget / (20th-percentile step time of a 24-step calibration run,
+first 4 steps dropped). The machine is shared: other users' load changed a step's wall-clock 2-3x
+within minutes, so a median step time (or the CPU time of the process, whose start-up spawns a
+variable amount of compiler work) over- or under-shot the budget by up to 2x; the fast steps are
+the ones the load did not slow. The LR schedule then decays over exactly those steps. Seeds are
+interleaved across the configurations (seed 1 of each, then seed 2 of each, ...) so the load
+hits them alike; each run's wall-clock training seconds (inflated by the load) and the load
+average are recorded.
 
 Score: every 40th document is held out (never trained on, not seen by the tokenizer trainer);
 bits/byte = summed next-token NLL / ln 2 / the UTF-8 bytes of the held-out ORIGINAL text. As in
@@ -32,6 +36,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -84,6 +89,11 @@ def prepare_corpus(work: Path) -> tuple[str, list[str], dict[str, Any]]:
     return str(shards), held, facts
 
 
+def _child_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _run(cmd: list[str], cwd: Path) -> str:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -106,6 +116,8 @@ def config_file(name: str, spec: Any, work: Path) -> Path:
 def train(name: str, config: Path, shards: str, steps: int, seed: int, work: Path,
           extra: list[str] = ()) -> dict[str, Any]:
     """Train `steps` steps in a fresh folder; returns steps, tokens, training seconds, run folder."""
+    from megalm.train.config import load_config
+
     run = work / f"{name}-s{seed}-n{steps}-{time.monotonic_ns()}"
     run.mkdir(parents=True)
     overrides = [f"name={name}", f"data.paths=[{shards}]", f"data.seq_len={SEQ_LEN}", f"data.seed={seed}",
@@ -113,16 +125,17 @@ def train(name: str, config: Path, shards: str, steps: int, seed: int, work: Pat
                  f"model.max_seq_len={SEQ_LEN}", "parallel.zero_stage=0", "precision.dtype=fp32",
                  "logging.interval=1", "logging.progress=false", "eval.interval=0", "eval.batches=0",
                  f"checkpoint.interval={steps + 1}", "checkpoint.keep_last=1", *extra]
-    load = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    # One process: the whole step's batch in one forward (no accumulation), for every config.
+    overrides.append(f"batch.micro_batch={load_config(str(config), overrides).batch.global_batch}")
+    load, cpu0, t0 = os.getloadavg()[0], _child_cpu_s(), time.perf_counter()
     _run([sys.executable, "-m", "megalm.cli", "train", str(config), *overrides, "--resume", "none"], cwd=run)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _child_cpu_s() - cpu0
     recs = [json.loads(line) for line in (run / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if r["kind"] == "train"]
     per_step = recs[-1]["tokens"] / max(recs[-1]["step"], 1)
     step_s = [per_step / r["tokens_per_s"] for r in recs]  # logging.interval=1: one record per step
     return {"run": run, "steps": recs[-1]["step"], "tokens": recs[-1]["tokens"], "step_s": step_s,
-            "train_s": sum(step_s), "process_s": wall, "load_avg_at_start": load}
+            "train_s": sum(step_s), "process_s": wall, "process_cpu_s": cpu, "load_avg_at_start": load}
 
 
 # ---- held-out bits per byte --------------------------------------------------------------------------
@@ -160,15 +173,18 @@ def heldout_bpb(run: Path, name: str, texts: list[str], shards: str) -> float:
 
 # ---- the benchmark -----------------------------------------------------------------------------------
 def calibrate(configs: dict[str, Path], shards: str, work: Path, budget: float, passes: int,
-              steps: int = 10) -> dict[str, dict[str, Any]]:
-    """Steps per config so training lasts `budget` s: median step time after 2 warm-up steps,
-    over `passes` interleaved short runs."""
+              steps: int = 24) -> dict[str, dict[str, Any]]:
+    """Steps per config so training takes `budget` s unloaded: the 20th percentile of the step
+    times after 4 warm-up steps, over `passes` interleaved calibration runs."""
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(passes):
         for name, cfg in configs.items():
-            times[name] += train(name, cfg, shards, steps, 0, work / "calibration")["step_s"][2:]
-    return {name: {"step_s": statistics.median(t), "steps": max(10, int(budget / statistics.median(t)))}
-            for name, t in times.items()}
+            times[name] += train(name, cfg, shards, steps, 0, work / "calibration")["step_s"][4:]
+    plan = {}
+    for name, t in times.items():
+        fast = statistics.quantiles(t, n=5)[0]
+        plan[name] = {"step_s_p20": fast, "step_s_median": statistics.median(t), "steps": max(10, int(budget / fast))}
+    return plan
 
 
 def main() -> None:
@@ -180,6 +196,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training process")
     p.add_argument("--calibration-passes", type=int, default=1)
     p.add_argument("--only", default="", help="comma-separated subset of nanogpt,default,recipe")
+    p.add_argument("--steps", default="", help="skip calibration for these: name=steps,... (e.g. to rerun one "
+                                               "config at a step count measured before)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -190,7 +208,10 @@ def main() -> None:
         work = Path(tmp)
         shards, held, corpus = prepare_corpus(work)
         configs = {n: config_file(n, CONFIGS[n], work) for n in names}
-        plan = calibrate(configs, shards, work, args.budget, args.calibration_passes)
+        fixed = {k: int(v) for k, v in (item.split("=") for item in args.steps.split(",") if item)}
+        plan = calibrate({n: c for n, c in configs.items() if n not in fixed}, shards, work, args.budget,
+                         args.calibration_passes) if set(names) - set(fixed) else {}
+        plan.update({n: {"steps": fixed[n], "given": True} for n in fixed})
         runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
         for seed in range(1, args.seeds + 1):  # interleaved: seed s of every config, then s + 1
             for n in names:
@@ -204,8 +225,8 @@ def main() -> None:
         "benchmark": "quality", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "threads": args.threads, "budget_s": args.budget, "seq_len": SEQ_LEN,
-        "corpus": corpus, "calibration": {n: {"step_s": round(c["step_s"], 4), "steps": c["steps"]}
-                                          for n, c in plan.items()},
+        "budget_kind": "seconds of single-threaded training on an unloaded core (see the docstring)",
+        "corpus": corpus, "calibration": {n: {k: round(v, 4) for k, v in c.items()} for n, c in plan.items()},
         "configs": {n: (str(CONFIGS[n].relative_to(REPO)) if isinstance(CONFIGS[n], Path) and
                         CONFIGS[n].is_relative_to(REPO) else str(CONFIGS[n])) for n in names},
         "runs": runs, "total_s": round(time.perf_counter() - t_start, 1),

@@ -32,6 +32,7 @@ def test_recipe_switches_reach_model_and_optimizer(shards):
     c = model.config
     assert (c.qk_norm, c.mlp, c.zero_init_proj, c.logit_softcap, c.tie_embeddings) == (True, "relu2", True, 15.0,
                                                                                        False)
+    assert c.value_embeds == 1 and model.layers[3].attention.ve_lambdas is not None
     assert not model.layers[0].attention.wo.weight.any()
     assert cfg.optimizer.name == "muon" and cfg.parallel.zero_stage == 2
     groups = muon_param_groups(model, cfg.optimizer)
