@@ -54,11 +54,19 @@ class LLMConfig:
     zero_init_proj: bool = False
     # Logits become logit_softcap * tanh(logits / logit_softcap); None = uncapped.
     logit_softcap: float | None = None
+    # Value embeddings: this many extra [vocab, n_kv_heads * head_dim] token tables; table i is
+    # mixed into the attention values of layer i and of layer n_layers - value_embeds + i (the
+    # first and last layers share a table). 0 = off.
+    value_embeds: int = 0
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
             _check_int(key, getattr(self, key), minimum=1)
         _check_int("activation_checkpointing", self.activation_checkpointing, minimum=0)
+        _check_int("value_embeds", self.value_embeds, minimum=0)
+        if 2 * self.value_embeds > self.n_layers:
+            raise UserError(f"value_embeds: each table feeds one of the first and one of the last layers, so "
+                            f"at most n_layers / 2 = {self.n_layers // 2}, got {self.value_embeds}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         _check_int("n_kv_heads", self.n_kv_heads, minimum=1)
@@ -88,6 +96,15 @@ class LLMConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    def value_embed_table(self, layer: int) -> int | None:
+        """Index of the value-embedding table layer `layer` mixes in, or None."""
+        k = self.value_embeds
+        if layer < k:
+            return layer
+        if layer >= self.n_layers - k:
+            return layer - (self.n_layers - k)
+        return None
 
     @property
     def ffn_hidden(self) -> int:

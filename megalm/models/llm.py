@@ -88,7 +88,7 @@ class Norm(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads (n_kv_heads < n_heads: GQA; == 1: MQA)."""
 
-    def __init__(self, config: LLMConfig):
+    def __init__(self, config: LLMConfig, value_embed: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.bias)
@@ -101,13 +101,18 @@ class Attention(nn.Module):
         self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm else None
         self.norm_eps = config.norm_eps
+        # Value embeddings (modded-nanogpt): learned weights of the projected values and of the
+        # token's value embedding, v = l0 * wv(x) + l1 * ve; both start at 0.5.
+        self.ve_lambdas = nn.Parameter(torch.full((2,), 0.5)) if value_embed else None
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
-                cache=None) -> torch.Tensor:
+                cache=None, ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.ve_lambdas is not None:
+            v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
         if self.q_norm is not None:
             q, k = rms_norm(q, self.q_norm, self.norm_eps), rms_norm(k, self.k_norm, self.norm_eps)
         if rope is not None:
@@ -154,24 +159,25 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: LLMConfig, checkpointed: bool = False):
+    def __init__(self, config: LLMConfig, checkpointed: bool = False, value_embed: bool = False):
         super().__init__()
         self.attention_norm = Norm(config)
-        self.attention = Attention(config)
+        self.attention = Attention(config, value_embed)
         self.ffn_norm = Norm(config)
         self.feed_forward = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.checkpointed = checkpointed
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
-                cache=None) -> torch.Tensor:
+                cache=None, ve: torch.Tensor | None = None) -> torch.Tensor:
+        """`ve`: this layer's value embedding [B, T, n_kv_heads * head_dim] (value_embeds layers only)."""
         if self.checkpointed and self.training and torch.is_grad_enabled() and cache is None:
             # Non-reentrant: works with inputs that need no grad and restores the dropout RNG.
-            return checkpoint(self._forward, x, rope, mask, None, use_reentrant=False)
-        return self._forward(x, rope, mask, cache)
+            return checkpoint(self._forward, x, rope, mask, None, ve, use_reentrant=False)
+        return self._forward(x, rope, mask, cache, ve)
 
-    def _forward(self, x, rope, mask, cache):
-        x = x + self.resid_dropout(self.attention(self.attention_norm(x), rope, mask, cache))
+    def _forward(self, x, rope, mask, cache, ve):
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), rope, mask, cache, ve))
         return x + self.resid_dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -184,8 +190,13 @@ class LLM(nn.Module):
                                if config.positions == "learned" else None)
         self.dropout = nn.Dropout(config.dropout)
         every = config.activation_checkpointing
-        self.layers = nn.ModuleList(Block(config, checkpointed=every > 0 and i % every == 0)
+        self.layers = nn.ModuleList(Block(config, checkpointed=every > 0 and i % every == 0,
+                                          value_embed=config.value_embed_table(i) is not None)
                                     for i in range(config.n_layers))
+        # Outside `layers` on purpose: Muon updates only the blocks' matrices, these are embeddings.
+        kv_dim = config.n_kv_heads * config.head_dim
+        self.value_embeddings = nn.ModuleList(nn.Embedding(config.vocab_size, kv_dim)
+                                              for _ in range(config.value_embeds))
         self.norm = Norm(config)
         # Tied: the token embedding matrix [V, D] doubles as the output projection.
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -208,9 +219,12 @@ class LLM(nn.Module):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, Attention) and module.q_norm is not None:
-                nn.init.ones_(module.q_norm)
-                nn.init.ones_(module.k_norm)
+            elif isinstance(module, Attention):
+                if module.q_norm is not None:
+                    nn.init.ones_(module.q_norm)
+                    nn.init.ones_(module.k_norm)
+                if module.ve_lambdas is not None:
+                    nn.init.constant_(module.ve_lambdas, 0.5)
         if self.config.init == "scaled_normal":
             # GPT-2: each block adds two residual branches, so their output projections shrink
             # by sqrt(2 * n_layers) to keep the residual stream's variance independent of depth.
@@ -231,6 +245,12 @@ class LLM(nn.Module):
             h = h + self.pos_embeddings(position_ids)
         return self.dropout(h)
 
+    def layer_value_embeds(self, input_ids: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per layer: its value embedding of `input_ids`, or None (each table looked up once)."""
+        tables = [table(input_ids) for table in self.value_embeddings]
+        picks = (self.config.value_embed_table(i) for i in range(len(self.layers)))
+        return [None if i is None else tables[i] for i in picks]
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is None:
@@ -238,8 +258,8 @@ class LLM(nn.Module):
         h = self.embed(input_ids, position_ids)
         rope = rope_for(self.config, position_ids, h.dtype)
         mask = document_mask(doc_ids) if doc_ids is not None else None
-        for block in self.layers:
-            h = block(h, rope, mask)
+        for block, ve in zip(self.layers, self.layer_value_embeds(input_ids)):
+            h = block(h, rope, mask, ve=ve)
         h = self.norm(h)
         if labels is None:
             return head_logits(h, self.head_weight, self.config.logit_softcap)
@@ -250,8 +270,8 @@ class LLM(nn.Module):
         """Run new tokens against a KV cache (one entry per block); logits [B, V] of the last token."""
         h = self.embed(input_ids, position_ids)
         rope = rope_for(self.config, position_ids, h.dtype)
-        for block, layer_cache in zip(self.layers, cache):
-            h = block(h, rope, None, layer_cache)
+        for block, layer_cache, ve in zip(self.layers, cache, self.layer_value_embeds(input_ids)):
+            h = block(h, rope, None, layer_cache, ve)
         return head_logits(self.norm(h[:, -1]), self.head_weight, self.config.logit_softcap)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -270,8 +290,9 @@ class LLM(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token, PaLM appendix B: 6N + 12 * n_layers * dim * seq_len.
 
-        N counts the parameters used in matmuls: all but the position table and, when untied,
-        the input embedding (lookups cost no FLOPs); the output projection is included. The
+        N counts the parameters used in matmuls: all but the position table, the value embeddings
+        and, when untied, the input embedding (lookups cost no FLOPs); the output projection is
+        included. The
         attention term counts the full T x T scores (no causal discount), as PaLM and Megatron do,
         so MFU figures compare with theirs.
         """
@@ -280,5 +301,6 @@ class LLM(nn.Module):
             n -= self.pos_embeddings.weight.numel()
         if self.output is not None:
             n -= self.tok_embeddings.weight.numel()
+        n -= sum(table.weight.numel() for table in self.value_embeddings)
         cfg = self.config
         return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from megalm.errors import UserError
 from megalm.models.config import LLMConfig
 from megalm.models.llm import LLM, Block, default_position_ids, document_mask, head_logits, head_loss, rope_for
 from megalm.ops import cross_entropy
@@ -93,6 +94,11 @@ class HeadPipe(nn.Module):
 def pipeline_layers(model: LLM, fused_loss: bool = False) -> list[nn.Module]:
     """[embedding, block_0..block_{L-1}, final norm + head] sharing `model`'s parameters;
     `fused_loss`: the head leaves the projection to its `loss`, so full logits never exist."""
+    if model.config.value_embeds:
+        # Each table feeds a first and a last layer, which sit on different stages, and the
+        # blocks would need the token ids: not carried between stages today.
+        raise UserError("model.value_embeds: not supported with parallel.pipeline_stages > 1 yet; "
+                        "set it to 0 or train without a pipeline")
     return [EmbeddingPipe(model), *(BlockPipe(b, model.config) for b in model.layers),
             HeadPipe(model, fused_loss)]
 

@@ -66,6 +66,12 @@ def naive_logits(model, input_ids, position_ids=None, doc_ids=None):
             q = _linear(h, sd, p + "attention.wq").view(T, H, D)
             k = _linear(h, sd, p + "attention.wk").view(T, Hk, D)
             v = _linear(h, sd, p + "attention.wv").view(T, Hk, D)
+            # Value embeddings: the first k layers use tables 0..k-1, and so do the last k.
+            first, last = layer, layer - (cfg.n_layers - cfg.value_embeds)
+            table = first if first < cfg.value_embeds else last if last >= 0 else None
+            if table is not None:
+                lam = sd[p + "attention.ve_lambdas"]
+                v = lam[0] * v + lam[1] * sd[f"value_embeddings.{table}.weight"][ids].view(T, Hk, D)
             if cfg.qk_norm:
                 q = _norm(q, sd[p + "attention.q_norm"], None, "rmsnorm", cfg.norm_eps)
                 k = _norm(k, sd[p + "attention.k_norm"], None, "rmsnorm", cfg.norm_eps)

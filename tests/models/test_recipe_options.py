@@ -1,5 +1,6 @@
-"""Recipe options (QK-norm, ReLU², zero-init projections, logit soft-cap) against the explicit
-float64 implementation, plus what each promises beyond the forward: parameters, init, bounds."""
+"""Recipe options (QK-norm, ReLU², zero-init projections, logit soft-cap, value embeddings) against
+the explicit float64 implementation, plus what each promises beyond the forward: parameters, init,
+bounds."""
 
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ OPTIONS = {
     "qk_norm": dict(qk_norm=True),
     "relu2": dict(mlp="relu2"),
     "softcap": dict(logit_softcap=0.3),
-    "all": dict(qk_norm=True, mlp="relu2", logit_softcap=0.3, zero_init_proj=True),
+    # 5 layers, 2 tables: layers 0, 1 and 3, 4 mix them in, layer 2 has none.
+    "value_embeds": dict(value_embeds=2, n_layers=5),
+    "all": dict(qk_norm=True, mlp="relu2", logit_softcap=0.3, zero_init_proj=True, value_embeds=1),
 }
 # Each option's model with the option off; the same weights load into it (minus QK-norm's).
 WITHOUT = {"qk_norm": dict(qk_norm=False), "relu2": dict(mlp="gelu"), "softcap": dict(logit_softcap=None),
-           "all": dict(qk_norm=False, mlp="gelu", logit_softcap=None)}
+           "value_embeds": dict(value_embeds=0),
+           "all": dict(qk_norm=False, mlp="gelu", logit_softcap=None, value_embeds=0)}
 
 
 def _noisy(model: LLM, scale: float = 0.1) -> LLM:
@@ -124,12 +128,62 @@ def test_pipeline_layers_apply_the_cap(fused_loss):
     torch.testing.assert_close(layers[-1].loss(x, labels), model(ids, pos, docs, labels=labels), **TOL)
 
 
+def test_value_embeddings_parameters_sharing_and_layers():
+    base, ve = build("llama", n_layers=5), build("llama", n_layers=5, value_embeds=2)
+    kv_dim = LLAMA["n_kv_heads"] * LLAMA["dim"] // LLAMA["n_heads"]
+    # Two [V, kv_dim] tables plus two mixing weights in each of the 4 layers that use one.
+    assert ve.num_params() - base.num_params() == 2 * LLAMA["vocab_size"] * kv_dim + 4 * 2
+    assert [b.attention.ve_lambdas is not None for b in ve.layers] == [True, True, False, True, True]
+    assert torch.equal(LLM(LLMConfig(**{**LLAMA, "value_embeds": 1})).layers[0].attention.ve_lambdas,
+                       torch.tensor([0.5, 0.5]))
+    # Lookups cost no FLOPs: the same count as without the tables.
+    assert ve.flops_per_token(16) == base.flops_per_token(16) + 4 * 2 * 6
+    # A table is shared by a first and a last layer: both send it gradient.
+    ids, pos, docs, labels = packed_batch([6, 5])
+    ve(ids, pos, docs, labels=labels).backward()
+    grads = {}
+    for layer in (0, 3):  # both read table 0; zeroing one layer's mix drops its share
+        probe = build("llama", n_layers=5, value_embeds=2)
+        with torch.no_grad():
+            probe.layers[layer].attention.ve_lambdas[1] = 0.0
+        probe(ids, pos, docs, labels=labels).backward()
+        grads[layer] = probe.value_embeddings[0].weight.grad
+    full = ve.value_embeddings[0].weight.grad
+    assert full.abs().sum() > 0
+    assert not torch.allclose(grads[0], full) and not torch.allclose(grads[3], full)
+    assert not ve.value_embeddings[1].weight.grad[ids.unique()].eq(0).all()
+
+
+def test_value_embeddings_in_kv_cache_generation():
+    model = _noisy(build("llama", n_layers=3, value_embeds=1)).eval()
+    prompt = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(4))
+    out = model.generate(prompt, max_new_tokens=8, temperature=0)
+    idx = prompt
+    for _ in range(8):
+        idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, idx)
+
+
+def test_value_embeddings_go_to_adamw_and_refuse_the_pipeline():
+    from megalm.train.muon import hidden_matrices
+
+    model = build("llama", value_embeds=1)
+    hidden = hidden_matrices(model)
+    assert all(id(p) not in hidden for p in model.value_embeddings.parameters())
+    assert all(id(b.attention.ve_lambdas) not in hidden for b in model.layers)
+    with pytest.raises(UserError, match="model.value_embeds: not supported with parallel.pipeline_stages"):
+        pipeline_layers(model)
+
+
 @pytest.mark.parametrize("key, value, expected", [
     ("logit_softcap", -1.0, "logit_softcap: expected a positive number"),
     ("logit_softcap", "big", "logit_softcap: expected a number"),
     ("qk_norm", "yes", "qk_norm: expected true or false"),
     ("zero_init_proj", 1, "zero_init_proj: expected true or false"),
     ("mlp", "relu3", "mlp: expected one of swiglu, gelu, relu2"),
+    ("value_embeds", 2, "value_embeds: each table feeds one of the first and one of the last layers, so at most "
+                        "n_layers / 2 = 1, got 2"),
+    ("value_embeds", -1, "value_embeds: expected an integer >= 0"),
 ])
 def test_bad_option_values_name_the_key(key, value, expected):
     with pytest.raises(UserError, match=expected):

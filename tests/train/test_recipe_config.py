@@ -32,6 +32,7 @@ def test_recipe_switches_reach_model_and_optimizer(shards):
     c = model.config
     assert (c.qk_norm, c.mlp, c.zero_init_proj, c.logit_softcap, c.tie_embeddings) == (True, "relu2", True, 15.0,
                                                                                        False)
+    assert c.value_embeds == 1 and model.layers[3].attention.ve_lambdas is not None
     assert not model.layers[0].attention.wo.weight.any()
     assert cfg.optimizer.name == "muon" and cfg.parallel.zero_stage == 2
     groups = muon_param_groups(model, cfg.optimizer)
@@ -48,3 +49,25 @@ def test_recipe_trains_through_the_cli(shards, tmp_path):
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+def test_gpt2_recipe_config_validates_for_8_gpus_and_turns_every_switch_on(shards):
+    from megalm.models.llm import LLM
+
+    cfg = load_config(str(CONFIGS_DIR / "recipe-gpt2-124m.yaml"), [f"data.paths=[{shards}]"], world_size=8)
+    task = LMTask(cfg)
+    with torch.device("meta"):  # the 124M model's shape only: no memory, no init time
+        model = task.build_model()
+    assert isinstance(model, LLM)
+    c = model.config
+    assert (c.dim, c.n_layers, c.positions, c.mlp, c.qk_norm, c.zero_init_proj, c.tie_embeddings) == \
+        (768, 12, "rope", "relu2", True, True, False)
+    assert c.value_embeds == 3 and c.logit_softcap == 15.0
+    assert [c.value_embed_table(i) for i in range(12)] == [0, 1, 2] + [None] * 6 + [0, 1, 2]
+    assert cfg.optimizer.name == "muon" and cfg.optimizer.grad_clip == 0.0 and cfg.precision.dtype == "bf16"
+    assert cfg.grad_accum(8) == 4
+    # The blocks' matrices go to Muon; embeddings, value embeddings and head to AdamW.
+    groups = muon_param_groups(model, cfg.optimizer)
+    muon = {id(p) for p in groups[0]["params"]}
+    assert id(model.output.weight) not in muon and id(model.value_embeddings[0].weight) not in muon
+    assert id(model.layers[5].feed_forward.w1.weight) in muon
