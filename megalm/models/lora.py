@@ -132,6 +132,16 @@ def merge_lora_items(items: Iterable[tuple[str, torch.Tensor]], lora: LoraConfig
                         f"lora_A and lora_B")
 
 
+def plain_items(items: Iterable[tuple[str, torch.Tensor]], run_data: dict[str, Any]
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's state-dict items as the plain model's: merged with merge_lora_items when the
+    run's saved data (client state `data`) records a LoRA run, unchanged otherwise."""
+    lora = run_data.get("lora")
+    if lora and lora.get("rank"):
+        return merge_lora_items(items, LoraConfig(**lora))
+    return iter(items)
+
+
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
