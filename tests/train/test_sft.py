@@ -5,6 +5,7 @@
   adapters are also saved alone, resume is exact, and the merged model reproduces the LoRA model;
 - the LoRA run exported with --format hf is the merged model in transformers (logits), and its
   tokenizer_config.json carries the run's chat template (apply_chat_template == megalm's rendering);
+  the GGUF export holds the merged weights too;
 - bad input (another model shape, another tokenizer, LoRA outside sft) is one line."""
 
 from __future__ import annotations
@@ -212,3 +213,19 @@ def test_lora_export_carries_the_chat_template(job, lora_export):
     sp = spm.SentencePieceProcessor(model_file=os.path.join(job["text"], "tokenizer.model"))
     ids, _ = encode_example(sp, template, turns, sp.eos_id())
     assert tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"] == ids
+
+
+def test_lora_gguf_export_holds_the_merged_weights(job, tmp_path):
+    import numpy as np
+    from gguf import GGUFReader
+
+    run = os.path.join(job["work"], "runs/lora-straight")
+    assert cli(["export", run, "--format", "gguf", "--dtype", "fp32", "--out", str(tmp_path / "gguf")]) == 0
+    got = {t.name: np.asarray(t.data) for t in GGUFReader(str(tmp_path / "gguf" / "model.gguf")).tensors}
+    merged = load_model(run)[0].state_dict()
+    base = load_model(os.path.join(job["work"], "runs/base"))[0].state_dict()
+    for i in range(2):  # LoRA targets wq, wv, w1, w2, w3; v, gate and down are stored unpermuted
+        for gg, mg in (("attn_v", "attention.wv"), ("ffn_gate", "feed_forward.w1"), ("ffn_down", "feed_forward.w2")):
+            want = merged[f"layers.{i}.{mg}.weight"]
+            assert np.array_equal(got[f"blk.{i}.{gg}.weight"], want.numpy()), gg
+            assert not torch.equal(want, base[f"layers.{i}.{mg}.weight"]), gg
