@@ -12,6 +12,7 @@ template tokens are not.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,32 @@ class ChatTemplate:
 
     def prompt(self, turns: list[tuple[str, str]]) -> str:
         """The text a model is given to answer after `turns` (no assistant content yet)."""
-        return "".join(self._wrap(r, c) for r, c in turns) + self.assistant_prefix
+        return self.render(turns, "", add_generation_prompt=True)
+
+    def render(self, turns: list[tuple[str, str]], eos_token: str, add_generation_prompt: bool = False) -> str:
+        """The text of `turns` as training saw it: every assistant turn closed by the EOS token
+        (written here as its piece text), then, on request, the prompt for the next answer."""
+        text = "".join(self._wrap(r, c) + (eos_token if r == "assistant" else "") for r, c in turns)
+        return text + (self.assistant_prefix if add_generation_prompt else "")
+
+    def jinja(self) -> str:
+        """render() as a Jinja chat template (Hugging Face's `chat_template`, whose renderer passes
+        `messages`, `eos_token` and `add_generation_prompt`). The literal strings go in as quoted
+        expressions, not template text, so Jinja's block trimming cannot eat their newlines."""
+        def lit(text: str) -> str:
+            return json.dumps(text)  # a JSON string is a valid Jinja string literal
+
+        parts = ["{%- for m in messages -%}"]
+        for i, role in enumerate(ROLES):
+            cond = f"m['role'] == {lit(role)}"
+            eos = " + eos_token" if role == "assistant" else ""
+            parts.append(f"{{%- {'if' if i == 0 else 'elif'} {cond} -%}}"
+                         f"{{{{ {lit(getattr(self, role + '_prefix'))} + m['content'] + "
+                         f"{lit(getattr(self, role + '_suffix'))}{eos} }}}}")
+        parts.append("{%- else -%}{{ raise_exception('role must be system, user or assistant') }}")
+        parts.append("{%- endif -%}{%- endfor -%}")
+        parts.append(f"{{%- if add_generation_prompt -%}}{{{{ {lit(self.assistant_prefix)} }}}}{{%- endif -%}}")
+        return "".join(parts)
 
     def _wrap(self, role: str, content: str) -> str:
         return getattr(self, f"{role}_prefix") + content + getattr(self, f"{role}_suffix")

@@ -179,13 +179,9 @@ def read_client_state(checkpoint: str) -> tuple[str, dict[str, Any]]:
 def plain_weights(reader: CheckpointReader, tag: str, model: torch.nn.Module,
                   meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The plain LLM's fp32 state from checkpoint `tag`; a LoRA run's adapters merged into it."""
-    state = reader.weights(tag, model)
-    lora = meta.get("data", {}).get("lora")
-    if lora and lora.get("rank"):  # megalm/models/lora.py
-        from megalm.models.lora import LoraConfig, merge_lora_items
+    from megalm.models.lora import plain_items
 
-        state = dict(merge_lora_items(state.items(), LoraConfig(**lora)))
-    return state
+    return dict(plain_items(reader.weights(tag, model).items(), meta.get("data", {})))
 
 
 def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -5,7 +5,7 @@
     DIR/README.md                                                       model card
 
 The weights are the EMA (what `megalm sample` uses) when the checkpoint holds it, else the
-trained weights. The folder is built under a temporary name beside DIR and renamed at the end.
+trained weights. The folder appears whole or not at all (megalm/export/outdir.py).
 
 Mapping, megalm DiT -> DiTTransformer2DModel; the forward passes agree to float rounding:
 - patch_embed -> pos_embed.proj. Neither saves the sin-cos position table: both rebuild it from
@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Iterator
 
 import torch
 
 from megalm.errors import UserError
-from megalm.fsio import TMP_PREFIX, _umask, atomic_write, fsync_dir
+from megalm.export.outdir import check_destination, staged_dir
+from megalm.export.shards import write_safetensors
 from megalm.models.dit import DiT, DiTConfig
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -103,13 +102,11 @@ def diffusers_items(state: dict[str, torch.Tensor], c: DiTConfig) -> Iterator[tu
         yield f"proj_out_2.{part}", state[f"final.linear.{part}"]
 
 
-def transformer_files(state: dict[str, torch.Tensor], c: DiTConfig) -> dict[str, Any]:
-    """transformer/config.json and transformer/<weights> (for write_folder) of a DiT state dict."""
-    # Own contiguous fp32 copies: safetensors refuses tensors sharing storage (views of the EMA
-    # vector, the condition embedding written once per block).
-    tensors = {name: t.detach().float().contiguous().clone() for name, t in diffusers_items(state, c)}
-    return {"transformer/config.json": json.dumps(transformer_config(c), indent=2) + "\n",
-            f"transformer/{WEIGHTS}": tensors}
+def transformer_items(state: dict[str, torch.Tensor], c: DiTConfig) -> list[tuple[str, torch.Tensor]]:
+    """transformer/<weights>'s tensors, fp32. Views of `state`, not copies: write_safetensors
+    writes each tensor's bytes on its own, so views sharing storage (the EMA vector, the condition
+    embedding written once per block) need no private copy."""
+    return [(name, t.detach().float().contiguous()) for name, t in diffusers_items(state, c)]
 
 
 def scheduler_config(diffusion: dict[str, Any]) -> dict[str, Any]:
@@ -153,48 +150,21 @@ def ema_state(meta: dict[str, Any], model: torch.nn.Module, source: str) -> dict
     return out
 
 
-def _check_out(out: str) -> None:
-    if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise UserError(f"{out}: already exists; choose another --out or remove it first")
-
-
-def write_folder(out: str, files: dict[str, Any]) -> None:
-    """files: relative path -> bytes/str, or a tensor dict (safetensors). Built under a temporary
-    name beside `out`, every file fsynced, renamed into place at the end; nothing left on failure."""
+def write_folder(out: str, state: dict[str, torch.Tensor], c: DiTConfig, files: dict[str, str]) -> None:
+    """transformer/ (config + weights of `state`) and the text `files` (relative path -> text)
+    under `out`, which appears whole or not at all (megalm/export/outdir.py)."""
     try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise UserError("--format diffusers needs the safetensors package: pip install 'megalm[export]'") from None
-
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}{os.path.basename(out)}.")
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; an export is meant to be shared
-        dirs = {tmp}
-        for rel, data in files.items():
-            path = os.path.join(tmp, rel)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            dirs.add(os.path.dirname(path))
-            if isinstance(data, dict):
-                save_file(data, path, metadata={"format": "pt"})
-                os.chmod(path, 0o666 & ~_umask())  # safetensors may create it private
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-            else:
-                atomic_write(path, data, sync_dir=False)
-        for d in sorted(dirs, reverse=True):
-            fsync_dir(d)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked before): replaced by the finished folder
-        os.rename(tmp, out)
-        fsync_dir(parent)
+        with staged_dir(out) as work:
+            os.makedirs(os.path.join(work, "transformer"))
+            write_safetensors(os.path.join(work, "transformer", WEIGHTS), transformer_items(state, c))
+            texts = {"transformer/config.json": json.dumps(transformer_config(c), indent=2) + "\n", **files}
+            for rel, text in texts.items():
+                path = os.path.join(work, rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(text)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{out}: cannot write the export ({exc.strerror or exc}); nothing was left there") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def export_dit(checkpoint: str, out_dir: str) -> None:
@@ -202,8 +172,7 @@ def export_dit(checkpoint: str, out_dir: str) -> None:
     takes: a step folder, a checkpoint root, a run directory)."""
     from megalm.checkpoint.reader import resolve
 
-    out = os.path.abspath(out_dir)
-    _check_out(out)
+    out = check_destination(out_dir, overwrite=False)  # before the weights are read
     reader, tag = resolve(checkpoint)
     source = os.path.join(reader.dir, tag)
     meta = reader.client_state(tag)
@@ -224,9 +193,8 @@ def export_dit(checkpoint: str, out_dir: str) -> None:
         raise UserError(f"{source}: weights do not fit the recorded DiT (missing "
                         f"{sorted(set(names) - set(state))[:3]}, unexpected {sorted(set(state) - set(names))[:3]})")
     sched = scheduler_config(meta["config"]["diffusion"])
-    write_folder(out, {**transformer_files(state, config),
-                       "scheduler/scheduler_config.json": json.dumps(sched, indent=2) + "\n",
-                       "README.md": model_card(meta, config, sched, source, use_ema)})
+    write_folder(out, state, config, {"scheduler/scheduler_config.json": json.dumps(sched, indent=2) + "\n",
+                                      "README.md": model_card(meta, config, sched, source, use_ema)})
 
 
 def model_card(meta: dict[str, Any], c: DiTConfig, sched: dict[str, Any], source: str, use_ema: bool) -> str:

@@ -34,7 +34,9 @@ HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def model_items(src: CheckpointTensors) -> Iterator[Item]:
     """The plain model's (name, tensor) items of a checkpoint: the one stream every export reads
     (a LoRA run's adapters are merged into it here)."""
-    return src.items()
+    from megalm.models.lora import plain_items
+
+    return plain_items(src.items(), src.meta.get("data", {}))
 
 
 def output_dtype(src: CheckpointTensors, dtype: str | None) -> str:
@@ -67,6 +69,16 @@ def load_spm(src: CheckpointTensors) -> SpmModel:
         raise UserError(f"{src.tag_dir}: tokenizer mismatch: the tokenizer has {len(spm.pieces)} pieces but the "
                         f"model's vocab_size is {src.config.vocab_size}")
     return spm
+
+
+def chat_template(src: CheckpointTensors) -> str | None:
+    """The SFT run's recorded chat template as Jinja (None for a run without one)."""
+    recorded = src.meta.get("data", {}).get("chat_template")
+    if recorded is None:
+        return None
+    from data_prep.chat import ChatTemplate
+
+    return ChatTemplate.from_dict(recorded, f"{src.tag_dir}: data.chat_template").jinja()
 
 
 def model_card(src: CheckpointTensors, arch: str, dtype: str, stats: dict[str, int]) -> str:
@@ -116,7 +128,7 @@ def export_hf(checkpoint: str, out: str, dtype: str | None = None, max_shard_byt
     dtype = output_dtype(src, dtype)
     spm = load_spm(src)
     with staged_dir(out, overwrite) as work:
-        write_hf_tokenizer(spm, work, f"{src.tag_dir}: tokenizer", src.config.max_seq_len)
+        write_hf_tokenizer(spm, work, f"{src.tag_dir}: tokenizer", src.config.max_seq_len, chat_template(src))
         with progress(src.numel() * DTYPES[dtype].itemsize, "export") as bar:
             stats = write_sharded(to_hf(cast(model_items(src), DTYPES[dtype]), src.config, arch), work,
                                   max_shard_bytes, on_tensor=bar.update)

@@ -31,8 +31,10 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
-def write_safetensors(path: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> int:
-    """One safetensors file from `tensors` (in order); returns its size. fsynced."""
+def safetensors_header(tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+                       ) -> tuple[bytes, int]:
+    """(the file's bytes before the data: 8-byte header length + JSON header, data size) for
+    `tensors` laid out back to back in order."""
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, t in tensors:
@@ -43,14 +45,25 @@ def write_safetensors(path: str, tensors: list[tuple[str, torch.Tensor]], metada
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    return struct.pack("<Q", len(blob)) + blob, offset
+
+
+def safetensors_bytes(tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> bytes:
+    """A whole safetensors file in memory (small files: LoRA adapters)."""
+    head, _ = safetensors_header(tensors, metadata)
+    return head + b"".join(bytes(_raw(t)) for _, t in tensors)
+
+
+def write_safetensors(path: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> int:
+    """One safetensors file from `tensors` (in order); returns its size. fsynced."""
+    head, size = safetensors_header(tensors, metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(head)
         for _, t in tensors:
             f.write(_raw(t))
         f.flush()
         os.fsync(f.fileno())
-    return 8 + len(blob) + offset
+    return len(head) + size
 
 
 def write_sharded(items: Iterable[tuple[str, torch.Tensor]], out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,

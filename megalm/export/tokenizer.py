@@ -108,9 +108,11 @@ def _hf_backend(spm: SpmModel, what: str):
     return tok
 
 
-def write_hf_tokenizer(spm: SpmModel, out_dir: str, what: str, max_length: int) -> None:
-    """tokenizer.json + tokenizer_config.json + special_tokens_map.json + tokenizer.model into out_dir,
-    after checking the rebuild encodes PROBE exactly like sentencepiece."""
+def write_hf_tokenizer(spm: SpmModel, out_dir: str, what: str, max_length: int,
+                       chat_template: str | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json (with `chat_template`, a Jinja template, when given) +
+    special_tokens_map.json + tokenizer.model into out_dir, after checking the rebuild encodes
+    PROBE exactly like sentencepiece."""
     import sentencepiece
 
     tok = _hf_backend(spm, what)
@@ -126,6 +128,8 @@ def write_hf_tokenizer(spm: SpmModel, out_dir: str, what: str, max_length: int) 
                 if spm.piece(i) is not None}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
               "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False, **specials}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(data, f, indent=2, ensure_ascii=False)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -132,22 +131,14 @@ def merge_lora_items(items: Iterable[tuple[str, torch.Tensor]], lora: LoraConfig
                         f"lora_A and lora_B")
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors format (8-byte little-endian header length, JSON header, raw data), written
-    here so adapters need no extra dependency; read back by the real library in the tests."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    blobs, offset = [], 0
-    for name, t in tensors.items():
-        data = t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
-    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)
+def plain_items(items: Iterable[tuple[str, torch.Tensor]], run_data: dict[str, Any]
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's state-dict items as the plain model's: merged with merge_lora_items when the
+    run's saved data (client state `data`) records a LoRA run, unchanged otherwise."""
+    lora = run_data.get("lora")
+    if lora and lora.get("rank"):
+        return merge_lora_items(items, LoraConfig(**lora))
+    return iter(items)
 
 
 def adapter_files(adapters: dict[str, torch.Tensor], lora: LoraConfig, base: dict[str, Any]) -> dict[str, bytes]:
@@ -155,6 +146,8 @@ def adapter_files(adapters: dict[str, torch.Tensor], lora: LoraConfig, base: dic
     `adapter_config.json` (the LoRA settings and the base model they apply to)."""
     config = {"format": "megalm-lora", "format_version": 1, **lora.to_dict(), "scale": lora.scale,
               "base_model": base}
-    return {ADAPTER_WEIGHTS: safetensors_bytes({k: v.float() for k, v in adapters.items()},
+    from megalm.export.shards import safetensors_bytes
+
+    return {ADAPTER_WEIGHTS: safetensors_bytes([(k, v.detach().float().cpu()) for k, v in adapters.items()],
                                                {"format": "pt", "megalm": "lora"}),
             ADAPTER_CONFIG: (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()}

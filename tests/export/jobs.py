@@ -55,3 +55,16 @@ def make_checkpoints(workdir: str, shards: str) -> dict[str, Any]:
         runs[f"{mode}-frozen"] = os.path.abspath(_train_frozen(small_overrides(shards, f"{mode}-frozen", steps=2)
                                                                + MODES[mode]))
     return runs
+
+
+def sft_from_import(workdir: str, overrides: list[str]) -> dict[str, Any]:
+    """Full finetuning and LoRA (ZeRO-3) from an imported checkpoint, 2 steps each: the step losses."""
+    from tests.distributed.jobs import train_records
+
+    os.chdir(workdir)
+    out = {}
+    for name, extra in (("full", []), ("lora", ["lora.rank=4", "lora.alpha=8", "lora.targets=[wq,wv,w1]"])):
+        summary = train([*overrides, f"name=import-{name}", *extra])
+        out[name] = {"step": summary["step"], "run_dir": os.path.abspath(summary["run_dir"]),
+                     "losses": [r["loss"] for r in train_records(summary["run_dir"])]}
+    return out

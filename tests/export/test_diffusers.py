@@ -17,8 +17,7 @@ from megalm.diffusion.objectives import DDPM, Flow
 from megalm.diffusion.samplers import sample
 from megalm.diffusion.schedules import alpha_bar
 from megalm.errors import UserError
-from megalm.export.diffusers import (WEIGHTS, check_exportable, export_dit, scheduler_config, transformer_files,
-                                     write_folder)
+from megalm.export.diffusers import WEIGHTS, check_exportable, export_dit, scheduler_config, write_folder
 from megalm.models.dit import DiT, DiTConfig
 from tests.diffusion.conftest import digits  # noqa: F401  (session fixture: the digits as image shards)
 from tests.distributed.helper import run_distributed
@@ -104,7 +103,7 @@ def _max_diff(ours: DiT, theirs: DiTTransformer2DModel) -> tuple[float, float]:
                          ids=["classes", "learn-sigma", "unconditional", "rgb-patch4"])
 def test_random_dit_output_equals_diffusers(tmp_path, fields):
     model = _random_dit(**fields)
-    write_folder(str(tmp_path / "out"), transformer_files(dict(model.named_parameters()), model.config))
+    write_folder(str(tmp_path / "out"), dict(model.named_parameters()), model.config, {})
     theirs = _load(str(tmp_path / "out"))
     diff, scale = _max_diff(model, theirs)
     assert scale > 1.0  # a real signal, not a zero output
@@ -119,7 +118,7 @@ def test_paper_timestep_frequencies_are_refused_because_they_differ(tmp_path):
     with pytest.raises(UserError, match=r"src: model\.freq_shift: is 0 .*model\.freq_shift: 1"):
         check_exportable(model.config, "src")
     # Why: written anyway, diffusers' fixed frequencies give another output.
-    write_folder(str(tmp_path / "out"), transformer_files(dict(model.named_parameters()), model.config))
+    write_folder(str(tmp_path / "out"), dict(model.named_parameters()), model.config, {})
     assert _max_diff(model, _load(str(tmp_path / "out")))[0] > 0.1
 
 
@@ -186,7 +185,7 @@ def test_model_card_loop_reproduces_megalm_ddpm_sampling(runs, exported):
 def test_flow_scheduler_reproduces_megalm_euler_sampling(tmp_path):
     model = _random_dit()
     sched_cfg = scheduler_config({"objective": "flow"})
-    write_folder(str(tmp_path / "out"), transformer_files(dict(model.named_parameters()), model.config))
+    write_folder(str(tmp_path / "out"), dict(model.named_parameters()), model.config, {})
     theirs = _load(str(tmp_path / "out"))
     sched = FlowMatchEulerDiscreteScheduler.from_config(sched_cfg)
     shape, y, steps = (2, 1, 8, 8), torch.tensor([4, 10]), 5

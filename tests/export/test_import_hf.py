@@ -1,6 +1,7 @@
 """`megalm import-hf`: random Llama and GPT-2 models built and saved by transformers in the test,
 imported, and loaded by megalm's checkpoint reader with logits equal to transformers'; the
-imported checkpoint samples with its tokenizer and exports back to an equal HF model."""
+imported checkpoint samples with its tokenizer, exports back to an equal HF model, and finetunes
+(SFT, full and LoRA) from its weights."""
 
 from __future__ import annotations
 
@@ -48,6 +49,49 @@ def test_llama_import_loads_with_equal_logits_and_samples(trained, tmp_path, cap
     assert megalm_main(["sample", str(tmp_path / "ck"), "--prompt", "The list", "--max-new-tokens", "4",
                         "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("The list")
+
+
+def model_overrides(model_config: dict) -> list[str]:
+    """`model.KEY=VALUE` for every recorded model field: a run shaped exactly like the import."""
+    return [f"model.{k}={json.dumps(v)}" for k, v in model_config.items() if v is not None]
+
+
+def test_sft_and_lora_from_an_imported_llama(trained, tmp_path):
+    """import-hf -> prep --sft --tokenizer <imported> -> task: sft with init_from=<imported>, full and
+    LoRA under ZeRO-3 on 2 ranks: step 1's loss is the imported model's loss on step 1's batches."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megalm.train.config import load_config
+    from megalm.train.task import build_task
+    from tests.distributed.helper import run_distributed
+    from tests.train.sft_jobs import sft_overrides
+
+    torch.manual_seed(3)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                                      tie_word_embeddings=False))
+    save(hf, tmp_path / "hf", trained["shards"])
+    ck = str(tmp_path / "ck")
+    assert megalm_main(["import-hf", str(tmp_path / "hf"), "--out", ck]) == 0
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Name item {n}", "response": f"item {n} is {n * 7}"}) + "\n"
+                           for n in range(24)))
+    sft = str(tmp_path / "sft")
+    assert megalm_main(["prep", "--sft", str(src), "--tokenizer", ck, "-o", sft]) == 0
+    imported, meta = load_model(ck)
+    overrides = sft_overrides(sft, "x", 2, ck, ["parallel.zero_stage=3", *model_overrides(meta["data"]["model_config"]),
+                                                "data.seq_len=48"])
+    runs = run_distributed("tests.export.jobs:sft_from_import", {"workdir": str(tmp_path), "overrides": overrides},
+                           nproc=2)[0]
+    # The first step's micro-batches of both ranks, through the imported model: the mean is step 1's loss.
+    task = build_task(load_config(None, overrides, world_size=2))
+    with torch.no_grad():
+        want = torch.stack([task.loss(imported, mb) for rank in range(2)
+                            for mb in next(iter(task.build_loader("train", rank, 2)))]).mean().item()
+    for name in ("full", "lora"):
+        assert runs[name]["step"] == 2 and len(runs[name]["losses"]) == 2, runs[name]
+        assert abs(runs[name]["losses"][0] - want) <= 1e-5 * want, (name, runs[name]["losses"], want)
+    assert runs["full"]["losses"][1] != runs["lora"]["losses"][1]  # the two runs trained differently
 
 
 def test_gpt2_import_and_export_round_trip(trained, tmp_path):

@@ -3,6 +3,9 @@
   steps == 8 straight steps, bit for bit;
 - LoRA under ZeRO-3: step 1 equals the base model's loss (B = 0), only adapters change, the
   adapters are also saved alone, resume is exact, and the merged model reproduces the LoRA model;
+- the LoRA run exported with --format hf is the merged model in transformers (logits), and its
+  tokenizer_config.json carries the run's chat template (apply_chat_template == megalm's rendering);
+  the GGUF export holds the merged weights too;
 - bad input (another model shape, another tokenizer, LoRA outside sft) is one line."""
 
 from __future__ import annotations
@@ -159,3 +162,70 @@ def test_sample_chat_renders_the_runs_template(job, capsys):
     assert out.startswith(sp.decode(sp.encode(ChatTemplate().prompt([("user", "Count to 3")]))))
     assert cli(["sample", os.path.join(job["work"], "runs/base"), "--chat", "--prompt", "x"]) == 2
     assert "not an SFT checkpoint" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def lora_export(job):
+    """The LoRA (ZeRO-3) run exported with --format hf: adapters merged, chat template written."""
+    out = str(job["tmp"] / "lora-hf")
+    assert cli(["export", os.path.join(job["work"], "runs/lora-straight"), "--format", "hf", "--dtype", "fp32",
+                "--out", out]) == 0
+    return out
+
+
+def test_lora_export_is_the_merged_model_in_transformers(job, lora_export):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    merged, meta = load_model(os.path.join(job["work"], "runs/lora-straight"))
+    base, _ = load_model(os.path.join(job["work"], "runs/base"))
+    hf = AutoModelForCausalLM.from_pretrained(lora_export, dtype=torch.float32).eval()
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        got = hf(x).logits
+        assert (got - merged(x)).abs().max().item() <= 1e-4
+        assert (got - base(x)).abs().max().item() > 1e-3  # the trained adapters are in the weights
+    names = set()
+    for file in os.listdir(lora_export):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(lora_export, file), "pt") as f:
+                names |= set(f.keys())
+    assert not any("lora" in n or ".base." in n for n in names), sorted(names)[:5]
+
+
+def test_lora_export_carries_the_chat_template(job, lora_export):
+    from transformers import AutoTokenizer
+
+    from data_prep.chat import ChatTemplate
+
+    tok = AutoTokenizer.from_pretrained(lora_export)
+    _, meta = load_model(os.path.join(job["work"], "runs/lora-straight"))
+    template = ChatTemplate(**meta["data"]["chat_template"])
+    turns = [("user", "Count to 3"), ("assistant", "one two three")]
+    messages = [{"role": r, "content": c} for r, c in turns]
+    assert tok.apply_chat_template(messages, tokenize=False) == template.render(turns, tok.eos_token)
+    assert tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True) == \
+        template.prompt(turns[:1])
+    # the rendered chat tokenizes to the ids the SFT data was prepared with
+    from data_prep.chat import encode_example
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(job["text"], "tokenizer.model"))
+    ids, _ = encode_example(sp, template, turns, sp.eos_id())
+    assert tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"] == ids
+
+
+def test_lora_gguf_export_holds_the_merged_weights(job, tmp_path):
+    import numpy as np
+    from gguf import GGUFReader
+
+    run = os.path.join(job["work"], "runs/lora-straight")
+    assert cli(["export", run, "--format", "gguf", "--dtype", "fp32", "--out", str(tmp_path / "gguf")]) == 0
+    got = {t.name: np.asarray(t.data) for t in GGUFReader(str(tmp_path / "gguf" / "model.gguf")).tensors}
+    merged = load_model(run)[0].state_dict()
+    base = load_model(os.path.join(job["work"], "runs/base"))[0].state_dict()
+    for i in range(2):  # LoRA targets wq, wv, w1, w2, w3; v, gate and down are stored unpermuted
+        for gg, mg in (("attn_v", "attention.wv"), ("ffn_gate", "feed_forward.w1"), ("ffn_down", "feed_forward.w2")):
+            want = merged[f"layers.{i}.{mg}.weight"]
+            assert np.array_equal(got[f"blk.{i}.{gg}.weight"], want.numpy()), gg
+            assert not torch.equal(want, base[f"layers.{i}.{mg}.weight"]), gg
