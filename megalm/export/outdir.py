@@ -22,8 +22,10 @@ def check_destination(out: str, overwrite: bool, flag: str = "--out") -> str:
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
         raise UserError(f"{flag} {out}: already exists and is not empty (pass --overwrite to replace it)")
     parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag} {out}: parent folder {parent} does not exist")
+    try:  # like save_pretrained: missing parent folders are made
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {out}: cannot create the parent folder {parent} ({e.strerror})") from None
     return out
 
 
