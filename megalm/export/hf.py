@@ -26,6 +26,7 @@ from megalm.export.shards import DEFAULT_MAX_SHARD_BYTES, write_sharded
 from megalm.export.source import CheckpointTensors, Item
 from megalm.export.outdir import staged_dir
 from megalm.export.tokenizer import SpmModel, write_hf_tokenizer
+from megalm.models.lora import is_adapter, plain_items
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -34,8 +35,6 @@ HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def model_items(src: CheckpointTensors) -> Iterator[Item]:
     """The plain model's (name, tensor) items of a checkpoint: the one stream every export reads
     (a LoRA run's adapters are merged into it here)."""
-    from megalm.models.lora import plain_items
-
     return plain_items(src.items(), src.meta.get("data", {}))
 
 
@@ -129,7 +128,7 @@ def export_hf(checkpoint: str, out: str, dtype: str | None = None, max_shard_byt
     spm = load_spm(src)
     with staged_dir(out, overwrite) as work:
         write_hf_tokenizer(spm, work, f"{src.tag_dir}: tokenizer", src.config.max_seq_len, chat_template(src))
-        with progress(src.numel() * DTYPES[dtype].itemsize, "export") as bar:
+        with progress(src.numel(skip=is_adapter) * DTYPES[dtype].itemsize, "export") as bar:
             stats = write_sharded(to_hf(cast(model_items(src), DTYPES[dtype]), src.config, arch), work,
                                   max_shard_bytes, on_tensor=bar.update)
         _write_json(os.path.join(work, "config.json"), hf_config(src.config, arch, HF_DTYPE_NAMES[dtype],

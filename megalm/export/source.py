@@ -130,16 +130,17 @@ class CheckpointTensors:
         return list(states["module"].keys()) if states.get("module") else \
             [n for group in states["param_shapes"] for n in group]
 
-    def numel(self) -> int:
-        """Elements of all tensors items() yields, from the files' shape records (no data read)."""
+    def numel(self, skip: Callable[[str], bool] = lambda name: False) -> int:
+        """Elements of the tensors items() yields, less those `skip` names (e.g. LoRA adapters a
+        merge folds away), from the files' shape records (no data read)."""
         states = self._load(self._model_states_name())
         if self.layout == "pipeline":
-            return sum(self._load(f)[local].numel() for f, local, _ in self._pipeline_map())
+            return sum(self._load(f)[local].numel() for f, local, name in self._pipeline_map() if not skip(name))
         if self.layout == "zero3":
             shapes = {n: s for group in states["param_shapes"] for n, s in group.items()}
             shapes.update(states.get("frozen_param_shapes") or {})
-            return sum(math.prod(s) for s in shapes.values())
-        return sum(t.numel() for t in states["module"].values())
+            return sum(math.prod(s) for n, s in shapes.items() if not skip(n))
+        return sum(t.numel() for n, t in states["module"].items() if not skip(n))
 
     def _zero0_items(self) -> Iterator[Item]:
         for name in list(self._load(self._model_states_name())["module"]):
