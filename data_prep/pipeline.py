@@ -55,8 +55,11 @@ def _after_shard(out: Path, shard: int) -> None:
     if os.environ.get(PAUSE_ENV) != str(shard):
         return
     atomic_write(out / outdir.UNITS_DIR / "paused", str(shard))
+    # Not signal.pause(): a process-directed signal may land on another thread (Arrow's, the
+    # pool's), which leaves the main thread in pause() for ever (seen once in CI). Python runs
+    # the handler on the main thread after the next short sleep returns.
     while True:
-        signal.pause()
+        time.sleep(0.05)
 
 
 class _Progress:
