@@ -23,12 +23,19 @@ def _reference(tmp_path, corpus, model_path):
     return tree_digest(ref)
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A shell starts background jobs (`cmd &`, how CI may run the suite) with SIGINT ignored, and
+    # Python then never turns Ctrl-C into KeyboardInterrupt: give prep the disposition a user's
+    # terminal gives it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_paused(out, *args, shard: int = 1) -> subprocess.Popen:
     """`megalm prep` stopped by the pipeline's own hook right after publishing `shard`: it
     cannot finish before the test acts, however loaded the machine is."""
     cmd = [sys.executable, "-m", "megalm.cli", "prep", "-o", str(out), *map(str, args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, PAUSE_ENV: str(shard)})
+                            env={**os.environ, PAUSE_ENV: str(shard)}, preexec_fn=_ctrl_c_as_in_a_terminal)
     paused = out / ".units" / "paused"
     while not paused.exists():  # a state the run holds until signalled, not a deadline race
         if proc.poll() is not None:
