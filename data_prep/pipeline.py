@@ -56,8 +56,9 @@ def _after_shard(out: Path, shard: int) -> None:
         return
     atomic_write(out / outdir.UNITS_DIR / "paused", str(shard))
     # Not signal.pause(): a process-directed signal may land on another thread (Arrow's, the
-    # pool's), which leaves the main thread in pause() for ever (seen once in CI). Python runs
-    # the handler on the main thread after the next short sleep returns.
+    # pool's), which leaves the main thread in pause() for ever (reproduced with tgkill in
+    # tests/data_prep/test_resume.py). Python runs the handler on the main thread after the next
+    # short sleep returns.
     while True:
         time.sleep(0.05)
 

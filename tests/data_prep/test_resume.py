@@ -128,7 +128,7 @@ def test_ctrl_c_stops_cleanly_then_resumes(tmp_path, corpus, model_path):
 
 def test_ctrl_c_landing_on_another_thread_still_stops(tmp_path, corpus, model_path):
     """A process-directed SIGINT may be delivered to any thread (Arrow's, the pool's): send it to
-    one that is not the main thread, as the kernel sometimes does (seen once in CI, where the
+    one that is not the main thread, as the kernel may (with signal.pause() in the hook the
     paused run then never woke up)."""
     import ctypes
 
