@@ -45,15 +45,16 @@ def ce_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
         valid = lab != ignore_index
         safe = torch.where(valid, lab, torch.zeros_like(lab)).long()
         _check_labels(safe, v)
-        if grad is None:  # loss only (evaluation): no gradient pass at all
-            tgt = lf.gather(1, safe[:, None]).squeeze(1)
-            loss[s:e] = torch.where(valid, torch.logsumexp(lf, dim=-1) - tgt, torch.zeros_like(tgt))
-            continue
-        # One fused log_softmax pass, then softmax = exp of it in place: ~3x fewer passes over
-        # the [rows, V] block than logsumexp + subtract + exp (this is the CPU training path).
+        # The loss comes from the same ops on both paths (evaluation and training), so it is
+        # bit-identical by construction on every CPU: logsumexp - x rounds differently from
+        # log_softmax's own reduction on some SIMD paths (seen on AVX2). One fused log_softmax
+        # pass, then softmax = exp of it in place: ~3x fewer passes over the [rows, V] block than
+        # logsumexp + subtract + exp (this is the CPU training path).
         lsm = torch.log_softmax(lf, dim=-1)
         tgt = lsm.gather(1, safe[:, None]).squeeze(1)
         loss[s:e] = torch.where(valid, -tgt, torch.zeros_like(tgt))
+        if grad is None:  # loss only (evaluation): no gradient pass at all
+            continue
         p = lsm.exp_()
         p.scatter_add_(1, safe[:, None], torch.full_like(tgt[:, None], -1.0))
         if p.device.type != "cpu" or not bool(valid.all()):  # no host sync on a GPU
