@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from megalm.cliparse import Parser
 from megalm.errors import UserError
 
 from .config import PrepConfig
 from .tokenizer import TokenizerSpec
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, via the CLI's UserError path
-        raise UserError(f"megalm prep: {message} (see megalm prep --help)")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="megalm prep", description=(
+def _parser() -> Parser:
+    p = Parser(prog="megalm prep", description=(
         "Tokenize corpora into Arrow shards + manifest.json (docs/interfaces.md). Inputs: "
         ".jsonl[.gz|.zst], .parquet, .txt (one document per file), directories, globs, "
         "builtin:python-docs. Re-running the same command resumes an interrupted run."))

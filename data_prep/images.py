@@ -10,7 +10,6 @@ bookkeeping reads like the token shards'.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from megalm.cliparse import Parser
 from megalm.errors import UserError
 from megalm.fsio import atomic_write, fsync_dir, sha256_file
 
@@ -202,13 +202,8 @@ def _write_shards(images: Images, out_path: Path, valid_fraction: float, shard_s
     return manifest
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UserError(f"megalm prep: {message} (see megalm prep --images --help)")
-
-
 def main(argv: list[str]) -> int:
-    p = _Parser(prog="megalm prep --images", description="Images -> Arrow shards + manifest.json: a folder "
+    p = Parser(prog="megalm prep --images", description="Images -> Arrow shards + manifest.json: a folder "
                 "with one subfolder per class, an .npz (uint8 'images' [N,H,W(,C)] + 'labels'), or builtin:digits.")
     p.add_argument("input", nargs="?")
     p.add_argument("-o", "--output")

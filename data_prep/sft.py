@@ -10,7 +10,6 @@ equal lengths, train/valid split by a hash of the record, manifest (`kind: sft`)
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from megalm.cliparse import Parser
 from megalm.errors import UserError
 from megalm.fsio import atomic_write, fsync_dir
 
@@ -167,13 +167,8 @@ def _write(out: Path, rows: dict, model: bytes, info: dict, dtype: str, template
     return manifest
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UserError(f"megalm prep --sft: {message} (see megalm prep --sft --help)")
-
-
 def main(argv: list[str]) -> int:
-    p = _Parser(prog="megalm prep --sft", description="Instruction/chat JSONL (.jsonl[.gz|.zst]: {prompt, response} "
+    p = Parser(prog="megalm prep --sft", description="Instruction/chat JSONL (.jsonl[.gz|.zst]: {prompt, response} "
                 f"or {{messages: [{{role, content}}]}}, or {TOPICS_QA}) -> Arrow shards with a loss mask.")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--sft", action="store_true", required=True)

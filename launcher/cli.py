@@ -18,6 +18,7 @@ import sys
 import time
 
 from launcher.env import DistEnv, free_port
+from megalm.cliparse import Parser
 from megalm.errors import UserError
 
 GRACE_S = 10.0
@@ -28,7 +29,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     cut = argv.index("--") if "--" in argv else len(argv)
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="megalm launch", usage="megalm launch --nproc N [--master-port P] [--master-addr A] -- CMD [ARGS...]",
         description=__doc__.splitlines()[0].split(": ", 1)[1],
         epilog="Ctrl-C (or SIGTERM/SIGUSR1) makes `megalm train` ranks checkpoint at the end of the step and "

@@ -8,7 +8,6 @@ Everything that can be checked before the job queues is checked here, each as on
 
 from __future__ import annotations
 
-import argparse
 import re
 import shlex
 import shutil
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from megalm.cliparse import Parser
 from megalm.errors import UserError
 from megalm.fsio import atomic_write
 
@@ -173,7 +173,7 @@ def submit(spec: SubmitSpec, env: dict[str, str] | None = None) -> tuple[str, Pa
 
 
 def _parse(argv: list[str]) -> tuple[SubmitSpec, bool]:
-    p = argparse.ArgumentParser(prog="megalm submit", description=__doc__.splitlines()[0])
+    p = Parser(prog="megalm submit", description=__doc__.splitlines()[0])
     p.add_argument("config", help="training YAML (as for megalm train)")
     p.add_argument("overrides", nargs="*", help="dotted overrides passed to megalm train, e.g. train.steps=1000")
     p.add_argument("--nodes", type=int, required=True)

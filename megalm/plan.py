@@ -13,13 +13,13 @@ stage times the micro batches in flight.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megalm.cliparse import Parser
 from megalm.errors import UserError
 from megalm.models.config import LLMConfig
 
@@ -205,7 +205,7 @@ def plan(cfg, gpus: int, gpu: GPU, mfu: float) -> tuple[LLMConfig, list[Row]]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="megalm plan", description=__doc__.splitlines()[0])
+    p = Parser(prog="megalm plan", description=__doc__.splitlines()[0])
     p.add_argument("config", help="training YAML, or a model preset name (gpt2-124m ... llama3-70b)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_len=8192 batch.micro_batch=1")
     p.add_argument("--gpus", type=int, required=True, help="total GPUs")

@@ -7,12 +7,12 @@ trainer recorded.
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any
 
 import torch
 
+from megalm.cliparse import Parser
 from megalm.diffusion.objectives import Objective
 from megalm.errors import UserError
 
@@ -69,8 +69,8 @@ def from_checkpoint(checkpoint: str) -> tuple[torch.nn.Module, Objective]:
     return load(meta, tag_dir)
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="megalm sample", description="Sample an image grid from a DiT checkpoint.")
+def parser() -> Parser:
+    p = Parser(prog="megalm sample", description="Sample an image grid from a DiT checkpoint.")
     p.add_argument("checkpoint")
     p.add_argument("--class", dest="classes", type=int, action="append",
                    help="class index (repeatable); default: one row per class")
@@ -82,13 +82,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=0, help="pixel enlargement in the PNG (default: to ~64 px)")
     p.add_argument("--out", default="grid.png")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str], meta: dict[str, Any], source: str) -> int:
     from megalm.diffusion.images import grid, write_png
 
-    args = _parse(argv)
+    args = parser().parse_args(argv)
     model, objective = load(meta, source)
     mc = model.config
     classes = args.classes if args.classes else list(range(max(mc.num_classes, 1)))

@@ -15,18 +15,12 @@ import os
 import re
 import sys
 
+from megalm.cliparse import Parser
 from megalm.errors import UserError
 
 FORMATS = ("hf", "gguf", "diffusers")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-class Parser(argparse.ArgumentParser):
-    """Usage errors as one `error:` line (exit 2) through the CLI's UserError path."""
-
-    def error(self, message: str) -> None:
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def parse_size(text: str, flag: str) -> int:

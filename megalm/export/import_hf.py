@@ -22,6 +22,7 @@ import torch
 import megalm
 from megalm.checkpoint.files import complete_directory
 from megalm.checkpoint.layout import CLIENT_KEYS, LATEST, MODEL_STATES, tag_for
+from megalm.cliparse import Parser
 from megalm.errors import UserError
 from megalm.export.arch import GPT2_NAMES, LLAMA_NAMES, compile_names, rename
 from megalm.export.outdir import staged_dir
@@ -219,8 +220,6 @@ def _tokenizer_fields(hf_dir: str, hf: dict[str, Any], cfg: LLMConfig) -> dict[s
 
 
 def main(argv: list[str]) -> int:
-    from megalm.export.cli import Parser
-
     p = Parser(prog="megalm import-hf", description=__doc__.splitlines()[0])
     p.add_argument("hf_dir", help="local Hugging Face model folder (config.json + safetensors)")
     p.add_argument("--out", required=True, help="megalm checkpoint root to create")

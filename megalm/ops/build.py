@@ -16,7 +16,6 @@ run only on their exact arch.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import importlib.machinery
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from megalm.cliparse import Parser
 from megalm.fsio import atomic_write, fsync_dir
 
 EXT_NAME = "megalm_ops_C"
@@ -281,7 +281,7 @@ def load_extension() -> tuple[ModuleType | None, str, Path | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="megalm ops build",
+    ap = Parser(prog="megalm ops build",
                                  description="compile the fused CUDA ops ahead of time (cached)")
     ap.add_argument("--arch", default=None,
                     help=f"CUDA arch list, default $TORCH_CUDA_ARCH_LIST or {DEFAULT_ARCH!r}")

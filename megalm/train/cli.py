@@ -10,11 +10,12 @@ import argparse
 import json
 import sys
 
+from megalm.cliparse import Parser
 from megalm.train.config import load_config
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="megalm train", description=__doc__.splitlines()[0])
+    p = Parser(prog="megalm train", description=__doc__.splitlines()[0])
     p.add_argument("config", help="YAML config file, or the name of a shipped example (demo, gpt2-124m)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.micro_batch=2 data.paths=[d]")
     p.add_argument("--resume", default="auto",

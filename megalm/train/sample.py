@@ -16,11 +16,12 @@ import sys
 import torch
 
 from megalm.checkpoint.reader import load_model, load_tokenizer
+from megalm.cliparse import Parser
 from megalm.errors import UserError
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="megalm sample", description=__doc__.splitlines()[0])
+    p = Parser(prog="megalm sample", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true",
@@ -33,15 +34,31 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
-    first = next((a for a in argv if not a.startswith("-")), None)
-    if first is not None and "--prompt" not in argv and os.path.isdir(first):  # a DiT checkpoint: images
-        from megalm.checkpoint.reader import read_client_state
-        from megalm.diffusion.sample import is_diffusion, main as diffusion_main
+def _diffusion_checkpoint(argv: list[str]) -> tuple[str, dict] | None:
+    """(tag dir, client state) when argv names a DiT checkpoint without --prompt, else None.
 
-        tag_dir, meta = read_client_state(first)
-        if is_diffusion(meta):
-            return diffusion_main(argv, meta, tag_dir)
+    The checkpoint is found by the DiT sampler's own parser, so its options may stand anywhere."""
+    if any(a in ("-h", "--help") or a == "--prompt" or a.startswith("--prompt=") for a in argv):
+        return None
+    from megalm.checkpoint.reader import read_client_state
+    from megalm.diffusion.sample import is_diffusion, parser as diffusion_parser
+
+    try:
+        checkpoint = diffusion_parser().parse_known_intermixed_args(argv)[0].checkpoint
+    except UserError:
+        return None
+    if not os.path.isdir(checkpoint):
+        return None
+    tag_dir, meta = read_client_state(checkpoint)
+    return (tag_dir, meta) if is_diffusion(meta) else None
+
+
+def main(argv: list[str]) -> int:
+    dit = _diffusion_checkpoint(argv)
+    if dit is not None:  # a DiT checkpoint: an image grid
+        from megalm.diffusion.sample import main as diffusion_main
+
+        return diffusion_main(argv, dit[1], dit[0])
     args = _parse(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading a checkpoint is CPU work; skip GPU probing
     with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the sample

@@ -58,7 +58,8 @@ def test_lock_and_resume_rules_apply_to_diffusion_runs(digits, tmp_path):
 def test_sample_refuses_a_planted_pickle_in_a_dit_checkpoint(digits, tmp_path):
     assert train(digits, tmp_path, "dit").returncode == 0
     good = tmp_path / "runs" / "dit" / "checkpoints" / "step_00000001"
-    ok = megalm(["sample", str(good), "--steps", "2", "-n", "1", "--out", str(tmp_path / "g.png")], tmp_path)
+    # Options before and after the checkpoint (any order, as for every verb).
+    ok = megalm(["sample", "--steps", "2", str(good), "-n", "1", "--out", str(tmp_path / "g.png")], tmp_path)
     assert ok.returncode == 0 and "10 x 1 samples" in ok.stdout, ok.stderr[-2000:]
 
     evil = tmp_path / "evil" / "step_00000001"
