@@ -347,11 +347,17 @@ class Trainer:
             if self.step >= self.total_steps and cfg.eval.batches:
                 self._eval(metrics)
         finally:
-            self.guard.watch.close()
             metrics.close()
             self.stops.restore()
-            self.ckpt.close()
+            self.close()
         return self._summary()
+
+    def close(self) -> None:
+        """Release what the trainer holds besides the engine: the hang watch (a thread polling a
+        store client) and the run lock. `run` ends with it; whoever drives steps by hand calls it:
+        a watch thread left inside the store client when the process exits aborts it."""
+        self.guard.watch.close()
+        self.ckpt.close()
 
     def _summary(self) -> dict[str, Any]:
         summary = {"step": self.step, "finished": self.step >= self.total_steps, "tokens": self.tokens,

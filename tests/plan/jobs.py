@@ -56,6 +56,7 @@ def measure(workdir: str, shards: str, cases: list[list[Any]]) -> dict[str, Any]
         trainer = Trainer(cfg, LMTask(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
         trainer.train_step(trainer.next_batch())
         out[name] = _measure(trainer.engine, zero) | {"dtype": dtype, "zero": zero}
+        trainer.close()
         del trainer
         gc.collect()
     return out
