@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 CUDA_VENV := .venv-cuda
 TORCH_CPU := torch==2.13.0
 TORCH_CUDA := torch==2.14.1
+# pytest-xdist workers for `make test` (tests/conftest.py keeps what shares set-up on one worker).
+TEST_WORKERS ?= 2
 
 .PHONY: demo demo-diffusion test venv cuda-venv clean
 
@@ -37,7 +39,7 @@ demo-diffusion: venv
 test: venv cuda-venv
 	@started=; if command -v slurmctld >/dev/null && ! bash slurm/local/running.sh; then \
 		bash slurm/local/start.sh >/dev/null && started=1; fi; \
-	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=25 tests; rc=$$?; \
 	if [ -n "$$started" ]; then bash slurm/local/stop.sh; fi; exit $$rc
 
 clean:

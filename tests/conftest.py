@@ -47,3 +47,36 @@ def pytest_make_collect_report(collector):
         report.outcome = "failed"
         report.longrepr = f"{collector.nodeid}: skipped at collection in CI, which must run everything: " \
                           f"{_reason(report.longrepr)}"
+
+
+# `make test` runs the suite on 2 pytest-xdist workers (`-n 2 --dist loadscope`), with the scope
+# of a work unit chosen here: a unit runs whole on one worker. Each test file is a unit (module
+# fixtures such as one multi-engine launch stay shared), and so is each folder whose conftest has
+# session fixtures (a trained model, a corpus, the one local Slurm cluster), so those are built
+# once and the Slurm jobs never race each other. Slurm goes first: its jobs mostly wait, and that
+# waiting then overlaps the rest of the suite instead of ending it.
+_WHOLE_FOLDERS = ("slurm", "diffusion", "export", "data_prep")
+_FIRST = "slurm"
+
+
+def _scope(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]  # tests/<folder>/<file>.py
+    parts = path.split("/")
+    return "/".join(parts[:2]) if len(parts) > 2 and parts[1] in _WHOLE_FOLDERS else path
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: _scope(item.nodeid) != f"tests/{_FIRST}")  # stable sort
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # only where xdist runs the suite
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return Scheduling(config, log)

@@ -13,7 +13,7 @@ alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 mkdir -p "$DIR/state"
 CONF="$DIR/slurm.conf"
 HOST="$(hostname)"
-cat > "$CONF.tmp" <<CONF
+cat > "$CONF.tmp.$$" <<CONF
 ClusterName=megalm-local
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$PORT
@@ -41,7 +41,7 @@ NodeName=node1 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((PORT + 2)) CPUs=1 S
 NodeName=node2 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((PORT + 3)) CPUs=1 State=UNKNOWN
 PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
 CONF
-mv "$CONF.tmp" "$CONF"
+mv "$CONF.tmp.$$" "$CONF"  # a name of its own: two starts at once must not share one temp file
 export SLURM_CONF="$CONF"
 if [ ! -s /etc/munge/munge.key ]; then
     echo "error: /etc/munge/munge.key missing; run slurm/local/install.sh" >&2; exit 2

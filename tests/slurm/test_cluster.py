@@ -79,10 +79,10 @@ def test_killed_rank_fails_the_job_fast(baseline, slurm_workdir):
 
 def test_stuck_rank_is_named_and_stacks_are_dumped(baseline, slurm_workdir):
     job = submit_training(slurm_workdir, "stuck", steps=1000, hooks={"MEGALM_TEST_SLEEP_AT": "1:3:900"},
-                          collective_timeout_s=60)
+                          collective_timeout_s=30)
     wait_until(lambda: (job.markers / "sleeping.rank1").exists(), "rank 1 to get stuck", 300, job.log)
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=60)
-    info = wait_final(job.job_id, job.log, timeout=240)  # 60 s collective timeout, not 900 s of sleep
+    info = wait_final(job.job_id, job.log, timeout=240)  # 30 s collective timeout, not 900 s of sleep
     log = job.log.read_text()
     assert info["JobState"] == "FAILED", log[-3000:]
     assert "megalm: hang: rank 0 has waited" in log and "collective of step 4; rank(s) 1 never reached it" in log
