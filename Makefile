@@ -50,12 +50,29 @@ clean:
 # on any wrong kernel (--strict), then the GPU test suite. Then `python benchmarks/ops.py`.
 # A GPU machine without a package index and without pytest: run `make gpu-wheels` where there is
 # one and carry .whl/ along; test-gpu installs pytest from it into .whl/site.
-.PHONY: test-gpu gpu-wheels
+.PHONY: test-gpu gpu-wheels bench-gpu
 test-gpu:
 	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'test-gpu: $(PYTHON) sees no CUDA GPU')"
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m megalm.ops.build --strict
 	@$(PYTHON) -c "import pytest" 2>/dev/null || test -d .whl/site || $(PYTHON) -m pip install -q --no-index --find-links .whl --target .whl/site pytest || { echo "test-gpu: no pytest for $(PYTHON) (make gpu-wheels, carry .whl/)"; exit 1; }
 	PYTHONPATH=$(CURDIR):$(CURDIR)/.whl/site $(PYTHON) -m pytest -q -p no:cacheprovider gpu_tests
 
+# DeepSpeed and what it needs beyond the GPU machine's own packages (Python 3.12 there), for bench-gpu.
+GPU_BINARY_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing_extensions==4.16.0 hjson==3.1.0 zstandard==0.25.0
 gpu-wheels: venv
 	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 -d .whl pytest
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_BINARY_WHEELS)
+	$(BIN)/pip wheel -q --no-deps deepspeed==0.19.8 -w .whl
+
+# Training speed on one GPU against a nanoGPT-style loop, eager and compiled (benchmarks/train_gpu.py):
+# builds the ops, then writes BENCH_OUT. DeepSpeed comes from the carried .whl/ (make gpu-wheels).
+BENCH_OUT ?= benchmarks/results/train_gpu.json
+GPU_PATH := PYTHONPATH=$(CURDIR):$(CURDIR)/.whl/site
+bench-gpu:
+	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu: $(PYTHON) sees no CUDA GPU')"
+	@$(GPU_PATH) $(PYTHON) -c "import deepspeed" 2>/dev/null || $(PYTHON) -m pip install -q --no-index --no-deps \
+		--target .whl/site .whl/*.whl || { echo "bench-gpu: no DeepSpeed for $(PYTHON) (make gpu-wheels, carry .whl/)"; exit 1; }
+	$(GPU_PATH) $(PYTHON) -m megalm.ops.build --strict
+	$(GPU_PATH) $(PYTHON) benchmarks/train_gpu.py --out $(BENCH_OUT)

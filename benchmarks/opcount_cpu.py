@@ -52,21 +52,57 @@ def counter():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
+        """aten ops reaching the dispatcher, and host reads: `.tolist()` reads the data without
+        an aten op, so it is counted where it is called."""
+
         def __init__(self):
             super().__init__()
             self.ops: collections.Counter[str] = collections.Counter()
+            self.reads: collections.Counter[str] = collections.Counter()  # host reads by call site
+
+        def _read(self) -> None:
+            self.ops[SYNC] += 1
+            self.reads[_call_site()] += 1
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func.overloadpacket).split(".", 1)[-1]
-            if name not in VIEWS:
+            if name == SYNC:
+                self._read()
+            elif name not in VIEWS:
                 self.ops[name] += 1
             return func(*args, **(kwargs or {}))
+
+        def __enter__(self):
+            real = self._tolist = torch.Tensor.tolist
+
+            def tolist(t, *a, **kw):
+                self._read()
+                return real(t, *a, **kw)
+
+            torch.Tensor.tolist = tolist
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            torch.Tensor.tolist = self._tolist
+            return super().__exit__(*exc)
 
     return Count, torch
 
 
-def _summary(ops: collections.Counter) -> dict:
-    return {"kernels": sum(ops.values()), "host_syncs": ops.get(SYNC, 0)}
+def _call_site() -> str:
+    """The innermost caller outside torch and this file: file:line function."""
+    import traceback
+
+    for f in reversed(traceback.extract_stack()[:-3]):
+        if "/torch/" not in f.filename and not f.filename.endswith("opcount_cpu.py"):
+            parts = f.filename.split("/")
+            return f"{'/'.join(parts[-2:])}:{f.lineno} {f.name}"
+    return "?"
+
+
+def _summary(count) -> dict:
+    return {"kernels": sum(count.ops.values()), "host_syncs": count.ops.get(SYNC, 0),
+            "host_reads_by_site": dict(count.reads.most_common())}
 
 
 def measure(zero: int, shards: str, work: str, warmup: int = 2) -> dict:
@@ -113,7 +149,7 @@ def measure(zero: int, shards: str, work: str, warmup: int = 2) -> dict:
         plain_step(batch)
     extra = {k: ours.ops[k] - plain.ops.get(k, 0) for k in ours.ops if ours.ops[k] > plain.ops.get(k, 0)}
     return {"zero_stage": zero, "parameters_tensors": params, "micro_batches_per_step": len(batch),
-            "megalm": _summary(ours.ops), "plain_loop": _summary(plain.ops),
+            "megalm": _summary(ours), "plain_loop": _summary(plain),
             "kernels_ratio": round(sum(ours.ops.values()) / sum(plain.ops.values()), 4),
             "megalm_extra_ops": dict(sorted(extra.items(), key=lambda kv: -kv[1])[:15])}
 

@@ -26,6 +26,7 @@ class Built:
     dp_world: int
     is_first_stage: bool
     flops_per_token: int  # model FLOPs per trained token (computed before ZeRO-3 partitions params)
+    megalm_grad_norm: bool = False  # the loop passes local_grad_sumsq to the guard (inf/NaN check)
 
 
 class _Use(nn.Module):
@@ -135,12 +136,39 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
         model=module, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: LRSchedule(opt, total, o),
     )
+    if cfg.megalm_grad_norm():
+        _clip_with_guard_norm(engine.optimizer, guard)
     if pipeline:
         dp_rank, dp_world = engine.grid.data_parallel_id, engine.grid.data_parallel_size
         is_first = engine.is_first_stage()
     else:
         dp_rank, dp_world, is_first = dist.get_rank(), world_size, True
-    return Built(engine, pipeline, dp_rank, dp_world, is_first, flops)
+    return Built(engine, pipeline, dp_rank, dp_world, is_first, flops, cfg.megalm_grad_norm())
+
+
+def _clip_with_guard_norm(zero_optimizer: Any, guard: StepGuard) -> None:
+    """ZeRO-1/2: DeepSpeed clips with the global norm the guard already has (host float) instead
+    of taking its own, a norm kernel per parameter and a host read per group, per step."""
+    if not callable(getattr(zero_optimizer, "scaled_global_norm", None)):
+        raise RuntimeError(f"{type(zero_optimizer).__name__} has no scaled_global_norm(): this DeepSpeed version "
+                           f"clips differently; megalm's ZeRO-1/2 gradient norm needs updating for it")
+    # A CPU tensor: DeepSpeed's validity check and clip factor then never read the device.
+    zero_optimizer.scaled_global_norm = lambda norm_type=2: torch.tensor(guard.grad_norm, dtype=torch.float32)
+
+
+def local_grad_sumsq(engine: Any) -> torch.Tensor:
+    """ZeRO-1/2, after the accumulation boundary's backward: this rank's share of the squared
+    gradient norm. DeepSpeed's ZeRO optimizer then holds the reduced gradients of this rank's
+    partition in `averaged_gradients` (group -> tensors); partitions are disjoint across ranks, so
+    the guard's all_reduce sums the shares to the global value. One multi-tensor norm, fp32."""
+    groups = getattr(engine.optimizer, "averaged_gradients", None)
+    if not isinstance(groups, dict):
+        raise RuntimeError(f"{type(engine.optimizer).__name__} has no averaged_gradients dict: this DeepSpeed "
+                           f"version keeps ZeRO-1/2 gradients elsewhere; megalm's inf/NaN gradient check needs them")
+    grads = [g for gs in groups.values() if gs for g in gs if g is not None and g.numel()]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device_of(engine))
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
 
 
 def device_of(engine: Any) -> torch.device:

@@ -6,7 +6,10 @@ a skipped step leaves parameters and optimizer state untouched (the engine then 
 
 Losses stay on the device until the decision: `record` only adds tensors, and `decide` reads the
 reduced result back with one `.tolist()` — the step's single host synchronisation. The same
-reduction carries which stop signals any rank received, so stopping costs no second sync.
+reduction carries which stop signals any rank received, so stopping costs no second sync, and,
+at ZeRO-1/2, each rank's share of the squared gradient norm: the global norm arrives with the
+decision and a non-finite one marks the step bad (DeepSpeed's per-parameter overflow check,
+~10 kernels and a host read per parameter, is off there).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class StepGuard:
         self.pending_signal = 0  # set from a signal handler; folded into the next decision
         self.stop_signal = 0  # the reduced decision: a signal number any rank received, or 0
         self.last_loss = float("nan")
+        self.grad_norm = float("nan")  # global gradient norm of the last decision that carried one
+        self._grad_sumsq: torch.Tensor | None = None
         self.last_bad = False
         self.decided = False
         self.device = torch.device("cpu")  # where the decision all_reduce runs (CUDA under NCCL)
@@ -70,11 +75,13 @@ class StepGuard:
     def _reduced(self) -> list[float]:
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         flags = [1.0 if self.pending_signal == s else 0.0 for s in self.stop_signals]
+        sumsq = [] if self._grad_sumsq is None else [self._grad_sumsq.to(self.device, torch.float64).reshape(())]
         t = torch.stack([
             zero if self._sum is None else self._sum.to(self.device).reshape(()),
             zero + float(self._count),
             zero if self._nonfinite is None else self._nonfinite.to(self.device).reshape(()),
             *(zero + f for f in flags),
+            *sumsq,
         ])
         if dist.is_initialized():
             dist.all_reduce(t)
@@ -83,15 +90,23 @@ class StepGuard:
             self.watch.left()
         return values
 
-    def decide(self) -> bool:
+    def decide(self, grad_sumsq: torch.Tensor | None = None) -> bool:
         """Collective: the global mean loss of this step, whether the step is bad, and whether
-        any rank asked to stop."""
+        any rank asked to stop. `grad_sumsq`: this rank's share of the squared gradient norm
+        (shares summed over all ranks give the global one); a non-finite norm makes the step bad."""
         if self.decided:
             return self.last_bad
-        total, count, nonfinite, *flags = self._reduced()
+        self._grad_sumsq = grad_sumsq
+        try:
+            total, count, nonfinite, *flags = self._reduced()
+        finally:
+            self._grad_sumsq = None
+        if grad_sumsq is not None:
+            sumsq = flags.pop()
+            self.grad_norm = math.sqrt(sumsq) if math.isfinite(sumsq) and sumsq >= 0 else float("nan")
         self.stop_signal = next((s for s, f in zip(self.stop_signals, flags) if f), self.stop_signal)
         mean = total / count if count and not nonfinite else float("nan")
-        bad = nonfinite > 0 or not math.isfinite(mean)
+        bad = nonfinite > 0 or not math.isfinite(mean) or (grad_sumsq is not None and math.isnan(self.grad_norm))
         if not bad and self.cfg.spike_factor and self.history:
             bad = mean > self.cfg.spike_factor * (sum(self.history) / len(self.history))
         if bad:

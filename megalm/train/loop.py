@@ -24,9 +24,10 @@ from launcher.diagnose import CollectiveWatch
 import megalm
 from megalm.errors import UserError
 from megalm.checkpoint.manager import CheckpointManager
+from megalm.data.prefetch import Prefetcher
 from megalm.fsio import atomic_write
 from megalm.train.config import TrainConfig
-from megalm.train.engine import build, device_of, peak_memory_gib
+from megalm.train.engine import build, device_of, local_grad_sumsq, peak_memory_gib
 from megalm.train.guard import StepGuard
 from megalm.train.init_from import model_differences
 from megalm.train.metrics import Metrics, json_safe
@@ -66,7 +67,9 @@ class Trainer:
         self.engine = self.b.engine
         self.device = device_of(self.engine)
         self.guard.device = self.device
-        self.loader = task.build_loader("train", self.b.dp_rank, self.b.dp_world)
+        # Step s+1's batches are collated (pinned on a GPU) on a worker thread while step s runs.
+        self.loader = Prefetcher(task.build_loader("train", self.b.dp_rank, self.b.dp_world),
+                                 pin_memory=self.device.type == "cuda")
         self._it = iter(self.loader)
         # Built (and so validated) now: an impossible eval split fails before step 1, not after
         # the last one.
@@ -208,7 +211,8 @@ class Trainer:
                 loss = self.guard.record(self.task.loss(self.engine, mb))
                 self.engine.backward(loss)
                 if i == len(micro) - 1:
-                    self.guard.decide()  # before the optimizer runs, on every rank
+                    # Before the optimizer runs, on every rank; carries the gradient norm (ZeRO-1/2).
+                    self.guard.decide(local_grad_sumsq(self.engine) if self.b.megalm_grad_norm else None)
                     if self._own_grad_norm:
                         self._gnorm = torch.nn.utils.get_total_norm(
                             [p.grad for p in self.engine.module.parameters() if p.grad is not None])
@@ -279,6 +283,8 @@ class Trainer:
     def _grad_norm(self) -> float:
         if self._own_grad_norm:
             return float(self._gnorm) if self._gnorm is not None else float("nan")
+        if self.b.megalm_grad_norm:
+            return self.guard.grad_norm
         g = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
         return float(g) if g is not None else float("nan")
 
@@ -358,6 +364,7 @@ class Trainer:
         a watch thread left inside the store client when the process exits aborts it."""
         self.guard.watch.close()
         self.ckpt.close()
+        self.loader.close()
 
     def _summary(self) -> dict[str, Any]:
         summary = {"step": self.step, "finished": self.step >= self.total_steps, "tokens": self.tokens,

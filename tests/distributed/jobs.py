@@ -67,6 +67,7 @@ def train_modes(workdir: str, shards: str, modes: list[str]) -> dict[str, Any]:
         second = train(small_overrides(shards, f"{mode}-split") + MODES[mode])
         out[mode] = {"straight": straight, "first": first, "second": second,
                      "straight_losses": [r["loss"] for r in train_records(straight["run_dir"])],
+                     "straight_grad_norms": [r["grad_norm"] for r in train_records(straight["run_dir"])],
                      "split_losses": [r["loss"] for r in train_records(second["run_dir"])]}
     return out
 

@@ -11,7 +11,8 @@ from megalm.train.schedule import lr_at
 from megalm.train.task import LMTask
 
 
-def reference_run(overrides: list[str]) -> tuple[list[float], torch.nn.Module]:
+def reference_run(overrides: list[str], grad_norms: list[float] | None = None) -> tuple[list[float], torch.nn.Module]:
+    """(per-step mean losses, final model); `grad_norms` collects each step's norm before clipping."""
     cfg = load_config(None, overrides, world_size=1)
     task = LMTask(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -32,7 +33,9 @@ def reference_run(overrides: list[str]) -> tuple[list[float], torch.nn.Module]:
             loss = task.loss(model, mb)
             (loss / len(micro)).backward()
             total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        if grad_norms is not None:
+            grad_norms.append(float(norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total / len(micro))

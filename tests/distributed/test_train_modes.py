@@ -29,8 +29,10 @@ def job(tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     result = run_distributed("tests.distributed.jobs:modes_and_nan",
                              {"workdir": str(work), "shards": shards, "modes": list(MODES)}, nproc=2)[0]
-    losses, model = reference_run(small_overrides(shards, "reference"))
-    return {"shards": shards, "work": work, "reference_losses": losses, "reference_model": model, **result}
+    norms: list[float] = []
+    losses, model = reference_run(small_overrides(shards, "reference"), grad_norms=norms)
+    return {"shards": shards, "work": work, "reference_losses": losses, "reference_model": model,
+            "reference_grad_norms": norms, **result}
 
 
 def _ckpt_root(job, mode: str) -> str:
@@ -48,6 +50,14 @@ def test_matches_single_process_reference(job, mode):
     ref = job["reference_model"].state_dict()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, ref[name].float(), atol=2e-5, rtol=0, msg=f"{mode}: {name}")
+
+
+@pytest.mark.parametrize("mode", ["zero1", "zero2"])
+def test_megalm_gradient_norm(job, mode):
+    """ZeRO-1/2: megalm takes the global gradient norm over both ranks' partitions in the guard's
+    reduction (its inf/NaN check); the logged norms are the single-process reference's."""
+    got = job["modes"][mode]["straight_grad_norms"]
+    assert got == pytest.approx(job["reference_grad_norms"], rel=1e-4)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -142,9 +142,16 @@ def test_fused_linear_ce_never_builds_full_logits(monkeypatch):
     assert seen == [(16, 1000), (16, 1000), (16, 1000), (2, 1000)]
 
 
-def test_auto_chunk_size_bounds_chunk_logits():
-    assert flce_mod.auto_chunk_size(8192, 128_000, 4096) <= 512
-    assert flce_mod.auto_chunk_size(10, 50, 16) == 10
+def test_auto_chunk_size_bounds_chunk_logits_and_keeps_chunks_large():
+    budget = flce_mod.CHUNK_LOGITS_BYTES
+    # GPT-2 (V=50304) and Llama-3 (V=128256) in bf16: chunks of 4096 and 2048 rows (not 256: each
+    # chunk rereads the fp32 dW accumulator), and one chunk's logits stay within the budget.
+    assert flce_mod.auto_chunk_size(16 * 1024, 50304, 2) == 4096
+    assert flce_mod.auto_chunk_size(4 * 2048, 128256, 2) == 2048
+    for n, v, size in ((16384, 50304, 2), (8192, 128256, 2), (8192, 128256, 4), (1 << 20, 256_000, 2)):
+        assert flce_mod.auto_chunk_size(n, v, size) * v * size <= max(budget, 256 * v * size)
+    assert flce_mod.auto_chunk_size(10, 50, 4) == 10  # small inputs: one chunk
+    assert flce_mod.auto_chunk_size(0, 50, 4) == 1
 
 
 def test_fused_linear_ce_under_autocast_matches_explicit_cast():

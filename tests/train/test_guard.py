@@ -97,3 +97,18 @@ def test_stop_requests_travel_with_the_decision():
     assert g.stop_signal == 0  # nothing acts on it before the step's reduction
     step(g, 1.0)
     assert g.stop_signal == signal.SIGUSR1
+
+
+def test_gradient_norm_travels_with_the_decision(monkeypatch):
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (reads.append(1), real(self))[1])
+    g = StepGuard(BadStepsSection())
+    g.begin_step()
+    g.record(torch.tensor(2.0))
+    assert not g.decide(grad_sumsq=torch.tensor(25.0)) and g.grad_norm == 5.0 and reads == [1]
+    for bad in (float("nan"), float("inf")):  # a finite loss with a non-finite gradient is a bad step
+        g.begin_step()
+        g.record(torch.tensor(2.0))
+        assert g.decide(grad_sumsq=torch.tensor(bad)) and math.isnan(g.grad_norm)
+    assert g.skipped_total == 2 and list(g.history) == [2.0]
