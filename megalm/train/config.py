@@ -141,12 +141,13 @@ class TrainConfig:
         return self.batch.global_batch // (self.batch.micro_batch * self.dp_size(world_size))
 
     def megalm_grad_norm(self) -> bool:
-        """Whether megalm, not DeepSpeed, checks the gradients for inf/NaN: ZeRO-1/2 with AdamW in
-        bf16/fp32, no pipeline, no offload. DeepSpeed's check there runs ~10 kernels and a host read
-        per parameter; megalm takes one multi-tensor norm over the reduced partition gradients,
-        folded into the step's one reduction (DeepSpeed still clips, with its own norm)."""
+        """Whether megalm, not DeepSpeed, takes the global gradient norm and checks it for inf/NaN:
+        ZeRO-1/2/3 with AdamW in bf16/fp32, no pipeline, no offload. DeepSpeed there runs a norm
+        (ZeRO-1/2 in bf16 also an overflow check: ~10 kernels) and a host read per parameter;
+        megalm takes one multi-tensor norm over the reduced partition gradients, folded into the
+        step's one reduction, and DeepSpeed clips with it."""
         p = self.parallel
-        return (p.zero_stage in (1, 2) and p.pipeline_stages == 1 and not p.offload_optimizer
+        return (p.zero_stage in (1, 2, 3) and p.pipeline_stages == 1 and not p.offload_optimizer
                 and self.optimizer.name == "adamw" and self.precision.dtype in ("bf16", "fp32"))
 
     def total_steps(self) -> int:

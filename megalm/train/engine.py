@@ -4,6 +4,7 @@ optimizer, the LR schedule and `deepspeed.initialize`, all derived from the Trai
 from __future__ import annotations
 
 import datetime
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,11 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
         from deepspeed.utils import groups
 
         groups.mpu = None
+    if cfg.parallel.zero_stage == 0 and cfg.precision.dtype == "bf16" and not pipeline and dist.get_rank() == 0:
+        print("warning: parallel.zero_stage: 0 in bf16 runs DeepSpeed's unfused bf16 optimizer wrapper, which "
+              "checks and norms every parameter with a host read per step (~2x the kernels of ZeRO-1, "
+              "benchmarks/opcount_cpu.py); parallel.zero_stage=1 holds the same weights and gradients per GPU "
+              "and less optimizer state", file=sys.stderr, flush=True)
     total = cfg.total_steps()
     ds_config = to_deepspeed_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(
@@ -147,24 +153,31 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
 
 
 def _clip_with_guard_norm(zero_optimizer: Any, guard: StepGuard) -> None:
-    """ZeRO-1/2: DeepSpeed clips with the global norm the guard already has (host float) instead
-    of taking its own, a norm kernel per parameter and a host read per group, per step."""
-    if not callable(getattr(zero_optimizer, "scaled_global_norm", None)):
-        raise RuntimeError(f"{type(zero_optimizer).__name__} has no scaled_global_norm(): this DeepSpeed version "
-                           f"clips differently; megalm's ZeRO-1/2 gradient norm needs updating for it")
+    """ZeRO-1/2/3: DeepSpeed clips with the global norm the guard already has (a host float)
+    instead of taking its own: a norm kernel per parameter and a host read per step."""
     # A CPU tensor: DeepSpeed's validity check and clip factor then never read the device.
-    zero_optimizer.scaled_global_norm = lambda norm_type=2: torch.tensor(guard.grad_norm, dtype=torch.float32)
+    def norm(*_: Any) -> torch.Tensor:
+        return torch.tensor(guard.grad_norm, dtype=torch.float32)
+
+    if callable(getattr(zero_optimizer, "scaled_global_norm", None)) and hasattr(zero_optimizer, "bit16_groups"):
+        zero_optimizer.scaled_global_norm = norm  # ZeRO-1/2: the global norm of all groups
+    elif callable(getattr(zero_optimizer, "_get_norm_groups", None)):
+        zero_optimizer._get_norm_groups = lambda: [norm()]  # ZeRO-3: per-group norms, L2-combined
+    else:
+        raise RuntimeError(f"{type(zero_optimizer).__name__} has neither scaled_global_norm() nor _get_norm_groups(): "
+                           f"this DeepSpeed version clips differently; megalm's gradient norm needs updating for it")
 
 
 def local_grad_sumsq(engine: Any) -> torch.Tensor:
-    """ZeRO-1/2, after the accumulation boundary's backward: this rank's share of the squared
+    """ZeRO-1/2/3, after the accumulation boundary's backward: this rank's share of the squared
     gradient norm. DeepSpeed's ZeRO optimizer then holds the reduced gradients of this rank's
-    partition in `averaged_gradients` (group -> tensors); partitions are disjoint across ranks, so
+    partition in `averaged_gradients` (group -> tensors; its backward epilogue has waited for the
+    reduction stream); partitions are disjoint across ranks, so
     the guard's all_reduce sums the shares to the global value. One multi-tensor norm, fp32."""
     groups = getattr(engine.optimizer, "averaged_gradients", None)
     if not isinstance(groups, dict):
         raise RuntimeError(f"{type(engine.optimizer).__name__} has no averaged_gradients dict: this DeepSpeed "
-                           f"version keeps ZeRO-1/2 gradients elsewhere; megalm's inf/NaN gradient check needs them")
+                           f"version keeps ZeRO gradients elsewhere; megalm's inf/NaN gradient check needs them")
     grads = [g for gs in groups.values() if gs for g in gs if g is not None and g.numel()]
     if not grads:
         return torch.zeros((), dtype=torch.float32, device=device_of(engine))

@@ -7,9 +7,9 @@ a skipped step leaves parameters and optimizer state untouched (the engine then 
 Losses stay on the device until the decision: `record` only adds tensors, and `decide` reads the
 reduced result back with one `.tolist()` — the step's single host synchronisation. The same
 reduction carries which stop signals any rank received, so stopping costs no second sync, and,
-at ZeRO-1/2, each rank's share of the squared gradient norm: the global norm arrives with the
-decision and a non-finite one marks the step bad (DeepSpeed's per-parameter overflow check,
-~10 kernels and a host read per parameter, is off there).
+at ZeRO-1/2/3, each rank's share of the squared gradient norm: the global norm arrives with the
+decision and a non-finite one marks the step bad (DeepSpeed's per-parameter overflow check and
+norms, ~10 kernels per parameter and host reads, are off there; it clips with this norm).
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ class Trainer:
                 loss = self.guard.record(self.task.loss(self.engine, mb))
                 self.engine.backward(loss)
                 if i == len(micro) - 1:
-                    # Before the optimizer runs, on every rank; carries the gradient norm (ZeRO-1/2).
+                    # Before the optimizer runs, on every rank; carries the gradient norm (ZeRO-1/2/3).
                     self.guard.decide(local_grad_sumsq(self.engine) if self.b.megalm_grad_norm else None)
                     if self._own_grad_norm:
                         self._gnorm = torch.nn.utils.get_total_norm(

@@ -52,9 +52,9 @@ def test_matches_single_process_reference(job, mode):
         torch.testing.assert_close(tensor, ref[name].float(), atol=2e-5, rtol=0, msg=f"{mode}: {name}")
 
 
-@pytest.mark.parametrize("mode", ["zero1", "zero2"])
+@pytest.mark.parametrize("mode", ["zero1", "zero2", "zero3"])
 def test_megalm_gradient_norm(job, mode):
-    """ZeRO-1/2: megalm takes the global gradient norm over both ranks' partitions in the guard's
+    """ZeRO-1/2/3: megalm takes the global gradient norm over both ranks' partitions in the guard's
     reduction (its inf/NaN check); the logged norms are the single-process reference's."""
     got = job["modes"][mode]["straight_grad_norms"]
     assert got == pytest.approx(job["reference_grad_norms"], rel=1e-4)

@@ -9,7 +9,7 @@ from typing import Any
 
 
 def nonfinite_gradient(workdir: str, shards: str) -> dict[str, Any]:
-    """bf16 ZeRO-1/2 (DeepSpeed's own overflow check off, megalm's norm on): a NaN gradient on
+    """bf16 ZeRO-1/2/3 (DeepSpeed's own overflow check and norm off, megalm's norm on): a NaN gradient on
     rank 0 only, with every loss finite, skips the step on both ranks and changes no weight."""
     import torch
     import torch.distributed as dist
@@ -21,14 +21,14 @@ def nonfinite_gradient(workdir: str, shards: str) -> dict[str, Any]:
 
     os.chdir(workdir)
     out: dict[str, Any] = {}
-    for zero in (1, 2):
+    for zero in (1, 2, 3):
         over = small_overrides(shards, f"nan-grad-z{zero}") + [f"parallel.zero_stage={zero}", "precision.dtype=bf16"]
         cfg = load_config(None, over, world_size=dist.get_world_size())
         t = Trainer(cfg, build_task(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
         try:
             steps = []
             for poison in (False, True, False):
-                param = next(p for p in t.engine.module.parameters() if p.dim() == 2)
+                param = next(p for p in t.engine.module.parameters() if len(getattr(p, "ds_shape", p.shape)) == 2)
                 hook = (param.register_hook(lambda g: g * float("nan"))
                         if poison and dist.get_rank() == 0 else None)
                 before = t.weights_digest()
@@ -38,7 +38,7 @@ def nonfinite_gradient(workdir: str, shards: str) -> dict[str, Any]:
                 steps.append({"bad": t.guard.last_bad, "loss_finite": math.isfinite(t.guard.last_loss),
                               "grad_norm_finite": math.isfinite(t.guard.grad_norm),
                               "weights_changed": t.weights_digest() != before})
-            out[f"zero{zero}"] = {"steps": steps, "ds_check": t.engine.optimizer.check_grad_overflow,
+            out[f"zero{zero}"] = {"steps": steps, "ds_check": getattr(t.engine.optimizer, "check_grad_overflow", False),
                                   "skipped": t.guard.skipped_total}
         finally:
             t.close()

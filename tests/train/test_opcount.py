@@ -27,28 +27,29 @@ EXPECTED_READS = {"train/guard.py", "runtime/utils.py", "ops/adamw.py"}
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("opcount") / "opcount.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "opcount_cpu.py"), "--zero", "1", "2",
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "opcount_cpu.py"), "--zero", "1", "2", "3",
                            "--out", str(out)], env=cpu_env(), capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {r["zero_stage"]: r for r in json.loads(out.read_text())["rows"]}
 
 
-def test_default_step_launches_at_most_1_2x_the_plain_loop(rows):
-    r = rows[1]  # the shipped config's stage
+@pytest.mark.parametrize("zero", [1, 3])  # 1: the shipped configs' stage
+def test_step_launches_at_most_1_2x_the_plain_loop(rows, zero):
+    r = rows[zero]
     assert r["kernels_ratio"] <= 1.2, r
     # DeepSpeed's per-parameter overflow check and per-parameter norms are gone.
     for op in ("amax", "amin", "logical_not", "linalg_vector_norm"):
         assert op not in r["megalm_extra_ops"], (op, r["megalm_extra_ops"])
 
 
-@pytest.mark.parametrize("zero", [1, 2])
+@pytest.mark.parametrize("zero", [1, 2, 3])
 def test_one_device_read_per_step(rows, zero):
     ours, plain = rows[zero]["megalm"]["host_reads_by_site"], rows[zero]["plain_loop"]["host_reads_by_site"]
     extra = {site: n - plain.get(site, 0) for site, n in ours.items() if n > plain.get(site, 0)}
     assert {site.split(":")[0] for site in extra} <= EXPECTED_READS, extra
     guard = [n for site, n in extra.items() if site.startswith("train/guard.py")]
     assert guard == [1], extra
-    # DeepSpeed's reads are of its clip factor, one per parameter group, not one per parameter.
+    # DeepSpeed's reads are of its clip factor (a CPU tensor), at most one per group, not per parameter.
     assert sum(n for site, n in extra.items() if site.startswith("runtime/")) <= 2, extra
 
 

@@ -38,12 +38,18 @@ float* fptr_mut(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() 
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// How many row groups a norm backward uses: enough blocks to fill the GPU, at most one per row.
-int64_t partial_groups(int64_t rows) {
+// How many row groups (blocks) a norm backward uses: at most one per row, else enough resident
+// warps to keep the memory system busy. Blocks are row_threads wide, one warp at GPT-2's width in
+// bf16, so a fixed few blocks per SM (4, before) left each SM with ~4 warps and the backward at
+// ~15% of the bandwidth; up to 16 blocks (and ~32 warps) per SM cost G [C] fp32 partials, which
+// the column sum reduces in parallel.
+int64_t partial_groups(int64_t rows, int64_t cols, int64_t elem_size) {
   int device = 0, sms = 1;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return std::max<int64_t>(1, std::min<int64_t>(rows, 4 * static_cast<int64_t>(sms)));
+  const int threads = launch::norm_row_threads(cols, elem_size);
+  const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(16, 1024 / threads));
+  return std::max<int64_t>(1, std::min<int64_t>(rows, per_sm * static_cast<int64_t>(sms)));
 }
 
 void sum_groups(const at::Tensor& part, at::Tensor& out) {  // part [B, G, C] -> out [B, C]
@@ -77,10 +83,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   const int64_t R = x.size(0), C = x.size(1);
   const auto f32 = x.options().dtype(at::kFloat);
   auto dx = at::empty_like(x);
-  at::Tensor dw = weight.defined() ? at::zeros({1, C}, f32) : at::Tensor();
-  if (R == 0) return {dx, weight.defined() ? dw.view({C}) : dw};
-  const int64_t G = partial_groups(R);
-  at::Tensor part = weight.defined() ? at::zeros({1, G, C}, f32) : at::Tensor();
+  if (R == 0) return {dx, weight.defined() ? at::zeros({C}, f32) : at::Tensor()};
+  // The kernel initialises every partial and the column sum writes every output: no memsets.
+  at::Tensor dw = weight.defined() ? at::empty({1, C}, f32) : at::Tensor();
+  const int64_t G = partial_groups(R, C, x.element_size());
+  at::Tensor part = weight.defined() ? at::empty({1, G, C}, f32) : at::Tensor();
   MEGALM_DISPATCH(x.scalar_type(), "rms_norm_bwd", [&] {
     C10_CUDA_CHECK(launch::rms_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x), fptr(weight),
                                         rstd.data_ptr<float>(), ptr<scalar_t>(dx), fptr_mut(part),
@@ -118,13 +125,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   const int64_t R = x.size(0), C = x.size(1);
   const auto f32 = x.options().dtype(at::kFloat);
   auto dx = at::empty_like(x);
-  at::Tensor dw = weight.defined() ? at::zeros({1, C}, f32) : at::Tensor();
-  at::Tensor db = has_bias ? at::zeros({1, C}, f32) : at::Tensor();
   auto flat = [C](const at::Tensor& t) { return t.defined() ? t.view({C}) : t; };
-  if (R == 0) return {dx, flat(dw), flat(db)};
-  const int64_t G = partial_groups(R);
-  at::Tensor dw_part = weight.defined() ? at::zeros({1, G, C}, f32) : at::Tensor();
-  at::Tensor db_part = has_bias ? at::zeros({1, G, C}, f32) : at::Tensor();
+  if (R == 0) {
+    return {dx, weight.defined() ? at::zeros({C}, f32) : at::Tensor(), has_bias ? at::zeros({C}, f32) : at::Tensor()};
+  }
+  // The kernel initialises every partial and the column sums write every output: no memsets.
+  at::Tensor dw = weight.defined() ? at::empty({1, C}, f32) : at::Tensor();
+  at::Tensor db = has_bias ? at::empty({1, C}, f32) : at::Tensor();
+  const int64_t G = partial_groups(R, C, x.element_size());
+  at::Tensor dw_part = weight.defined() ? at::empty({1, G, C}, f32) : at::Tensor();
+  at::Tensor db_part = has_bias ? at::empty({1, G, C}, f32) : at::Tensor();
   MEGALM_DISPATCH(x.scalar_type(), "layer_norm_bwd", [&] {
     C10_CUDA_CHECK(launch::layer_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x), fptr(weight),
                                           mean.data_ptr<float>(), rstd.data_ptr<float>(),
@@ -162,12 +172,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_bwd(const at::Tensor& dy, c
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const auto f32 = x.options().dtype(at::kFloat);
   auto dx = at::empty_like(x);
-  auto dshift = at::zeros({B, D}, f32);
-  auto dscale = at::zeros({B, D}, f32);
-  if (B * T == 0) return {dx, dshift, dscale};
-  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(T, (partial_groups(B * T) + B - 1) / B));
-  auto dscale_part = at::zeros({B, G, D}, f32);
-  auto dshift_part = at::zeros({B, G, D}, f32);
+  if (B * T == 0) return {dx, at::zeros({B, D}, f32), at::zeros({B, D}, f32)};
+  // The kernel initialises every partial and the column sums write every output: no memsets.
+  auto dshift = at::empty({B, D}, f32);
+  auto dscale = at::empty({B, D}, f32);
+  const int64_t G = std::max<int64_t>(
+      1, std::min<int64_t>(T, (partial_groups(B * T, D, x.element_size()) + B - 1) / B));
+  auto dscale_part = at::empty({B, G, D}, f32);
+  auto dshift_part = at::empty({B, G, D}, f32);
   MEGALM_DISPATCH(x.scalar_type(), "adaln_bwd", [&] {
     C10_CUDA_CHECK(launch::layer_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x),
                                           scale.data_ptr<float>(), mean.data_ptr<float>(),

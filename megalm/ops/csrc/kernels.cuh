@@ -41,8 +41,12 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Sum over the whole block; every thread gets the result. blockDim.x must be a multiple of 32.
-// `smem` holds kMaxThreads / kWarp floats. Ends with a barrier so smem can be reused at once.
+// `smem` holds kMaxThreads / kWarp floats. With several warps it ends with a barrier so smem can
+// be reused at once; a one-warp block (row_threads gives one for rows up to 128 vectors: GPT-2's
+// 768 in bf16) uses no shared memory and no barrier, so callers must not rely on it as one. The
+// butterfly leaves the same sum in every lane, the value the general path gives.
 __device__ __forceinline__ float block_sum(float v, float* smem) {
+  if (blockDim.x == kWarp) return warp_sum(v);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   v = warp_sum(v);
   if (lane == 0) smem[warp] = v;
@@ -54,11 +58,15 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
 }
 
 // Threads per row of `items` work items (vectors): a multiple of 32 in [32, 1024], ~4 per thread.
-inline int row_threads(int64_t items) {
+__host__ __device__ inline int row_threads(int64_t items) {
   int t = 32;
   while (t < kMaxThreads && t * 4 < items) t *= 2;
   return t;
 }
+
+// Row passes a thread keeps in registers: with row_threads' ~4 vectors per thread, a row of up to
+// 4 * 1024 vectors is read from memory once instead of once per pass.
+constexpr int kRowCache = 4;
 
 // ---- 16-byte vector access -------------------------------------------------------------------
 // A kernel templated on N (elements per access) uses these; N = 1 is the scalar path. When

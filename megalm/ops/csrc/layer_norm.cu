@@ -23,6 +23,20 @@ __device__ __forceinline__ void gamma_at(const float* w, int64_t j, bool plus_on
 }
 
 template <typename T, int N>
+__device__ __forceinline__ void ln_write(const float (&v)[N], const float* w, const float* b, int64_t off,
+                                         int64_t j, bool plus_one, float mean, float rstd, T* yr) {
+  float g[N], bb[N], o[N];
+  gamma_at<N>(w != nullptr ? w + off : nullptr, j, plus_one, g);
+  if (b != nullptr) load_f<N>(b + off + j, bb);
+#pragma unroll
+  for (int i = 0; i < N; ++i) o[i] = (v[i] - mean) * rstd * g[i] + (b != nullptr ? bb[i] : 0.f);
+  store_f<N>(yr + j, o);
+}
+
+// One block per row. A row that fits kRowCache vectors per thread (nearly every width, given
+// row_threads) is read from memory once and kept in registers for the three passes; wider rows
+// are re-read per pass. Both paths sum in the same order.
+template <typename T, int N>
 __global__ void __launch_bounds__(kMaxThreads)
     ln_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
                   T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
@@ -34,35 +48,57 @@ __global__ void __launch_bounds__(kMaxThreads)
   const T* xr = x + row * C;
   T* yr = y + row * C;
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
-  float s = 0.f;
-  for (int64_t j = threadIdx.x * N; j < C; j += step) {
-    float v[N];
-    load_f<N>(xr + j, v);
+  const int64_t j0 = static_cast<int64_t>(threadIdx.x) * N;
+  float mean, rstd;
+  if (C <= kRowCache * step) {
+    float v[kRowCache][N];
+    float s = 0.f;
 #pragma unroll
-    for (int i = 0; i < N; ++i) s += v[i];
-  }
-  const float mean = block_sum(s, smem) / static_cast<float>(C);
-  // Second pass: sum((x - mean)^2) is stable where E[x^2] - mean^2 cancels catastrophically.
-  float var = 0.f;
-  for (int64_t j = threadIdx.x * N; j < C; j += step) {
-    float v[N];
-    load_f<N>(xr + j, v);
+    for (int k = 0; k < kRowCache; ++k) {
+      if (j0 + k * step >= C) continue;
+      load_f<N>(xr + j0 + k * step, v[k]);
 #pragma unroll
-    for (int i = 0; i < N; ++i) var += (v[i] - mean) * (v[i] - mean);
+      for (int i = 0; i < N; ++i) s += v[k][i];
+    }
+    mean = block_sum(s, smem) / static_cast<float>(C);
+    // Second pass: sum((x - mean)^2) is stable where E[x^2] - mean^2 cancels catastrophically.
+    float var = 0.f;
+#pragma unroll
+    for (int k = 0; k < kRowCache; ++k) {
+      if (j0 + k * step >= C) continue;
+#pragma unroll
+      for (int i = 0; i < N; ++i) var += (v[k][i] - mean) * (v[k][i] - mean);
+    }
+    rstd = rsqrtf(block_sum(var, smem) / static_cast<float>(C) + eps);
+#pragma unroll
+    for (int k = 0; k < kRowCache; ++k)
+      if (j0 + k * step < C) ln_write<T, N>(v[k], w, b, off, j0 + k * step, plus_one, mean, rstd, yr);
+  } else {
+    float s = 0.f;
+    for (int64_t j = j0; j < C; j += step) {
+      float v[N];
+      load_f<N>(xr + j, v);
+#pragma unroll
+      for (int i = 0; i < N; ++i) s += v[i];
+    }
+    mean = block_sum(s, smem) / static_cast<float>(C);
+    float var = 0.f;
+    for (int64_t j = j0; j < C; j += step) {
+      float v[N];
+      load_f<N>(xr + j, v);
+#pragma unroll
+      for (int i = 0; i < N; ++i) var += (v[i] - mean) * (v[i] - mean);
+    }
+    rstd = rsqrtf(block_sum(var, smem) / static_cast<float>(C) + eps);
+    for (int64_t j = j0; j < C; j += step) {
+      float v[N];
+      load_f<N>(xr + j, v);
+      ln_write<T, N>(v, w, b, off, j, plus_one, mean, rstd, yr);
+    }
   }
-  const float rstd = rsqrtf(block_sum(var, smem) / static_cast<float>(C) + eps);
   if (threadIdx.x == 0) {
     mean_out[row] = mean;
     rstd_out[row] = rstd;
-  }
-  for (int64_t j = threadIdx.x * N; j < C; j += step) {
-    float v[N], g[N], bb[N];
-    load_f<N>(xr + j, v);
-    gamma_at<N>(w != nullptr ? w + off : nullptr, j, plus_one, g);
-    if (b != nullptr) load_f<N>(b + off + j, bb);
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = (v[i] - mean) * rstd * g[i] + (b != nullptr ? bb[i] : 0.f);
-    store_f<N>(yr + j, v);
   }
 }
 
@@ -86,11 +122,20 @@ __global__ void __launch_bounds__(kMaxThreads)
   float* dw_acc = acc_smem;          // slots floats
   float* db_acc = acc_smem + slots;  // slots floats
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
-  if (smem_acc) {  // each thread zeroes (and later uses) only its own slots: no barrier needed
+  // Each thread zeroes (and later uses) only its own columns: no barrier needed, and the partial
+  // buffers may come uninitialised.
+  if (smem_acc) {
     int64_t k = 0;
     for (int64_t j = threadIdx.x * N; j < C; j += step, ++k)
 #pragma unroll
       for (int i = 0; i < N; ++i) dw_acc[acc_slot(k, i, N)] = db_acc[acc_slot(k, i, N)] = 0.f;
+  } else {
+    for (int64_t j = threadIdx.x * N; j < C; j += step)
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        if (dwp != nullptr) dwp[j + i] = 0.f;
+        if (dbp != nullptr) dbp[j + i] = 0.f;
+      }
   }
   for (int64_t t = g; t < rows_per_batch; t += G) {
     const int64_t row = batch * rows_per_batch + t;

@@ -7,6 +7,17 @@ namespace megalm {
 namespace {
 
 template <typename T, int N>
+__device__ __forceinline__ void rms_write(const float (&v)[N], const float* w, int64_t j, float rstd, T* yr) {
+  float g[N], o[N];
+  if (w != nullptr) load_f<N>(w + j, g);
+#pragma unroll
+  for (int i = 0; i < N; ++i) o[i] = v[i] * (rstd * (w != nullptr ? g[i] : 1.f));
+  store_f<N>(yr + j, o);
+}
+
+// One block per row; a row of up to kRowCache vectors per thread is read once (registers), a
+// wider one twice. Both paths sum in the same order.
+template <typename T, int N>
 __global__ void __launch_bounds__(kMaxThreads)
     rms_norm_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y,
                         float* __restrict__ rstd_out, int64_t C, float eps) {
@@ -15,23 +26,36 @@ __global__ void __launch_bounds__(kMaxThreads)
   const T* xr = x + row * C;
   T* yr = y + row * C;
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
+  const int64_t j0 = static_cast<int64_t>(threadIdx.x) * N;
   float ss = 0.f;
-  for (int64_t j = threadIdx.x * N; j < C; j += step) {
+  if (C <= kRowCache * step) {
+    float v[kRowCache][N];
+#pragma unroll
+    for (int k = 0; k < kRowCache; ++k) {
+      if (j0 + k * step >= C) continue;
+      load_f<N>(xr + j0 + k * step, v[k]);
+#pragma unroll
+      for (int i = 0; i < N; ++i) ss += v[k][i] * v[k][i];
+    }
+    const float rstd = rsqrtf(block_sum(ss, smem) / static_cast<float>(C) + eps);
+    if (threadIdx.x == 0) rstd_out[row] = rstd;
+#pragma unroll
+    for (int k = 0; k < kRowCache; ++k)
+      if (j0 + k * step < C) rms_write<T, N>(v[k], w, j0 + k * step, rstd, yr);
+    return;
+  }
+  for (int64_t j = j0; j < C; j += step) {
     float v[N];
     load_f<N>(xr + j, v);
 #pragma unroll
     for (int i = 0; i < N; ++i) ss += v[i] * v[i];
   }
-  ss = block_sum(ss, smem);
-  const float rstd = rsqrtf(ss / static_cast<float>(C) + eps);
+  const float rstd = rsqrtf(block_sum(ss, smem) / static_cast<float>(C) + eps);
   if (threadIdx.x == 0) rstd_out[row] = rstd;
-  for (int64_t j = threadIdx.x * N; j < C; j += step) {
-    float v[N], g[N];
+  for (int64_t j = j0; j < C; j += step) {
+    float v[N];
     load_f<N>(xr + j, v);
-    if (w != nullptr) load_f<N>(w + j, g);
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] *= rstd * (w != nullptr ? g[i] : 1.f);
-    store_f<N>(yr + j, v);
+    rms_write<T, N>(v, w, j, rstd, yr);
   }
 }
 
@@ -47,12 +71,19 @@ __global__ void __launch_bounds__(kMaxThreads)
   extern __shared__ float acc_smem[];
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
   float* part = dw_part != nullptr ? dw_part + blockIdx.x * C : nullptr;
-  // Each thread owns the same columns in every row: no atomics, no barriers on the accumulators.
-  if (part != nullptr && smem_acc) {
+  // Each thread owns the same columns in every row: no atomics, no barriers on the accumulators,
+  // and the partial buffer may come uninitialised.
+  if (part != nullptr) {
     int64_t k = 0;
     for (int64_t j = threadIdx.x * N; j < C; j += step, ++k)
 #pragma unroll
-      for (int i = 0; i < N; ++i) acc_smem[acc_slot(k, i, N)] = 0.f;
+      for (int i = 0; i < N; ++i) {
+        if (smem_acc) {
+          acc_smem[acc_slot(k, i, N)] = 0.f;
+        } else {
+          part[j + i] = 0.f;
+        }
+      }
   }
   for (int64_t row = blockIdx.x; row < R; row += gridDim.x) {
     const T* dyr = dy + row * C;
@@ -99,27 +130,44 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-__global__ void __launch_bounds__(256)
+// Block (32 columns x kSumSlices group slices): slice s sums groups s, s + kSumSlices, ...
+// (coalesced across the 32 columns), then slice 0 adds the slices in order. The backward uses
+// up to 16 groups per SM, so a sum over groups must not be one thread's serial loop.
+constexpr int kSumSlices = 32;
+
+__global__ void __launch_bounds__(kWarp * kSumSlices)
     column_sum_kernel(const float* __restrict__ in, float* __restrict__ out, int64_t groups,
                       int64_t cols) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  __shared__ float part[kSumSlices][kWarp + 1];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
   const int64_t b = blockIdx.y;
-  if (c >= cols) return;
-  const float* src = in + b * groups * cols + c;
   float acc = 0.f;
-  for (int64_t g = 0; g < groups; ++g) acc += src[g * cols];
-  out[b * cols + c] = acc;
+  if (c < cols) {
+    const float* src = in + b * groups * cols + c;
+    for (int64_t g = threadIdx.y; g < groups; g += kSumSlices) acc += src[g * cols];
+  }
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0.f;
+    for (int s = 0; s < kSumSlices; ++s) total += part[s][threadIdx.x];
+    out[b * cols + c] = total;
+  }
 }
 
 }  // namespace
 
 namespace launch {
 
+int norm_row_threads(int64_t cols, int64_t elem_size) {
+  const int64_t vec = 16 / elem_size;  // vec_width's choice when the pointers are aligned
+  return row_threads(cols % vec == 0 ? cols / vec : cols);
+}
+
 cudaError_t column_sum(const float* in, float* out, int64_t B, int64_t G, int64_t C,
                        cudaStream_t s) {
-  const int threads = 256;
-  dim3 grid(static_cast<unsigned>((C + threads - 1) / threads), static_cast<unsigned>(B));
-  column_sum_kernel<<<grid, threads, 0, s>>>(in, out, G, C);
+  dim3 grid(static_cast<unsigned>((C + kWarp - 1) / kWarp), static_cast<unsigned>(B));
+  column_sum_kernel<<<grid, dim3(kWarp, kSumSlices), 0, s>>>(in, out, G, C);
   return cudaGetLastError();
 }
 
