@@ -259,6 +259,7 @@ class TrainConfig:
         _positive(self, "bad_steps.max_consecutive", bs.max_consecutive)
         if world_size is not None:
             self.validate_world(world_size)
+            to_deepspeed_config(self, world_size)  # refuses raw overrides of what megalm sets
 
     def validate_accelerator(self, accelerator: str) -> None:
         """Settings the device kind rules out (`accelerator` as DeepSpeed's: "cuda" or "cpu")."""
@@ -443,7 +444,31 @@ def to_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
             "loss_scale": prec.loss_scale,
             "initial_scale_power": prec.initial_scale_power,
         }
+    _refuse_overrides(cfg, ds, cfg.deepspeed)
     return _merge(ds, cfg.deepspeed)
+
+
+# DeepSpeed keys megalm writes -> the megalm key that sets them (others: megalm's own choice).
+_OWNERS = {"train_micro_batch_size_per_gpu": "batch.micro_batch", "gradient_accumulation_steps": "batch.global_batch",
+           "train_batch_size": "batch.global_batch", "gradient_clipping": "optimizer.grad_clip",
+           "zero_optimization.stage": "parallel.zero_stage", "zero_optimization.offload_optimizer":
+           "parallel.offload_optimizer", "bf16.enabled": "precision.dtype", "fp16.enabled": "precision.dtype",
+           "fp16.loss_scale": "precision.loss_scale", "fp16.initial_scale_power": "precision.initial_scale_power"}
+
+
+def _refuse_overrides(cfg: TrainConfig, ds: dict[str, Any], raw: dict[str, Any], prefix: str = "") -> None:
+    """A raw `deepspeed:` value may add keys, never replace one megalm sets: the config would no
+    longer say what runs (a train_batch_size override used to slip past the batch checks)."""
+    for k, v in raw.items():
+        path = f"{prefix}{k}"
+        if k not in ds:
+            continue
+        if isinstance(v, dict) and isinstance(ds[k], dict) and path not in _OWNERS:
+            _refuse_overrides(cfg, ds[k], v, path + ".")
+            continue
+        owner = _OWNERS.get(path) or next((o for p, o in _OWNERS.items() if path.startswith(p + ".")), None)
+        raise cfg._err(f"deepspeed.{path}", f"megalm sets this itself ({f'from {owner}' if owner else 'not a user setting'}); "
+                                            f"{f'set {owner} instead' if owner else 'remove it from deepspeed:'}")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,17 @@ def test_zero2_with_pipeline_is_rejected():
     assert "pipeline" in error_of("parallel.pipeline_stages=2", world_size=3)
 
 
+def test_raw_deepspeed_overrides_never_replace_what_megalm_sets():
+    msg = error_of("deepspeed={train_batch_size: 64}", world_size=1)
+    assert "deepspeed.train_batch_size" in msg and "set batch.global_batch instead" in msg
+    assert "set parallel.zero_stage instead" in error_of("deepspeed={zero_optimization: {stage: 3}}", world_size=1)
+    assert "deepspeed.bf16.enabled" in error_of("deepspeed={bf16: {enabled: false}}", world_size=1)
+    assert "deepspeed.steps_per_print" in error_of("deepspeed={steps_per_print: 1}", world_size=1)
+    # New keys, also inside sections megalm writes, are merged.
+    ds = to_deepspeed_config(cfg_of("deepspeed={zero_optimization: {reduce_bucket_size: 7}, flops_profiler: {}}"), 1)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 7 and ds["flops_profiler"] == {}
+
+
 def test_deepspeed_config_is_generated():
     cfg = cfg_of("batch.micro_batch=2", "batch.global_batch=16", "parallel.zero_stage=3",
                  "parallel.offload_optimizer=true", "precision.dtype=fp16", "optimizer.grad_clip=0.5",
