@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megalm.train.config import TrainConfig, to_deepspeed_config
+from megalm.train.config import TrainConfig
+from megalm.train.ds_config import to_deepspeed_config
 from megalm.train.guard import GuardedAdamW, StepGuard
 from megalm.train.muon import guarded_muon, muon_param_groups
 from megalm.train.schedule import LRSchedule
@@ -27,7 +28,6 @@ class Built:
     dp_world: int
     is_first_stage: bool
     flops_per_token: int  # model FLOPs per trained token (computed before ZeRO-3 partitions params)
-    megalm_grad_norm: bool = False  # the loop passes local_grad_sumsq to the guard (inf/NaN check)
 
 
 class _Use(nn.Module):
@@ -149,7 +149,7 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
         is_first = engine.is_first_stage()
     else:
         dp_rank, dp_world, is_first = dist.get_rank(), world_size, True
-    return Built(engine, pipeline, dp_rank, dp_world, is_first, flops, cfg.megalm_grad_norm())
+    return Built(engine, pipeline, dp_rank, dp_world, is_first, flops)
 
 
 def _clip_with_guard_norm(zero_optimizer: Any, guard: StepGuard) -> None:

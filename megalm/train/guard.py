@@ -41,7 +41,6 @@ class StepGuard:
         self.stop_signal = 0  # the reduced decision: a signal number any rank received, or 0
         self.last_loss = float("nan")
         self.grad_norm = float("nan")  # global gradient norm of the last decision that carried one
-        self._grad_sumsq: torch.Tensor | None = None
         self.last_bad = False
         self.decided = False
         self.device = torch.device("cpu")  # where the decision all_reduce runs (CUDA under NCCL)
@@ -72,10 +71,10 @@ class StepGuard:
         self._count += 1
         return loss
 
-    def _reduced(self) -> list[float]:
+    def _reduced(self, grad_sumsq: torch.Tensor | None) -> list[float]:
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         flags = [1.0 if self.pending_signal == s else 0.0 for s in self.stop_signals]
-        sumsq = [] if self._grad_sumsq is None else [self._grad_sumsq.to(self.device, torch.float64).reshape(())]
+        sumsq = [] if grad_sumsq is None else [grad_sumsq.to(self.device, torch.float64).reshape(())]
         t = torch.stack([
             zero if self._sum is None else self._sum.to(self.device).reshape(()),
             zero + float(self._count),
@@ -96,11 +95,7 @@ class StepGuard:
         (shares summed over all ranks give the global one); a non-finite norm makes the step bad."""
         if self.decided:
             return self.last_bad
-        self._grad_sumsq = grad_sumsq
-        try:
-            total, count, nonfinite, *flags = self._reduced()
-        finally:
-            self._grad_sumsq = None
+        total, count, nonfinite, *flags = self._reduced(grad_sumsq)
         if grad_sumsq is not None:
             sumsq = flags.pop()
             self.grad_norm = math.sqrt(sumsq) if math.isfinite(sumsq) and sumsq >= 0 else float("nan")

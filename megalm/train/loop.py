@@ -92,6 +92,7 @@ class Trainer:
         self._own_grad_norm = (not self.b.pipeline and cfg.parallel.zero_stage == 0
                                and cfg.precision.dtype == "fp32")
         self._gnorm: torch.Tensor | None = None  # stays on the device until a log line reads it
+        self._guard_norm = cfg.megalm_grad_norm()  # ZeRO-1/2/3: the guard's reduction carries the norm
         self.peak_flops = peak_flops(cfg.precision.dtype, cfg.logging.peak_flops)
         if self.peak_flops is None and torch.cuda.is_available() and rank == 0:
             _warn(f"no peak FLOP/s known for {torch.cuda.get_device_name()} in {cfg.precision.dtype}: MFU is "
@@ -212,7 +213,7 @@ class Trainer:
                 self.engine.backward(loss)
                 if i == len(micro) - 1:
                     # Before the optimizer runs, on every rank; carries the gradient norm (ZeRO-1/2/3).
-                    self.guard.decide(local_grad_sumsq(self.engine) if self.b.megalm_grad_norm else None)
+                    self.guard.decide(local_grad_sumsq(self.engine) if self._guard_norm else None)
                     if self._own_grad_norm:
                         self._gnorm = torch.nn.utils.get_total_norm(
                             [p.grad for p in self.engine.module.parameters() if p.grad is not None])
@@ -283,7 +284,7 @@ class Trainer:
     def _grad_norm(self) -> float:
         if self._own_grad_norm:
             return float(self._gnorm) if self._gnorm is not None else float("nan")
-        if self.b.megalm_grad_norm:
+        if self._guard_norm:
             return self.guard.grad_norm
         g = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
         return float(g) if g is not None else float("nan")
