@@ -7,8 +7,8 @@
 variant saves `repeats` times into a scratch directory:
   - deepspeed_stock: engine.save_checkpoint with DeepSpeed's own engine (no hashing, no fsync,
     no atomic publish): the same-run baseline;
-  - sync: CheckpointManager(async_save=False): write + sha256 + fsync + publish, all blocking;
-  - async: CheckpointManager(async_save=True): blocked only for the copy into CPU memory; the
+  - sync: DeepSpeedCheckpointManager(async_save=False): write + sha256 + fsync + publish, all blocking;
+  - async: DeepSpeedCheckpointManager(async_save=True): blocked only for the copy into CPU memory; the
     write + publish time (save -> wait) is reported beside it.
 The previous async save is waited for before the next one starts, as in a loop whose checkpoint
 interval is longer than a write. Prints JSON; --out also writes it there.
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from megalm.checkpoint.config import CheckpointConfig
-    from megalm.checkpoint.manager import CheckpointManager
+    from megalm.engine.checkpointing import DeepSpeedCheckpointManager
 
     engine, n_params = build(args.zero)
     stock_engine = engine.checkpoint_engine
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(os.path.join(scratch, "stock"))
         bar.update()
     for mode in ("sync", "async"):
-        mgr = CheckpointManager(CheckpointConfig(dir=os.path.join(scratch, mode), keep_last=1,
+        mgr = DeepSpeedCheckpointManager(CheckpointConfig(dir=os.path.join(scratch, mode), keep_last=1,
                                                  async_save=mode == "async"), rank=0, world_size=1)
         for i in range(args.repeats):
             t0 = time.perf_counter()

@@ -9,7 +9,7 @@ GPT2LMHeadModel) and a 1.16B Llama-style model (2.3 GB of bf16: two 2 GiB defaul
 in a fresh process:
   - megalm: `export_hf` at its defaults (checksum verification, streaming, 2 GiB shards);
   - load_all (baseline, same run): the whole model consolidated in memory
-    (megalm.checkpoint.reader.load_model, verified the same way), cast, then
+    (megalm.models.load.load_model, verified the same way), cast, then
     `safetensors.torch.save_file` of the full HF state dict — what conversion scripts do.
 Reported per model: output GB, seconds, GB/s (output bytes / wall time), peak RSS
 (VmHWM) and RSS after imports, the largest tensor (fp32, as read) and largest written shard, and
@@ -71,7 +71,7 @@ def run_child(mode: str, checkpoint: str, out: str) -> dict:
     """In a fresh process: (rss after imports, peak rss, seconds, stats)."""
     import torch  # noqa: F401  (imports are part of the baseline RSS, not of the export)
 
-    from megalm.checkpoint.reader import load_model
+    from megalm.models.load import load_model
     from megalm.export.arch import architecture, to_hf
     from megalm.export.hf import export_hf
 

@@ -168,7 +168,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from megalm.train.engine import init_distributed
+    from megalm.engine.runtime import init_distributed
     from tests.distributed.corpus import make_corpus
 
     work = tempfile.mkdtemp(prefix="megalm-opcount-")

@@ -143,7 +143,7 @@ def train(name: str, config: Path, shards: str, steps: int, seed: int, work: Pat
 def heldout_bpb(run: Path, name: str, texts: list[str], shards: str) -> float:
     import sentencepiece as spm
 
-    from megalm.checkpoint.reader import load_model
+    from megalm.models.load import load_model
 
     model, _ = load_model(str(run / "runs" / name / "checkpoints"))
     sp = spm.SentencePieceProcessor(model_file=str(Path(shards) / "tokenizer.model"))

@@ -109,7 +109,7 @@ def _megalm_row(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from megalm.train.config import load_config
-    from megalm.train.engine import init_distributed
+    from megalm.engine.runtime import init_distributed
     from megalm.train.loop import Trainer
     from megalm.train.task import build_task
 

@@ -82,7 +82,8 @@ def _tokenizer_bytes(spec: str) -> bytes:
 
         return load_bytes(load_manifest(spec).tokenizer.path)
     if os.path.isdir(spec):
-        from megalm.checkpoint.reader import load_tokenizer, read_client_state
+        from megalm.engine.layout import read_client_state
+        from megalm.models.load import load_tokenizer
 
         return load_tokenizer(read_client_state(spec)[1]).serialized_model_proto()
     return load_bytes(spec)

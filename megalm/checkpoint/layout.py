@@ -1,10 +1,10 @@
 """Names inside a checkpoint root: the one place that knows them.
 
-  step_00000100/   a published checkpoint: DeepSpeed's files + manifest.json + COMPLETE
+  step_00000100/   a published checkpoint: the engine's files + manifest.json + COMPLETE
   latest           name of the newest published checkpoint (informational; replaced atomically)
   .tmp-*           work in progress or crash leftovers (a `.tmp-old-step_N-PID` is a checkpoint
                    set aside while step N is re-saved)
-  .universal/      cached universal conversions (universal.py)
+  .universal/      cached universal conversions (megalm.engine.universal)
   .lock            held (flock) by the run's rank 0 for the whole run; names the holder (lock.py)
 """
 
@@ -19,7 +19,6 @@ LATEST = "latest"
 CACHE = ".universal"
 LOCK = ".lock"
 CLIENT_KEYS = "megalm_client_keys"  # client-state key listing the caller's own keys
-MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file holding the client state (non-pipeline)
 
 
 class CheckpointError(RuntimeError):

@@ -1,4 +1,7 @@
-"""CheckpointManager: atomic, verified, optionally asynchronous DeepSpeed checkpoints of one run.
+"""CheckpointManager: atomic, verified, optionally asynchronous checkpoints of one run.
+
+This is the protocol, engine-agnostic; what the training engine writes and reads is the subclass's
+(megalm.engine.checkpointing.DeepSpeedCheckpointManager, DeepSpeed's files).
 
 The names in the checkpoint root are layout.py's. Save protocol (collective): every rank writes
 its files under `.tmp-step_N/` (fsynced, hashed while written); the ranks' (path, size, sha256)
@@ -7,10 +10,7 @@ directory to `step_N`, fsyncs the parent, replaces `latest`, and only then delet
 beyond `keep_last`. A crash at any point leaves either a `.tmp-` directory (ignored, then deleted
 by the next owner) or a complete checkpoint.
 
-DeepSpeed's offline consolidation scripts (zero_to_fp32.py, zero_to_torch.py), which it would copy
-into the root on every save, go inside each checkpoint instead (covered by its manifest).
-
-Async: the training loop blocks only while DeepSpeed's state is copied to CPU memory; the writes
+Async: the training loop blocks only while the engine's state is copied to CPU memory; the writes
 and the collective publication run in a background thread over a dedicated gloo group, so they
 never interleave with the training loop's collectives. The next save / load / wait joins it.
 
@@ -25,28 +25,36 @@ a checkpoint needs and what to change. Published checkpoints are never touched b
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch.distributed as dist
 
 from megalm.checkpoint.config import CheckpointConfig
-from megalm.checkpoint.ds_engine import MegalmCheckpointEngine
 from megalm.checkpoint.files import FileEntry, WriteError, complete_directory, read_manifest, remove_tree
-from megalm.checkpoint.layout import (
-    CACHE, CLIENT_KEYS, LATEST, LOCK, SET_ASIDE_RE, CheckpointError, tag_for)
+from megalm.checkpoint.layout import CACHE, CLIENT_KEYS, LATEST, LOCK, SET_ASIDE_RE, CheckpointError, tag_for
 from megalm.checkpoint.lock import RunLock
-from megalm.checkpoint.space import estimate_bytes, free_bytes, human, volume_of
-from megalm.checkpoint.muon_universal import restore_momentum
-from megalm.checkpoint.universal import UNIVERSAL_INFO, UNIVERSAL_INFO_KEY, conversion_needed, ensure_universal
 from megalm.checkpoint.reader import CheckpointReader
 from megalm.checkpoint.resume import plan
+from megalm.checkpoint.space import free_bytes, human, volume_of
+from megalm.checkpoint.unpickle import Allow
 from megalm.errors import UserError
 from megalm.fsio import atomic_write, fsync_dir
+
+Pending = list[tuple[str, str, Any]]  # (path, path inside the checkpoint, snapshot) still to write
+
+
+class FileSink(Protocol):
+    """Where the engine's files of one save went: writes still pending (async) and their buffers."""
+
+    def write_pending(self, pending: Pending) -> tuple[list[FileEntry], list[WriteError]]: ...
+
+    def release(self, pending: Pending) -> None: ...
 
 
 class DiskFullError(UserError):
@@ -57,8 +65,9 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-class CheckpointManager:
-    """Saves and loads DeepSpeed engines under `cfg.dir`; see the module docstring."""
+class CheckpointManager(abc.ABC):
+    """Saves and loads a training engine's state under `cfg.dir`; see the module docstring. A
+    subclass says how the engine writes and reads its files (the abstract methods)."""
 
     def __init__(self, cfg: CheckpointConfig, *, rank: int, world_size: int, verify_threads: int = 4,
                  read_only: bool = False):
@@ -80,7 +89,7 @@ class CheckpointManager:
         self._started = False
         self._job: threading.Thread | None = None
         self._job_error: BaseException | None = None
-        self.reader = CheckpointReader(self.dir, verify_threads)
+        self.reader = CheckpointReader(self.dir, verify_threads, allow=self.records)
         self._estimate = 0  # bytes of one checkpoint (all ranks); 0 = unknown yet
         self.last_blocked_s = 0.0  # wall time the last save() kept the caller
 
@@ -162,8 +171,7 @@ class CheckpointManager:
         if self.rank != 0 or self.read_only:
             return
         sizes = {t: self.reader.size_of(t) for t in self.reader.list_valid()}
-        stages = int(getattr(engine, "num_stages", 1))  # rank 0 holds one pipeline stage's parameters
-        self._estimate = list(sizes.values())[-1] if sizes else estimate_bytes(engine) * stages
+        self._estimate = list(sizes.values())[-1] if sizes else self.estimated_bytes(engine)
         need = (self.cfg.keep_last + 1) * self._estimate
         free = free_bytes(self.dir)
         if free + sum(sizes.values()) < need:  # our own older checkpoints get pruned as we go
@@ -171,30 +179,43 @@ class CheckpointManager:
                   f"room for {self.cfg.keep_last + 1} checkpoints of ~{human(self._estimate)} ({human(need)}): "
                   f"saves may fail with a full disk")
 
-    # --- save ------------------------------------------------------------------------------------
-    def _install(self, engine) -> MegalmCheckpointEngine:
-        ce = engine.checkpoint_engine
-        if not isinstance(ce, MegalmCheckpointEngine):
-            zip_ser = True
-            ckpt_cfg = getattr(getattr(engine, "_config", None), "checkpoint_config", None)
-            if isinstance(ckpt_cfg, dict):
-                zip_ser = bool(ckpt_cfg.get("use_zipfile_serialization", ckpt_cfg.get("serialization", True)))
-            ce = MegalmCheckpointEngine(zipfile_serialization=zip_ser)
-            engine.checkpoint_engine = ce
-        return ce
+    # --- what the engine writes and reads (the subclass's) ------------------------------------------
+    def records(self) -> Allow:
+        """Non-tensor objects the engine's files may hold (the unpickle allowlist's additions)."""
+        return ()
 
-    @staticmethod
-    def _dp_size(engine) -> int:
-        return int(getattr(engine, "seq_dp_world_size", None) or engine.dp_world_size)
+    @abc.abstractmethod
+    def estimated_bytes(self, engine) -> int:
+        """A checkpoint of `engine`'s size, all ranks together, before one exists."""
 
-    def _meta(self, engine, step: int, tag: str) -> dict[str, Any]:
-        import deepspeed
+    @abc.abstractmethod
+    def layout(self, engine) -> dict[str, Any]:
+        """Manifest entries describing how `engine` splits its state (at least dp_world_size)."""
 
-        return {"step": step, "tag": tag, "world_size": self.world_size,
-                "dp_world_size": self._dp_size(engine),
-                "zero_stage": int(engine.zero_optimization_stage()),
-                "pipeline_stages": int(getattr(engine, "num_stages", 1)),
-                "deepspeed_version": deepspeed.__version__, "time": time.time()}
+    @abc.abstractmethod
+    def dp_size(self, engine) -> int:
+        """The data-parallel size `engine` runs with now."""
+
+    @abc.abstractmethod
+    def reserved_keys(self) -> set[str]:
+        """Client-state keys the engine's own bookkeeping uses."""
+
+    @abc.abstractmethod
+    def write_states(self, engine, root: str, state: dict, files: dict[str, bytes], async_save: bool
+                     ) -> tuple[FileSink, list[FileEntry], Pending, list[WriteError]]:
+        """Collective: every rank writes its files of `engine` (with `state`, the client state, in
+        one of them, and rank 0 also `files`) under `root`, or snapshots them when `async_save`.
+        Returns the sink, files written, snapshots pending, and errors (recorded, never raised:
+        raising on one rank would hang the others)."""
+
+    @abc.abstractmethod
+    def client_state_of(self, tag: str) -> dict[str, Any]:
+        """The client state saved in checkpoint `tag` (rank 0; weights not read)."""
+
+    @abc.abstractmethod
+    def read_states(self, engine, tag: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """Collective: load checkpoint `tag` into `engine`; the saved state dict (client state and
+        the engine's own keys), or None if the engine read nothing."""
 
     def save(self, engine, step: int, client_state: dict, files: dict[str, bytes] | None = None) -> str:
         """Collective. Returns the tag. With async_save, returns once state is in CPU memory.
@@ -206,22 +227,19 @@ class CheckpointManager:
         self._join()
         tag = tag_for(step)
         root = os.path.join(self.dir, f".tmp-{tag}")
-        ce = self._install(engine)
-        reserved = {UNIVERSAL_INFO_KEY, CLIENT_KEYS}.intersection(client_state)
+        reserved = ({CLIENT_KEYS} | self.reserved_keys()).intersection(client_state)
         if reserved:
             raise ValueError(f"client_state may not use the reserved keys {sorted(reserved)}")
-        # Kept at the top level of the model-states file (readable without us); the key list
-        # lets load() return exactly this dict, not DeepSpeed's own extra entries.
+        # The key list lets load() return exactly this dict, not the engine's own extra entries.
         state = dict(client_state)
         state[CLIENT_KEYS] = sorted(client_state)
-        state[UNIVERSAL_INFO_KEY] = dict(UNIVERSAL_INFO)
         if self.rank == 0:
             # From a save that failed earlier in this process. Safe without a barrier of our own:
-            # save_checkpoint barriers after rank 0 creates the directory, before anyone writes.
+            # the engine's writers barrier after rank 0 creates the directory, before anyone writes.
             remove_tree(root)
-        meta = self._meta(engine, step, tag)
+        meta = {"step": step, "tag": tag, "world_size": self.world_size, **self.layout(engine), "time": time.time()}
         for attempt in (0, 1):
-            entries, pending, errors = self._write(engine, ce, root, state, files or {})
+            ce, entries, pending, errors = self.write_states(engine, root, state, files or {}, self.cfg.async_save)
             if self.cfg.async_save:
                 self._job_error = None
                 self._job = threading.Thread(target=self._run_job, name=f"megalm-ckpt-{tag}", daemon=False,
@@ -232,32 +250,6 @@ class CheckpointManager:
                 break
         self.last_blocked_s = time.perf_counter() - t0
         return tag
-
-    def _write(self, engine, ce: MegalmCheckpointEngine, root: str, state: dict, files: dict[str, bytes]):
-        ce.begin(root, self.cfg.async_save)
-        # DeepSpeed (rank 0, ZeRO saves) copies its consolidation scripts into the directory it is
-        # given, i.e. our root, on every save, non-atomically and outside any manifest. Send them
-        # into the checkpoint being written instead (an instance attribute shadows the method
-        # for this call only). complete_directory hashes them into the manifest.
-        copy_scripts = getattr(engine, "_copy_recovery_script", None)
-        if copy_scripts is not None:
-            def copy_into_root(save_path: str) -> None:
-                try:
-                    copy_scripts(root)
-                except OSError as exc:  # raising here would skip DeepSpeed's barrier on rank 0 only
-                    ce.record_error("zero_to_fp32.py", exc)
-
-            engine._copy_recovery_script = copy_into_root
-        try:
-            engine.save_checkpoint(self.dir, tag=os.path.basename(root), client_state=state, save_latest=False)
-            if self.rank == 0:
-                for rel, data in files.items():
-                    ce.write_bytes(rel, data)
-        finally:
-            if copy_scripts is not None:
-                del engine._copy_recovery_script
-            written = ce.end()
-        return written
 
     def _run_job(self, *args) -> None:
         try:
@@ -279,7 +271,7 @@ class CheckpointManager:
         """Block until the pending async save is published (all ranks); raise if it failed."""
         self._join()
 
-    def _finish(self, ce: MegalmCheckpointEngine, tag: str, root: str, entries: list[FileEntry],
+    def _finish(self, ce: FileSink, tag: str, root: str, entries: list[FileEntry],
                 pending: list, errors: list[WriteError], meta: dict[str, Any], attempt: int = 0) -> bool:
         """Collective: write what is pending, then rank 0 publishes; everyone learns the result.
         False: a full disk was made room on; the caller writes the checkpoint again (the async
@@ -399,7 +391,7 @@ class CheckpointManager:
         if target is None:
             return None
         where, tag = target
-        source = self if where == self.dir else CheckpointManager(
+        source = self if where == self.dir else type(self)(
             dataclasses.replace(self.cfg, dir=where), rank=self.rank, world_size=self.world_size, read_only=True)
         cs = source.load(engine, tag, check=check)
         if cs is None:
@@ -421,7 +413,7 @@ class CheckpointManager:
                 chosen = self.reader.select(tag)
                 if chosen is not None and check is not None:
                     try:
-                        check(self.reader.client_state(chosen[0]))
+                        check(self.client_state_of(chosen[0]))
                     except UserError as exc:
                         raise UserError(f"{os.path.join(self.dir, chosen[0])}: {exc}") from None
             except UserError as exc:
@@ -432,33 +424,7 @@ class CheckpointManager:
         if chosen is None:
             return None
         name, manifest = chosen
-        self._install(engine)
-        load_dir, universal = self.dir, conversion_needed(manifest, self._dp_size(engine))
-        if universal:
-            status = None
-            if self.rank == 0:
-                try:
-                    load_dir = ensure_universal(self.dir, name)
-                except Exception as exc:
-                    status = f"{type(exc).__name__}: {exc}"
-            status = self._bcast(status)
-            if status:
-                raise CheckpointError(status)
-            load_dir = os.path.join(self.dir, CACHE)
-        # DeepSpeed reads this flag only inside load_checkpoint, so flipping it around the call
-        # is enough; engine builders need not know about a DP change in advance.
-        cfg = engine._config
-        saved_flag = cfg.load_universal_checkpoint
-        cfg.load_universal_checkpoint = universal
-        try:
-            path, client_state = engine.load_checkpoint(load_dir, tag=name)
-        finally:
-            cfg.load_universal_checkpoint = saved_flag
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, name)}")
-        if universal:
-            restore_momentum(engine)
-        loaded = client_state or {}
+        loaded = self.read_states(engine, name, manifest) or {}
         if CLIENT_KEYS not in loaded:
             raise CheckpointError(f"{os.path.join(self.dir, name)}: no {CLIENT_KEYS} entry (not saved by megalm)")
         return {k: loaded[k] for k in loaded[CLIENT_KEYS]}

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from megalm.engine.runtime import gathered
+
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
@@ -30,11 +32,7 @@ def effective_decay(decay: float, updates: int) -> float:
 
 
 def _gathered(module: nn.Module, zero3: bool) -> contextlib.AbstractContextManager:
-    if not zero3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(module.parameters()))
+    return gathered(module.parameters(), zero3)
 
 
 def _full_numel(p: torch.Tensor) -> int:

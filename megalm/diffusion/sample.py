@@ -14,6 +14,7 @@ import torch
 
 from megalm.cliparse import Parser
 from megalm.diffusion.objectives import Objective
+from megalm.engine.layout import read_client_state
 from megalm.errors import UserError
 
 
@@ -61,8 +62,6 @@ def load(meta: dict[str, Any], source: str) -> tuple[torch.nn.Module, Objective]
 
 def from_checkpoint(checkpoint: str) -> tuple[torch.nn.Module, Objective]:
     """The EMA DiT and its objective from any path megalm.checkpoint.reader.resolve takes."""
-    from megalm.checkpoint.reader import read_client_state
-
     tag_dir, meta = read_client_state(checkpoint)
     if not is_diffusion(meta):
         raise UserError(f"{tag_dir}: not a diffusion checkpoint (task: {meta.get('config', {}).get('task')!r})")

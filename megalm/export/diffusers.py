@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import torch
 
+from megalm.engine import layout
 from megalm.errors import UserError
 from megalm.export.outdir import check_destination, staged_dir
 from megalm.export.shards import write_safetensors
@@ -170,12 +171,8 @@ def write_folder(out: str, state: dict[str, torch.Tensor], c: DiTConfig, files: 
 def export_dit(checkpoint: str, out_dir: str) -> None:
     """Write the diffusers folder for a DiT checkpoint (any path megalm.checkpoint.reader.resolve
     takes: a step folder, a checkpoint root, a run directory)."""
-    from megalm.checkpoint.reader import resolve
-
     out = check_destination(out_dir, overwrite=False)  # before the weights are read
-    reader, tag = resolve(checkpoint)
-    source = os.path.join(reader.dir, tag)
-    meta = reader.client_state(tag)
+    source, meta = layout.read_client_state(checkpoint)
     task = meta.get("config", {}).get("task")
     if task != "diffusion":
         raise UserError(f"{source}: not a DiT checkpoint (task {task!r}); --format diffusers exports "
@@ -187,7 +184,7 @@ def export_dit(checkpoint: str, out_dir: str) -> None:
     state = ema_state(meta, model, source)
     use_ema = state is not None
     if state is None:
-        state = reader.weights(tag, model)
+        state = layout.weights(source, meta, model)
     names = [n for n, _ in model.named_parameters()]
     if sorted(state) != sorted(names):
         raise UserError(f"{source}: weights do not fit the recorded DiT (missing "

@@ -26,6 +26,7 @@ from megalm.export.shards import DEFAULT_MAX_SHARD_BYTES, write_sharded
 from megalm.export.source import CheckpointTensors, Item
 from megalm.export.outdir import staged_dir
 from megalm.export.tokenizer import SpmModel, write_hf_tokenizer
+from megalm.models.load import load_tokenizer
 from megalm.models.lora import is_adapter, plain_items
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,8 +61,6 @@ def special_ids(spm: SpmModel) -> dict[str, int | None]:
 
 
 def load_spm(src: CheckpointTensors) -> SpmModel:
-    from megalm.checkpoint.reader import load_tokenizer
-
     sp = load_tokenizer(src.meta)
     spm = SpmModel.parse(sp.serialized_model_proto(), f"{src.tag_dir}: tokenizer")
     if len(spm.pieces) > src.config.vocab_size:

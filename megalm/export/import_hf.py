@@ -1,6 +1,6 @@
 """`megalm import-hf DIR --out OUT`: a local Hugging Face Llama or GPT-2 folder (config.json +
 safetensors, sharded or not) -> a megalm checkpoint root that `megalm sample`, `checkpoint.init_from`
-and megalm.checkpoint.reader.load_model read like any trained checkpoint:
+and megalm.models.load.load_model read like any trained checkpoint:
 
     OUT/step_00000000/mp_rank_00_model_states.pt   {"module": fp32 weights, megalm's client state}
     OUT/step_00000000/manifest.json + COMPLETE      (sha256 per file, as the trainer writes)
@@ -21,7 +21,8 @@ import torch
 
 import megalm
 from megalm.checkpoint.files import complete_directory
-from megalm.checkpoint.layout import CLIENT_KEYS, LATEST, MODEL_STATES, tag_for
+from megalm.checkpoint.layout import CLIENT_KEYS, LATEST, tag_for
+from megalm.engine.layout import MODEL_STATES
 from megalm.cliparse import Parser
 from megalm.errors import UserError
 from megalm.export.arch import GPT2_NAMES, LLAMA_NAMES, compile_names, rename

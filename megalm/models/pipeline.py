@@ -16,7 +16,7 @@ with fused_loss, `layers[-1].loss(outputs, labels)` exactly the model's loss).
 Tied embeddings: `HeadPipe.proj` IS the model's `tok_embeddings` module (same Parameter), so
 within one process the tie holds by construction. When the first and last layers land on
 different pipeline stages, each stage holds its own copy of that weight; the trainer keeps the
-copies equal with a DeepSpeed `TiedLayerSpec` on both ends (megalm.train.engine).
+copies equal with a DeepSpeed `TiedLayerSpec` on both ends (megalm.engine.runtime).
 
 This module imports the model, never the other way round: the model knows nothing of pipelines.
 """

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
 
     cfg.validate_accelerator(set_accelerator_default())
 
-    from megalm.train.engine import init_distributed
+    from megalm.engine.runtime import init_distributed
     from megalm.train.loop import Trainer
     from megalm.train.metrics import json_safe
     from megalm.train.task import build_task

@@ -1,6 +1,6 @@
 """Training config: YAML -> typed dataclasses, validated before any process group or model exists.
 
-The DeepSpeed config is generated from this (`megalm.train.ds_config`), so a setting is written once.
+The DeepSpeed config is generated from this (`megalm.engine.config`), so a setting is written once.
 Errors are one `UserError` line naming the file and the dotted key.
 """
 
@@ -23,7 +23,7 @@ from megalm.data.sources import DataConfig
 from megalm.diffusion.config import DiffusionSection
 from megalm.errors import UserError
 from megalm.models.lora import LoraConfig
-from megalm.train.ds_config import to_deepspeed_config
+from megalm.engine.config import to_deepspeed_config
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 MAX_SCALE_POWER = 32  # fp16 dynamic loss scale starts at most at 2**32

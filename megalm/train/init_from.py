@@ -1,16 +1,17 @@
 """`checkpoint.init_from`: start a run from another run's weights only (optimizer, step and data
-position start fresh). Read through megalm.checkpoint.reader, so any layout works (ZeRO 0-3,
+position start fresh). Read through megalm.engine.layout, so any layout works (ZeRO 0-3,
 pipeline, `megalm import-hf` output); a LoRA checkpoint is merged into plain weights first.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch.nn as nn
 
+from megalm.engine.layout import read_client_state
 from megalm.errors import UserError
+from megalm.models.load import plain_weights
 
 # Model fields that may differ from the saved ones: they do not change what the weights mean.
 FREE_FIELDS = frozenset({"activation_checkpointing", "dropout", "init", "init_std"})
@@ -26,11 +27,7 @@ def load_init_weights(path: str, model: nn.Module, model_config: dict[str, Any],
                       source: str = "config") -> str:
     """Load the weights of checkpoint `path` into the plain `model` (in place); returns the
     checkpoint folder read. A model of another shape or another tokenizer is one UserError line."""
-    from megalm.checkpoint.reader import plain_weights, resolve
-
-    reader, tag = resolve(path)
-    where = os.path.join(reader.dir, tag)
-    meta = reader.client_state(tag)
+    where, meta = read_client_state(path)
     data = meta.get("data", {})
     saved = data.get("model_config")
     if saved is None:
@@ -47,7 +44,7 @@ def load_init_weights(path: str, model: nn.Module, model_config: dict[str, Any],
         raise UserError(f"{source}: checkpoint.init_from: {where} was trained with another tokenizer (sha256 "
                         f"{theirs[:12]}…, the data's is {tokenizer_sha256[:12]}…); prepare the data with "
                         f"--tokenizer {path}")
-    missing, unexpected = model.load_state_dict(plain_weights(reader, tag, model, meta), strict=False)
+    missing, unexpected = model.load_state_dict(plain_weights(where, model, meta), strict=False)
     if missing or unexpected:
         raise UserError(f"{source}: checkpoint.init_from: {where}: weights do not fit the model (missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]})")

@@ -23,14 +23,15 @@ import torch.distributed as dist
 from launcher.diagnose import CollectiveWatch
 import megalm
 from megalm.errors import UserError
-from megalm.checkpoint.manager import CheckpointManager
 from megalm.data.prefetch import Prefetcher
+from megalm.engine.checkpointing import DeepSpeedCheckpointManager
+from megalm.engine.runtime import device_of, gathered, global_grad_norm, local_grad_sumsq, loss_scale
 from megalm.fsio import atomic_write
+from megalm.train.build import build
 from megalm.train.config import TrainConfig
-from megalm.train.engine import build, device_of, local_grad_sumsq, peak_memory_gib
 from megalm.train.guard import StepGuard
 from megalm.train.init_from import model_differences
-from megalm.train.metrics import Metrics, json_safe
+from megalm.train.metrics import Metrics, json_safe, peak_memory_gib
 from megalm.train.muon import check_resumable
 from megalm.train.peak_flops import peak_flops
 from megalm.train.signals import STOP_SIGNALS, StopRequests
@@ -79,8 +80,8 @@ class Trainer:
         # each optimizer step, `state_dict`/`load_state_dict` through the checkpoint's client state.
         attach = getattr(task, "attach", None)
         self.task_hook = attach(self.engine, self.b.dp_rank, self.b.dp_world) if attach else None
-        self.ckpt = CheckpointManager(dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint_dir()),
-                                      rank=rank, world_size=world_size)
+        self.ckpt = DeepSpeedCheckpointManager(dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint_dir()),
+                                               rank=rank, world_size=world_size)
         self.ckpt.check_space(self.engine)
         self.total_steps = cfg.total_steps()
         self.tokens_per_step = cfg.batch.global_batch * cfg.data.seq_len
@@ -286,12 +287,11 @@ class Trainer:
             return float(self._gnorm) if self._gnorm is not None else float("nan")
         if self._guard_norm:
             return self.guard.grad_norm
-        g = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
-        return float(g) if g is not None else float("nan")
+        g = global_grad_norm(self.engine)
+        return g if g is not None else float("nan")
 
     def _loss_scale(self) -> float:
-        opt = getattr(self.engine, "optimizer", None)
-        return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)) or 1.0)
+        return loss_scale(self.engine)
 
     def _log_train(self, metrics: Metrics, clock: dict[str, float]) -> None:
         now = time.perf_counter()
@@ -385,12 +385,7 @@ class Trainer:
         params = list(module.named_parameters())
         h = hashlib.sha256()
         for name, p in params:
-            if self.cfg.parallel.zero_stage == 3:  # one parameter at a time: never the whole model
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([p]):
-                    h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
-            else:
+            with gathered([p], self.cfg.parallel.zero_stage == 3):  # one at a time: never the whole model
                 h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
         digests: list[Any] = [None] * self.world
         dist.all_gather_object(digests, h.hexdigest())

@@ -12,6 +12,20 @@ from typing import Any
 from tqdm import tqdm
 
 
+def peak_memory_gib() -> float:
+    """The device's peak allocated memory; on CPU, this process's peak resident set."""
+    import torch  # the metrics writer itself runs without torch (tests of its format)
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except Exception:  # pragma: no cover - non-POSIX
+        return float("nan")
+
+
 def json_safe(value: Any) -> Any:
     """NaN/inf (no loss yet, no eval) become null: JSON has no NaN, and strict readers reject it."""
     if isinstance(value, float) and not math.isfinite(value):

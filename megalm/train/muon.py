@@ -5,17 +5,13 @@ gradient, stage 3 per sub-group, stage 0 in `step`), keyed by each parameter's `
 attribute. DeepSpeed sets that attribute by parameter NAME when its config names Muon ("embed"
 and "lm_head" stay on Adam), which would hand megalm's untied head `output` to Muon. So megalm
 builds the optimizer itself and tags by structure: a 2-D parameter inside the transformer blocks
-(`model.layers`) is a hidden matrix; embeddings, head, norms and biases are not.
-
-Newton–Schulz: every ZeRO path reaches it through `original_muon.muon_update`, which looks
-`zeropower_via_newtonschulz5` up by its module-global name for ns_method "standard". megalm points
-that name at `megalm.ops.newton_schulz` (the same quintic iteration; the CUDA kernel through the ops
-registry once it passed its self-test on the device, else the bit-identical PyTorch reference).
+(`model.layers`) is a hidden matrix; embeddings, head, norms and biases are not. The optimizer
+itself (and its Newton–Schulz routing) is DeepSpeed's: megalm.engine.muon.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -54,44 +50,10 @@ def muon_param_groups(model: nn.Module, o: OptimizerSection,
     return [g for g in groups if g["params"]]
 
 
-def guarded_muon(groups: list[dict[str, Any]], guard_decide: Callable[[], bool]):
-    """MuonWithAuxAdam (its own inline AdamW for the Adam half) that asks the bad-step guard first.
-
-    The class name keeps "Muon": DeepSpeed's ZeRO-1/2 tests the optimizer's class name for it."""
-    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
-
-    route_newton_schulz()
-
-    class GuardedMuon(MuonWithAuxAdam):
-        def step(self, closure=None, step_id=None):  # noqa: D102 - torch.optim.Optimizer.step
-            if guard_decide():
-                return None
-            return super().step(closure, step_id)
-
-    return GuardedMuon(groups)
-
-
-def route_newton_schulz() -> None:
-    """Make DeepSpeed's Muon (every ZeRO stage, the pipeline, offload) orthogonalise with
-    megalm.ops.newton_schulz. Idempotent; the one process-wide patch megalm applies to DeepSpeed.
-
-    DeepSpeed torch.compiles `muon_update`; the routed op is kept out of that graph (a leaf run
-    eagerly), so the kernel/reference choice and the self-test happen as in any other op."""
-    import torch
-    from deepspeed.runtime.zero.muon import original_muon
-
-    from megalm.ops.newton_schulz import newton_schulz
-
-    current = original_muon.zeropower_via_newtonschulz5
-    if getattr(current, "_torchdynamo_orig_callable", None) is newton_schulz:
-        return
-    original_muon.zeropower_via_newtonschulz5 = torch._dynamo.disable(newton_schulz)
-
-
 def check_resumable(saved_config: dict[str, Any], saved_world: int, dp_world: int) -> None:
     """Refuse, in one line, a Muon checkpoint whose momentum a data-parallel size change would lose.
 
-    Carried: ZeRO-1/2 (megalm.checkpoint.muon_universal re-shards the momentum through DeepSpeed's
+    Carried: ZeRO-1/2 (megalm.engine.muon_universal re-shards the momentum through DeepSpeed's
     universal conversion) and ZeRO-0 in fp32 (its optimizer state is saved whole). Not carried:
     ZeRO-3, optimizer offload, pipelines and bf16/fp16 ZeRO-0 (other layouts, untested)."""
     o, p = saved_config.get("optimizer", {}), saved_config.get("parallel", {})

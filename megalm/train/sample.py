@@ -1,8 +1,8 @@
 """`megalm sample CHECKPOINT --prompt TEXT [...]`: generate from any checkpoint, in one process.
 
 CHECKPOINT is a published checkpoint directory (`.../step_00000100`), a checkpoint root or a run
-directory (the newest valid checkpoint is used). Reading is megalm.checkpoint.reader's job
-(verified, consolidated from any layout, never running code from the files). A diffusion (DiT)
+directory (the newest valid checkpoint is used). Reading is megalm.models.load's job through
+megalm.engine.layout (verified, consolidated from any layout, never running code from the files). A diffusion (DiT)
 checkpoint, given without --prompt, samples an image grid instead (megalm/diffusion/sample.py).
 """
 
@@ -15,9 +15,10 @@ import sys
 
 import torch
 
-from megalm.checkpoint.reader import load_model, load_tokenizer
 from megalm.cliparse import Parser
+from megalm.engine.layout import read_client_state
 from megalm.errors import UserError
+from megalm.models.load import load_model, load_tokenizer
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -40,7 +41,6 @@ def _diffusion_checkpoint(argv: list[str]) -> tuple[str, dict] | None:
     The checkpoint is found by the DiT sampler's own parser, so its options may stand anywhere."""
     if any(a in ("-h", "--help") or a == "--prompt" or a.startswith("--prompt=") for a in argv):
         return None
-    from megalm.checkpoint.reader import read_client_state
     from megalm.diffusion.sample import is_diffusion, parser as diffusion_parser
 
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from megalm.engine.runtime import gathered
 from megalm.train.task import LMTask
 
 
@@ -81,12 +82,7 @@ class AdapterHook:
         for name, p in self.engine.module.named_parameters():
             if not is_adapter(name):
                 continue
-            if zero3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([p]):
-                    adapters[name] = p.detach().float().cpu().clone()
-            else:
+            with gathered([p], zero3):
                 adapters[name] = p.detach().float().cpu().clone()
         fp = self.task.fingerprint()
         base = {"model_config": fp["model_config"], "tokenizer_sha256": fp["tokenizer_sha256"],

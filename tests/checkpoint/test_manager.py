@@ -17,8 +17,8 @@ import megalm.checkpoint.manager as ckpt
 from megalm.checkpoint.config import CheckpointConfig
 from megalm.checkpoint.files import FileEntry, read_manifest, verify_directory
 from megalm.checkpoint.layout import TAG_RE, CheckpointError, published_tags
-from megalm.checkpoint.manager import CheckpointManager
-from megalm.checkpoint.universal import conversion_needed
+from megalm.engine.checkpointing import DeepSpeedCheckpointManager
+from megalm.engine.layout import conversion_needed
 from tests.checkpoint.toy import defaults, digest, run_toy
 
 
@@ -143,7 +143,7 @@ def test_keep_last_corrupt_incomplete_and_leftover_tmp_are_handled(tmp_path):
     (ck / "step_00000005" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     (ck / ".tmp-step_00000006").mkdir()
     (ck / ".tmp-step_00000006" / "junk.pt").write_bytes(b"x" * 100)
-    mgr = CheckpointManager(CheckpointConfig(dir=str(ck)), rank=0, world_size=1)
+    mgr = DeepSpeedCheckpointManager(CheckpointConfig(dir=str(ck)), rank=0, world_size=1)
     assert mgr.list_valid() == ["step_00000003", "step_00000004"]  # cheap check: sizes still match
 
     b, out = run_toy(defaults(zero=2, steps=6, resume=True, dir=str(ck), out=str(tmp_path / "b")))
@@ -176,7 +176,7 @@ def test_resave_of_a_step_never_loses_it(tmp_path, monkeypatch, crash_at):
     """keep_last=1, step 5 saved again (a resumed run): a crash at any point of the replacement
     leaves the old or the new step_5 after the next start, never none."""
     tag = "step_00000005"
-    mgr = CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep_last=1), rank=0, world_size=1)
+    mgr = DeepSpeedCheckpointManager(CheckpointConfig(dir=str(tmp_path), keep_last=1), rank=0, world_size=1)
     mgr.start()
     mgr._publish(tag, *_stage(tmp_path, tag, b"old"), {"step": 5})
     root, entries = _stage(tmp_path, tag, b"new")
@@ -199,7 +199,7 @@ def test_resave_of_a_step_never_loses_it(tmp_path, monkeypatch, crash_at):
         assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-old-step_00000005-")]
     monkeypatch.undo()
     mgr.close()  # the crashed process is gone: the kernel drops its lock
-    again = CheckpointManager(CheckpointConfig(dir=str(tmp_path), keep_last=1), rank=0, world_size=1)
+    again = DeepSpeedCheckpointManager(CheckpointConfig(dir=str(tmp_path), keep_last=1), rank=0, world_size=1)
     again.start()
     assert again.list_valid() == [tag]
     want = b"old" if crash_at == "before_rename_in" else b"new"
@@ -214,11 +214,11 @@ def test_read_only_manager_never_cleans_or_writes(tmp_path):
     live = tmp_path / ".tmp-step_00000007"
     live.mkdir()
     (live / "part.pt").write_bytes(b"in progress")
-    reader = CheckpointManager(CheckpointConfig(dir=str(tmp_path)), rank=0, world_size=1, read_only=True)
+    reader = DeepSpeedCheckpointManager(CheckpointConfig(dir=str(tmp_path)), rank=0, world_size=1, read_only=True)
     reader.start()
     assert (live / "part.pt").read_bytes() == b"in progress"
     with pytest.raises(CheckpointError):
         reader.save(None, 8, {})
-    owner = CheckpointManager(CheckpointConfig(dir=str(tmp_path)), rank=0, world_size=1)
+    owner = DeepSpeedCheckpointManager(CheckpointConfig(dir=str(tmp_path)), rank=0, world_size=1)
     owner.start()
     assert not live.exists()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megalm.checkpoint.unpickle import check_dir, check_file, safe_load
+from megalm.engine.layout import load
 from megalm.errors import UserError
 
 
@@ -65,7 +66,7 @@ def test_deepspeed_and_trainer_objects_load(tmp_path):
              "w": torch.arange(4.0)}
     path = str(tmp_path / "s.pt")
     torch.save(state, path)
-    got = safe_load(path)
+    got = load(path)
     assert isinstance(got["loss_scaler"], LossScaler) and got["loss_scaler"].cur_scale == 1.0
     assert got["zero_stage"] is ZeroStageEnum.gradients
     assert got["rng"]["python"] == state["rng"]["python"]

@@ -126,18 +126,18 @@ def local_state(engine) -> str:
 
 def scenario(a: dict, rank: int, world: int) -> dict:
     """Train to a["steps"] (resuming first if asked), saving at a["save_at"] (or every step)."""
-    from megalm.checkpoint import ds_engine as checkpoint_engine
+    from megalm.engine import checkpoint_engine
     from megalm.checkpoint.layout import CheckpointError
-    from megalm.checkpoint.manager import CheckpointManager
+    from megalm.engine.checkpointing import DeepSpeedCheckpointManager
     from megalm.errors import UserError
 
     engine = build_engine(a, world)
-    mgr = CheckpointManager(CheckpointConfig(dir=a["dir"], keep_last=a.get("keep_last", 3),
+    mgr = DeepSpeedCheckpointManager(CheckpointConfig(dir=a["dir"], keep_last=a.get("keep_last", 3),
                                              async_save=a.get("async", False)),
                             rank=rank, world_size=world)
     twin = None
     if a.get("twin_dir"):  # the same saves again, through the other (sync/async) path
-        twin = CheckpointManager(CheckpointConfig(dir=a["twin_dir"], async_save=not a.get("async", False)),
+        twin = DeepSpeedCheckpointManager(CheckpointConfig(dir=a["twin_dir"], async_save=not a.get("async", False)),
                                  rank=rank, world_size=world)
     rec: dict = {"losses": {}, "at_save": {}, "weights_at_save": {}, "blocked_s": {}}
     start = 0

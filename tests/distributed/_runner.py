@@ -14,7 +14,7 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     record: dict = {"ok": False}
     try:
-        from megalm.train.engine import init_distributed
+        from megalm.engine.runtime import init_distributed
 
         init_distributed()
         module, fn = target.split(":")

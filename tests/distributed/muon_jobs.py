@@ -57,7 +57,7 @@ def _save_momenta(path: str, zero: bool = False):
         import torch
         import torch.distributed as dist
 
-        from megalm.checkpoint.muon_universal import momenta
+        from megalm.engine.muon_universal import momenta
 
         found = momenta(trainer.engine)
         if dist.get_rank() == 0:

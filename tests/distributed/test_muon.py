@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from megalm.checkpoint.reader import load_model
+from megalm.models.load import load_model
 from megalm.train.config import load_config
 from megalm.train.task import LMTask
 from tests.distributed.corpus import make_corpus
@@ -38,7 +38,7 @@ def job(tmp_path_factory):
 
 def _initial_and_final(job, mode):
     cfg = load_config(None, one_step_overrides(job["shards"], mode), world_size=2)
-    torch.manual_seed(cfg.train.seed)  # as megalm.train.engine.build does
+    torch.manual_seed(cfg.train.seed)  # as megalm.train.build.build does
     initial = LMTask(cfg).build_model().state_dict()
     final, meta = load_model(os.path.join(job["modes"][mode]["one_dir"], "checkpoints"))
     assert meta["step"] == 1

@@ -1,5 +1,5 @@
 """Muon's momentum across a data-parallel size change, through the trainer's resume on real gloo
-ranks (fp32 ZeRO-2 and bf16 ZeRO-1: re-sharded by megalm.checkpoint.muon_universal; fp32 ZeRO-0:
+ranks (fp32 ZeRO-2 and bf16 ZeRO-1: re-sharded by megalm.engine.muon_universal; fp32 ZeRO-0:
 DeepSpeed's whole optimizer state): 2 ranks -> 1 rank and 1 rank -> 2 ranks.
 
 - The momentum right after the resume equals the one the stopped run saved, matrix by matrix,

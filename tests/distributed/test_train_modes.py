@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from megalm.checkpoint.reader import load_model
+from megalm.models.load import load_model
 from tests.distributed.corpus import make_corpus
 from tests.distributed.helper import REPO, assert_exact_resume, cpu_env, run_distributed
 from tests.distributed.jobs import MODES, small_overrides

@@ -95,7 +95,7 @@ def test_sample_after_shard_dir_moved(job):
 def test_sample_tokenizer_fallback_is_sha256_checked(shards, tmp_path):
     import hashlib
 
-    from megalm.checkpoint.reader import load_tokenizer
+    from megalm.models.load import load_tokenizer
 
     good = open(os.path.join(shards, "tokenizer.model"), "rb").read()
     sha = hashlib.sha256(good).hexdigest()

@@ -71,11 +71,11 @@ def _random_dit(**fields) -> DiT:
 
 def _trained_weights(run: str) -> DiT:
     """The run's DiT with its trained (non-EMA) weights, consolidated from the ZeRO-2 partitions."""
-    from megalm.checkpoint.reader import read_client_state, resolve
+    from megalm.engine.layout import read_client_state, weights
 
-    reader, tag = resolve(run)
-    model = DiT(DiTConfig.from_saved(read_client_state(run)[1]["data"]["model_config"]))
-    model.load_state_dict(reader.weights(tag, model))
+    tag_dir, meta = read_client_state(run)
+    model = DiT(DiTConfig.from_saved(meta["data"]["model_config"]))
+    model.load_state_dict(weights(tag_dir, meta, model))
     return model.eval()
 
 
@@ -152,11 +152,11 @@ def test_trained_checkpoint_exports_its_ema_weights(runs, exported):
 
 def test_checkpoint_without_ema_exports_its_trained_weights(runs, tmp_path, monkeypatch):
     """The ZeRO-2 partitions consolidated through the reader, when the client state has no EMA."""
-    from megalm.checkpoint.reader import CheckpointReader
+    from megalm.engine import layout
 
-    client_state = CheckpointReader.client_state
-    monkeypatch.setattr(CheckpointReader, "client_state",
-                        lambda self, tag: {k: v for k, v in client_state(self, tag).items() if k != "task_state"})
+    client_state = layout.client_state
+    monkeypatch.setattr(layout, "client_state",
+                        lambda tag_dir: {k: v for k, v in client_state(tag_dir).items() if k != "task_state"})
     export_dit(runs["dit"], str(tmp_path / "out"))
     monkeypatch.undo()
     diff, scale = _max_diff(_trained_weights(runs["dit"]), _load(str(tmp_path / "out")))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from megalm.checkpoint.reader import load_model, load_tokenizer
+from megalm.models.load import load_model, load_tokenizer
 from megalm.cli import main as megalm_main
 from megalm.ops import apply_rope, rope_cos_sin
 

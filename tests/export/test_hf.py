@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from megalm.checkpoint.reader import load_model, load_tokenizer
+from megalm.models.load import load_model, load_tokenizer
 from megalm.cli import main as megalm_main
 from megalm.export.source import CheckpointTensors
 

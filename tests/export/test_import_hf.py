@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from megalm.checkpoint.reader import load_model, load_tokenizer
+from megalm.models.load import load_model, load_tokenizer
 from megalm.cli import main as megalm_main
 
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 123, 250, 3, 64, 11, 2]])

@@ -88,7 +88,8 @@ def test_muon_orthogonalises_through_megalm_newton_schulz():
     from deepspeed.runtime.zero.muon import original_muon
 
     from megalm.models.llm import LLM, LLMConfig
-    from megalm.train.muon import guarded_muon, muon_param_groups
+    from megalm.engine.muon import guarded_muon
+    from megalm.train.muon import muon_param_groups
     from tests.train.test_config import cfg_of
 
     model = LLM(LLMConfig(vocab_size=61, dim=32, n_layers=1, n_heads=4, max_seq_len=16))

@@ -10,7 +10,7 @@ import pytest
 
 from megalm.errors import UserError
 from megalm.train.config import load_config
-from megalm.train.ds_config import to_deepspeed_config
+from megalm.engine.config import to_deepspeed_config
 from megalm.train.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import torch
 from megalm.errors import UserError
 from megalm.models.llm import LLM, LLMConfig
 from megalm.train.config import load_config
-from megalm.train.ds_config import to_deepspeed_config
+from megalm.engine.config import to_deepspeed_config
 from megalm.train.muon import muon_param_groups
 from megalm.train.schedule import LRSchedule, lr_at
 from tests.train.test_config import cfg_of, error_of

@@ -12,7 +12,7 @@ import torch
 
 from megalm import CONFIGS_DIR
 from megalm.train.config import load_config
-from megalm.train.ds_config import to_deepspeed_config
+from megalm.engine.config import to_deepspeed_config
 from megalm.train.muon import muon_param_groups
 from megalm.train.task import LMTask
 from tests.distributed.corpus import make_corpus

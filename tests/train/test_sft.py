@@ -16,7 +16,9 @@ import os
 import pytest
 import torch
 
-from megalm.checkpoint.reader import CheckpointReader, load_model, resolve
+from megalm.engine import layout
+from megalm.engine.layout import resolve
+from megalm.models.load import load_model
 from megalm.cli import main as cli
 from megalm.errors import UserError
 from megalm.models.llm import LLM, LLMConfig
@@ -74,7 +76,8 @@ def test_lora_zero3_trains_adapters_only_and_resumes_exactly(job):
     base_model, _ = load_model(os.path.join(job["work"], "runs/base"))
     base = base_model.state_dict()
     reader, tag = resolve(os.path.join(job["work"], "runs/lora-straight"))
-    raw = CheckpointReader(reader.dir).weights(tag, base_model)  # ZeRO-3 consolidation, LoRA names
+    tag_dir = os.path.join(reader.dir, tag)
+    raw = layout.weights(tag_dir, layout.client_state(tag_dir), base_model)  # ZeRO-3 consolidation, LoRA names
     adapters = {k: v for k, v in raw.items() if k.endswith((".lora_A", ".lora_B"))}
     assert len(adapters) == 2 * 5 * 2  # 5 targets x 2 layers
     assert all(v.abs().sum() > 0 for k, v in adapters.items() if k.endswith(".lora_B"))
@@ -84,7 +87,6 @@ def test_lora_zero3_trains_adapters_only_and_resumes_exactly(job):
     # the adapters alone, inside the published checkpoint (listed in its manifest)
     from safetensors.torch import load_file
 
-    tag_dir = os.path.join(reader.dir, tag)
     alone = load_file(os.path.join(tag_dir, "adapter.safetensors"))
     assert alone.keys() == adapters.keys() and all(torch.equal(alone[k], adapters[k]) for k in alone)
     listed = {f["path"] for f in json.load(open(os.path.join(tag_dir, "manifest.json")))["files"]}

@@ -6,7 +6,7 @@ import io
 
 import torch
 
-from megalm.checkpoint.ds_engine import snapshot_to_cpu
+from megalm.engine.checkpoint_engine import snapshot_to_cpu
 
 
 def test_snapshot_writes_identical_bytes_and_is_independent():

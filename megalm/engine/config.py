@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # config.py imports this module to validate with it
+if TYPE_CHECKING:  # megalm.train.config imports this module to validate with it: the type only
     from megalm.train.config import TrainConfig
 
 

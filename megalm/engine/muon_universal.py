@@ -11,7 +11,7 @@ partition layout Adam state has (and a zero `exp_avg_sq`): DeepSpeed then reshar
 Adam moment. After the universal load, `restore_momentum` moves it back into `momentum_buffer` in
 the layout the new engine uses (whole matrices gathered across the new DP group for ZeRO-1/2,
 the partition itself with optimizer offload) and drops the stand-ins.
-ZeRO-3 is not handled here (megalm.train.muon refuses that resume in one line).
+ZeRO-3 is not handled here (megalm.train.muon.check_resumable refuses that resume in one line).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from megalm.engine.layout import MODEL_STATES as MODEL_FILE
 from megalm.errors import UserError
 
 OPTIM_GLOB = "*optim_states.pt"
-MODEL_FILE = "mp_rank_00_model_states.pt"
 MOMENTUM, STAND_IN, STAND_IN_SQ = "momentum_buffer", "exp_avg", "exp_avg_sq"
 
 

@@ -15,23 +15,14 @@ import contextlib
 import io
 import os
 import sys
-from typing import Any
 
 from megalm.checkpoint.files import MARKER, complete_directory, fsync_dir, read_manifest, remove_tree, verify_directory
 from megalm.checkpoint.layout import CACHE
-from megalm.checkpoint.muon_universal import prepare_source
-from megalm.checkpoint.unpickle import check_dir
+from megalm.engine.layout import check
+from megalm.engine.muon_universal import prepare_source
 
 UNIVERSAL_INFO_KEY = "universal_checkpoint_info"  # ds_to_universal asserts it is in client state
 UNIVERSAL_INFO = {"universal_checkpoint_version": 0.2}
-
-
-def has_partitioned_optimizer(manifest: dict[str, Any]) -> bool:
-    return any(f["path"].endswith("optim_states.pt") for f in manifest["files"])
-
-
-def conversion_needed(manifest: dict[str, Any], dp_world_size: int) -> bool:
-    return has_partitioned_optimizer(manifest) and int(manifest["dp_world_size"]) != dp_world_size
 
 
 def _convert(source: str, out: str) -> None:
@@ -67,12 +58,12 @@ def ensure_universal(ckpt_dir: str, tag: str) -> str:
         try:
             if read_manifest(final).get("source_marker") == source_marker:
                 verify_directory(final, full=True)
-                check_dir(final)  # DeepSpeed's universal loader unpickles with weights_only=False
+                check(final)  # DeepSpeed's universal loader unpickles with weights_only=False
                 return cache
         except ValueError:
             pass
         remove_tree(final)  # stale (source re-saved) or damaged: convert again
-    check_dir(source)  # ds_to_universal unpickles with weights_only=False
+    check(source)  # ds_to_universal unpickles with weights_only=False
     os.makedirs(cache, exist_ok=True)
     work = os.path.join(cache, f".tmp-{tag}")
     remove_tree(work)

@@ -21,7 +21,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
 from megalm.checkpoint.files import FileEntry, WriteError, fsync_dir, write_durably
-from megalm.checkpoint.unpickle import safe_load
+from megalm.engine.layout import load as safe_load
 
 ENGINE_NAME = "MegalmCheckpointEngine"
 

@@ -1,0 +1,83 @@
+"""What the trainer runs on, derived from the TrainConfig: the plain model (or its layer list as
+pipeline stages), the optimizer (asking the step guard before it updates), the LR schedule, and
+the DeepSpeed engine megalm.engine builds around them."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megalm.engine.config import to_deepspeed_config
+from megalm.engine.muon import guarded_muon
+from megalm.engine.runtime import clip_with_norm, data_parallel, initialize, pipeline_module
+from megalm.train.config import TrainConfig
+from megalm.train.guard import GuardedAdamW, StepGuard
+from megalm.train.muon import muon_param_groups
+from megalm.train.schedule import LRSchedule
+from megalm.train.task import Task
+
+
+@dataclass
+class Built:
+    engine: Any  # DeepSpeedEngine or PipelineEngine
+    pipeline: bool
+    dp_rank: int
+    dp_world: int
+    is_first_stage: bool
+    flops_per_token: int  # model FLOPs per trained token (computed before ZeRO-3 partitions params)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # nanoGPT's rule: matrices (incl. embeddings) decay; norms and biases do not.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if other:
+        groups.append({"params": other, "weight_decay": 0.0})
+    return groups
+
+
+def _stages(cfg: TrainConfig, task: Task, model: nn.Module, guard: StepGuard) -> nn.Module:
+    layers = list(task.pipeline_layers(model))
+    # A last layer with its own `loss` (megalm's HeadPipe with fused_loss) outputs hidden states and
+    # projects inside the chunked fused CE, so [B, T, V] logits never exist on the last stage.
+    head_loss = getattr(layers[-1], "loss", None) or task.pipeline_loss
+
+    def loss_fn(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return guard.record(head_loss(outputs, labels))
+
+    return pipeline_module(layers, cfg.parallel.pipeline_stages, loss_fn)
+
+
+def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Built:
+    from launcher.env import set_accelerator_default
+
+    cfg.validate_accelerator(set_accelerator_default())
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    model = task.build_model()
+    flops = int(model.flops_per_token(cfg.data.seq_len)) if hasattr(model, "flops_per_token") else 0
+    pipeline = cfg.parallel.pipeline_stages > 1
+    module = _stages(cfg, task, model, guard) if pipeline else model
+    o = cfg.optimizer
+    if o.name == "muon":
+        optimizer = guarded_muon(muon_param_groups(model, o, module), guard.decide)
+    else:
+        optimizer = GuardedAdamW(_param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                 weight_decay=o.weight_decay)
+        optimizer.guard_decide = guard.decide
+    if cfg.parallel.zero_stage == 0 and cfg.precision.dtype == "bf16" and not pipeline and dist.get_rank() == 0:
+        print("warning: parallel.zero_stage: 0 in bf16 runs DeepSpeed's unfused bf16 optimizer wrapper, which "
+              "checks and norms every parameter with a host read per step (~2x the kernels of ZeRO-1, "
+              "benchmarks/opcount_cpu.py); parallel.zero_stage=1 holds the same weights and gradients per GPU "
+              "and less optimizer state", file=sys.stderr, flush=True)
+    total = cfg.total_steps()
+    engine = initialize(module, optimizer, to_deepspeed_config(cfg, world_size),
+                        lambda opt: LRSchedule(opt, total, o), pipeline)
+    if cfg.megalm_grad_norm():
+        clip_with_norm(engine.optimizer, lambda: guard.grad_norm)
+    return Built(engine, pipeline, *data_parallel(engine, world_size, pipeline), flops)
