@@ -85,6 +85,9 @@ class Prefetcher:
         self._rewind()
         self.loader.skip(n)
 
+    def source_weights(self) -> list[float]:
+        return self.loader.source_weights()
+
     def close(self) -> None:
         """Stop the worker (after the read-ahead step, if one is running); iterating goes on
         without read-ahead."""
@@ -92,7 +95,7 @@ class Prefetcher:
         self._pool.shutdown(wait=True)
 
     def __getattr__(self, name: str) -> Any:
-        # Everything else (source_weights, sources, ...) is the wrapped loader's.
+        # Everything else (sources, epochs, ...) is the wrapped loader's.
         if name == "loader":
             raise AttributeError(name)
         return getattr(self.loader, name)

@@ -165,6 +165,9 @@ class ImageLoader:
     def skip(self, n: int) -> None:
         self.next_sample += n * self.global_batch
 
+    def source_weights(self) -> list[float]:
+        return [1.0]  # one image source
+
 
 class ImageEvalLoader:
     """The eval split in order (the eval-loader interface of megalm.data.loader.EvalLoader: one

@@ -9,7 +9,7 @@ needs no saved RNG: it is a function of (seed, global sample index) (see data.py
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -19,11 +19,12 @@ from megalm.diffusion.objectives import build_objective, drop_labels
 from megalm.errors import UserError
 from megalm.models.dit import DiT, DiTConfig
 from megalm.train.config import TrainConfig
+from megalm.train.task import Batch, Task, TaskHook
 
-Batch = dict[str, torch.Tensor]
 
+class DiffusionTask(Task):
+    name = "diffusion"
 
-class DiffusionTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg, d = cfg, cfg.diffusion
         src = cfg.source
@@ -67,12 +68,6 @@ class DiffusionTask:
         y = drop_labels(batch["y"], batch["drop"], self.model_config.num_classes) if self.model_config.num_classes else None
         return self.objective.loss(model, batch["x0"], batch["noise"], batch["u"], y)
 
-    def _no_pipeline(self, *_: Any) -> Any:
-        # Unreachable: __init__ refuses pipeline_stages > 1; present to satisfy the Task protocol.
-        raise UserError("task diffusion: pipeline parallelism is not supported")
-
-    pipeline_layers = pipeline_loss = pipeline_batch = _no_pipeline
-
     def fingerprint(self) -> dict[str, Any]:
         return {"task": "diffusion", "shard_dirs": [os.path.abspath(p) for p in self.cfg.data.paths],
                 "classes": list(self.manifest.classes), "model_config": self.model_config.to_dict()}
@@ -85,9 +80,11 @@ class DiffusionTask:
         return EMAHook(self, engine, dp_rank, dp_world)
 
 
-class EMAHook:
+class EMAHook(TaskHook):
     """The Trainer's per-task extra state: after each applied step update the EMA shard;
     `state_dict`/`load_state_dict` travel in the checkpoint's client state."""
+
+    carries_state = True
 
     def __init__(self, task: DiffusionTask, engine: Any, dp_rank: int, dp_world: int):
         from megalm.diffusion.ema import ShardedEMA

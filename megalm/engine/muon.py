@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 
-def guarded_muon(groups: list[dict[str, Any]], guard_decide: Callable[[], bool]):
-    """MuonWithAuxAdam (its own inline AdamW for the Adam half) that asks the bad-step guard first.
+def guarded_muon(groups: list[dict[str, Any]], skip_update: Callable[[], bool]):
+    """MuonWithAuxAdam (its own inline AdamW for the Adam half) that skips the update the step
+    guard marked bad (`skip_update`: the decision, read).
 
     The class name keeps "Muon": DeepSpeed's ZeRO-1/2 tests the optimizer's class name for it."""
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
@@ -23,7 +24,7 @@ def guarded_muon(groups: list[dict[str, Any]], guard_decide: Callable[[], bool])
 
     class GuardedMuon(MuonWithAuxAdam):
         def step(self, closure=None, step_id=None):  # noqa: D102 - torch.optim.Optimizer.step
-            if guard_decide():
+            if skip_update():
                 return None
             return super().step(closure, step_id)
 

@@ -101,6 +101,22 @@ def data_parallel(engine: Any, world_size: int, pipeline: bool) -> tuple[int, in
     return dist.get_rank(), world_size, True
 
 
+def before_optimizer_step(pipeline_engine: Any, hook: Callable[[], Any]) -> None:
+    """A PipelineEngine runs a whole step inside train_batch: call `hook` on every rank after the
+    last backward of the step, right before its optimizer step (DeepSpeed's OptimizerStep
+    instruction goes through `_take_model_step`, looked up on the instance)."""
+    take_step = getattr(pipeline_engine, "_take_model_step", None)
+    if not callable(take_step):
+        raise RuntimeError(f"{type(pipeline_engine).__name__} has no _take_model_step: this DeepSpeed version "
+                           f"steps pipelines differently; megalm's step guard needs a place before the optimizer")
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        hook()
+        return take_step(*args, **kwargs)
+
+    pipeline_engine._take_model_step = guarded
+
+
 def clip_with_norm(zero_optimizer: Any, grad_norm: Callable[[], float]) -> None:
     """ZeRO-1/2/3: DeepSpeed clips with a global norm megalm already has (a host float, from the
     step guard) instead of taking its own: a norm kernel per parameter and a host read per step."""

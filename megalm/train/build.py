@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from megalm.engine.config import to_deepspeed_config
 from megalm.engine.muon import guarded_muon
-from megalm.engine.runtime import clip_with_norm, data_parallel, initialize, pipeline_module
+from megalm.engine.runtime import before_optimizer_step, clip_with_norm, data_parallel, initialize, pipeline_module
 from megalm.train.config import TrainConfig
 from megalm.train.guard import GuardedAdamW, StepGuard
 from megalm.train.muon import muon_param_groups
@@ -44,9 +44,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def _stages(cfg: TrainConfig, task: Task, model: nn.Module, guard: StepGuard) -> nn.Module:
     layers = list(task.pipeline_layers(model))
-    # A last layer with its own `loss` (megalm's HeadPipe with fused_loss) outputs hidden states and
-    # projects inside the chunked fused CE, so [B, T, V] logits never exist on the last stage.
-    head_loss = getattr(layers[-1], "loss", None) or task.pipeline_loss
+    head_loss = task.pipeline_loss(layers)
 
     def loss_fn(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return guard.record(head_loss(outputs, labels))
@@ -60,16 +58,16 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
     cfg.validate_accelerator(set_accelerator_default())
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = task.build_model()
-    flops = int(model.flops_per_token(cfg.data.seq_len)) if hasattr(model, "flops_per_token") else 0
+    flops = task.flops_per_token(model)
     pipeline = cfg.parallel.pipeline_stages > 1
     module = _stages(cfg, task, model, guard) if pipeline else model
     o = cfg.optimizer
     if o.name == "muon":
-        optimizer = guarded_muon(muon_param_groups(model, o, module), guard.decide)
+        optimizer = guarded_muon(muon_param_groups(model, o, module), guard.skip_update)
     else:
         optimizer = GuardedAdamW(_param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                  weight_decay=o.weight_decay)
-        optimizer.guard_decide = guard.decide
+        optimizer.skip_update = guard.skip_update
     if cfg.parallel.zero_stage == 0 and cfg.precision.dtype == "bf16" and not pipeline and dist.get_rank() == 0:
         print("warning: parallel.zero_stage: 0 in bf16 runs DeepSpeed's unfused bf16 optimizer wrapper, which "
               "checks and norms every parameter with a host read per step (~2x the kernels of ZeRO-1, "
@@ -80,4 +78,6 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
                         lambda opt: LRSchedule(opt, total, o), pipeline)
     if cfg.megalm_grad_norm():
         clip_with_norm(engine.optimizer, lambda: guard.grad_norm)
+    if pipeline:  # train_batch runs forward, backward and the optimizer inside DeepSpeed
+        before_optimizer_step(engine, guard.decide)
     return Built(engine, pipeline, *data_parallel(engine, world_size, pipeline), flops)

@@ -29,7 +29,10 @@ SCHEDULES = ("cosine", "linear", "wsd", "constant")
 MAX_SCALE_POWER = 32  # fp16 dynamic loss scale starts at most at 2**32
 DTYPES = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "muon")
-TASKS = ("lm", "sft", "diffusion")
+# Every task, by its `task:` value: the one table (megalm.train.task.build_task builds from it).
+# Named, not imported: a run imports only its own task's module (diffusion's pulls in image code).
+TASKS = {"lm": "megalm.train.task:LMTask", "sft": "megalm.train.sft:SFTTask",
+         "diffusion": "megalm.diffusion.task:DiffusionTask"}
 
 
 @dataclass

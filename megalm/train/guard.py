@@ -1,8 +1,10 @@
 """Bad-step guard: a step whose loss is NaN/inf or spikes above k x the running mean is not applied.
 
 The decision is global: every rank contributes (loss sum, count, non-finite count) to one
-all_reduce, so all ranks skip together. The optimizer consults the guard right before updating;
-a skipped step leaves parameters and optimizer state untouched (the engine then clears the grads).
+all_reduce, so all ranks skip together. It is made once per step, before the optimizer runs (by
+the loop after the last backward; under a pipeline engine, by the hook megalm puts in front of
+DeepSpeed's optimizer step); the optimizer only reads it (`skip_update`). A skipped step leaves
+parameters and optimizer state untouched (the engine then clears the grads).
 
 Losses stay on the device until the decision: `record` only adds tensors, and `decide` reads the
 reduced result back with one `.tolist()` — the step's single host synchronisation. The same
@@ -46,6 +48,8 @@ class StepGuard:
         self.device = torch.device("cpu")  # where the decision all_reduce runs (CUDA under NCCL)
         self.watch: CollectiveWatch | None = None  # told when this rank enters and leaves a step's collectives
         self.step = 0
+        self.reductions = 0  # decisions reduced so far: one per step (tests hold the loop to it)
+        self.begun = False  # a training step has begun (before: the engine is still being built)
 
     def begin_step(self, poison: bool = False, step: int = 0) -> None:
         self._sum, self._nonfinite, self._count = None, None, 0
@@ -54,6 +58,7 @@ class StepGuard:
             self.watch.arrive(step)
         self.poison = poison
         self.decided = False
+        self.begun = True
 
     def record(self, loss: torch.Tensor) -> torch.Tensor:
         """Called on each micro-batch loss where it is computed; returns the (maybe poisoned) loss.
@@ -82,6 +87,7 @@ class StepGuard:
             *(zero + f for f in flags),
             *sumsq,
         ])
+        self.reductions += 1
         if dist.is_initialized():
             dist.all_reduce(t)
         values = t.tolist()  # the one host synchronisation of the step (under NCCL it waits here)
@@ -113,6 +119,21 @@ class StepGuard:
         self.last_loss, self.last_bad, self.decided = mean, bad, True
         return bad
 
+    def skip_update(self) -> bool:
+        """The optimizer's question before it updates: is this step's decision `bad`? The
+        decision must already be made: an optimizer running first would step on an unchecked
+        gradient, so that is an error, not a silent collective from inside the optimizer.
+
+        Before the first step, the answer is skip: DeepSpeed's ZeRO-0 fp16/bf16 wrapper steps the
+        optimizer on zero gradients while it is constructed (to create Adam's state), which with
+        AdamW would still apply weight decay to the initial weights."""
+        if not self.begun:
+            return True
+        if not self.decided:
+            raise RuntimeError("the optimizer ran before the step guard decided this step (megalm decides after "
+                               "the last backward, before the optimizer step)")
+        return self.last_bad
+
     @property
     def must_roll_back(self) -> bool:
         return self.consecutive_bad >= self.cfg.max_consecutive
@@ -128,12 +149,12 @@ class StepGuard:
 
 
 class GuardedAdamW(FusedAdamW):
-    """FusedAdamW that asks the guard before each update. DeepSpeed's ZeRO wrappers may call
-    `step` once per param group; the guard decides once per optimizer step (first call)."""
+    """FusedAdamW that skips the update the guard marked bad. DeepSpeed's ZeRO wrappers may call
+    `step` once per param group; each call reads the same decision."""
 
-    guard_decide: Callable[[], bool] | None = None
+    skip_update: Callable[[], bool] | None = None  # StepGuard.skip_update, set by the trainer
 
     def step(self, closure=None):  # noqa: D102 - same contract as torch.optim.Optimizer.step
-        if self.guard_decide is not None and self.guard_decide():
+        if self.skip_update is not None and self.skip_update():
             return None
         return super().step(closure)

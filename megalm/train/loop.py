@@ -78,8 +78,7 @@ class Trainer:
                             if cfg.eval.batches > 0 else None)
         # Optional per-task extra state (e.g. diffusion's EMA): `after_step(step, applied)` after
         # each optimizer step, `state_dict`/`load_state_dict` through the checkpoint's client state.
-        attach = getattr(task, "attach", None)
-        self.task_hook = attach(self.engine, self.b.dp_rank, self.b.dp_world) if attach else None
+        self.task_hook = task.attach(self.engine, self.b.dp_rank, self.b.dp_world)
         self.ckpt = DeepSpeedCheckpointManager(dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint_dir()),
                                                rank=rank, world_size=world_size)
         self.ckpt.check_space(self.engine)
@@ -106,14 +105,15 @@ class Trainer:
         rngs: list[Any] = [None] * self.world
         dist.all_gather_object(rngs, _rng_state())
         data = dict(self.task.fingerprint())
-        if hasattr(self.task, "tokenizer_model"):  # lets `megalm sample` work after the shards moved
-            data["tokenizer_model"] = self.task.tokenizer_model()
+        tokenizer = self.task.tokenizer_model()
+        if tokenizer is not None:  # lets `megalm sample` work after the shards moved
+            data["tokenizer_model"] = tokenizer
         return {"step": self.step, "data_step": self.data_step, "tokens": self.tokens,
                 "loader": self.loader.state_dict(), "rng": rngs, "guard": self.guard.state_dict(),
                 "skip_plan": dict(self.skip_plan), "rollbacks": self.rollbacks,
                 "config": self.cfg.to_dict(), "data": data, "world_size": self.world,
                 "megalm_version": megalm.__version__,
-                **({"task_state": self.task_hook.state_dict()} if self.task_hook else {})}
+                **({"task_state": self.task_hook.state_dict()} if self.task_hook.carries_state else {})}
 
     def restore(self, cs: dict[str, Any]) -> None:
         fp, saved = self.task.fingerprint(), cs.get("data", {})
@@ -129,7 +129,7 @@ class Trainer:
         rngs = cs["rng"]
         # Same rank count: each rank gets exactly its own state back; otherwise reuse cyclically.
         _set_rng_state(rngs[self.rank % len(rngs)])
-        if self.task_hook is not None:
+        if self.task_hook.carries_state:
             if "task_state" not in cs:
                 raise UserError("checkpoint has no task_state (saved by another task); cannot resume this task")
             self.task_hook.load_state_dict(cs["task_state"])
@@ -163,9 +163,7 @@ class Trainer:
             return
         # A task whose model gained a field with a new default reads an older checkpoint's
         # config as it was trained (diffusion: freq_shift), so the user can name the old value.
-        upgrade = getattr(self.task, "saved_model_config", None)
-        if upgrade is not None:
-            saved = upgrade(saved)
+        saved = self.task.saved_model_config(saved)
         diffs = model_differences(saved, ours)  # fields that change what the weights mean
         if data.get("lora") != fp.get("lora"):
             diffs.append(f"lora is {data.get('lora')} there, {fp.get('lora')} here")
@@ -177,8 +175,7 @@ class Trainer:
 
     def save(self) -> None:
         # A task's own files (LoRA adapters alone) go inside the checkpoint, published with it.
-        files = getattr(self.task_hook, "checkpoint_files", None)
-        self.ckpt.save(self.engine, self.step, self.client_state(), files=files() if files else None)
+        self.ckpt.save(self.engine, self.step, self.client_state(), files=self.task_hook.checkpoint_files())
         self._saved_step = self.step
 
     # ---- data --------------------------------------------------------------------------------
@@ -219,12 +216,12 @@ class Trainer:
                         self._gnorm = torch.nn.utils.get_total_norm(
                             [p.grad for p in self.engine.module.parameters() if p.grad is not None])
                 self.engine.step()
-        self.guard.decide()  # no-op when the optimizer already asked; covers fp16 overflow paths
+        if not self.guard.decided:  # a DeepSpeed that stepped without our hook would have skipped the check
+            raise RuntimeError("step guard: no decision this step (DeepSpeed ran no optimizer step?)")
         self.step += 1
         if not self.guard.last_bad:
             self.tokens += self.tokens_per_step
-        if self.task_hook is not None:
-            self.task_hook.after_step(self.step, applied=not self.guard.last_bad)
+        self.task_hook.after_step(self.step, applied=not self.guard.last_bad)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, list[float]]:
@@ -257,7 +254,7 @@ class Trainer:
         if not self.b.pipeline:
             dist.all_reduce(sums)
         per_source = [t / c if c else float("nan") for t, c in sums.tolist()]
-        weights = self.loader.source_weights() if hasattr(self.loader, "source_weights") else [1.0] * k_sources
+        weights = self.loader.source_weights()
         blended = sum(w * x for w, x in zip(weights, per_source)) / sum(weights)
         return blended, per_source
 

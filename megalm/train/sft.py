@@ -16,10 +16,11 @@ from typing import Any
 import torch.nn as nn
 
 from megalm.engine.runtime import gathered
-from megalm.train.task import LMTask
+from megalm.train.task import LMTask, TaskHook
 
 
 class SFTTask(LMTask):
+    name = "sft"
     shard_kind = "sft"
 
     def build_model(self) -> nn.Module:
@@ -54,24 +55,15 @@ class SFTTask(LMTask):
         with open(os.path.join(self.cfg.data.paths[0], "manifest.json")) as f:
             return json.load(f).get("sft", {}).get("template")
 
-    def attach(self, engine: Any, dp_rank: int, dp_world: int) -> "AdapterHook | None":
-        return AdapterHook(self, engine) if self.cfg.lora.enabled else None
+    def attach(self, engine: Any, dp_rank: int, dp_world: int) -> TaskHook:
+        return AdapterHook(self, engine) if self.cfg.lora.enabled else TaskHook()
 
 
-class AdapterHook:
+class AdapterHook(TaskHook):
     """Writes the adapters alone into every checkpoint; no state of its own to carry."""
 
     def __init__(self, task: SFTTask, engine: Any):
         self.task, self.engine = task, engine
-
-    def after_step(self, step: int, applied: bool) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     def checkpoint_files(self) -> dict[str, bytes]:
         """Collective (ZeRO-3 gathers each adapter in turn): {file name: bytes} for the checkpoint."""

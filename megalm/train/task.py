@@ -1,21 +1,28 @@
 """What the training loop trains: a `Task` supplies the model, the data and the loss.
 
 The loop, engine and checkpointing only talk to this interface, so a different objective (SFT,
-diffusion) plugs in by writing another Task; `LMTask` is next-token pretraining.
+diffusion) plugs in by writing another Task subclass and naming it in TASKS; `LMTask` is
+next-token pretraining. The abstract methods are the contract; every other method is an optional
+hook whose default is the plain case (no pipeline, no task state, no tokenizer to store).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Protocol
+import importlib
+from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import torch
 import torch.nn as nn
 
 from megalm.errors import UserError
-from megalm.train.config import TrainConfig
+from megalm.train.config import TASKS, TrainConfig
 
 Batch = dict[str, torch.Tensor]
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Loader(Protocol):
@@ -25,6 +32,7 @@ class Loader(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def skip(self, n: int) -> None: ...
+    def source_weights(self) -> list[float]: ...  # each source's share of training (weighs eval losses)
 
 
 class EvalLoader(Protocol):
@@ -35,20 +43,83 @@ class EvalLoader(Protocol):
     def source_batches(self, k: int) -> Iterator[Batch]: ...
 
 
-class Task(Protocol):
-    def build_model(self) -> nn.Module: ...
-    def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader: ...
-    def build_eval_loader(self, dp_rank: int, dp_world: int) -> EvalLoader: ...
-    def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor: ...
-    # Pipeline parallelism: the model as a layer list, the loss on the last stage's output, and
-    # how a micro batch splits into (first-stage inputs, last-stage labels).
-    def pipeline_layers(self, model: nn.Module) -> list[nn.Module]: ...
-    def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
-    def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]: ...
-    def fingerprint(self) -> dict[str, Any]: ...
-    # Optional: `attach(engine, dp_rank, dp_world)` returning an object with
-    # `after_step(step, applied)`, `state_dict()` (collective) and `load_state_dict(state)`: task
-    # state that must follow the weights through checkpoints (the diffusion task's EMA).
+class TaskHook:
+    """A task's companion on the live engine: runs after each optimizer step and may carry state
+    through checkpoints (the diffusion task's EMA) or add files to them (LoRA adapters alone).
+    The defaults do nothing."""
+
+    carries_state: ClassVar[bool] = False  # True: state_dict() is saved as the client state's task_state
+
+    def after_step(self, step: int, applied: bool) -> None:
+        """After each optimizer step (`applied`: False for a skipped bad step)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective. What must follow the weights (saved when carries_state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The state_dict() a checkpoint saved (called when carries_state)."""
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """Collective. {file name: bytes} written into each checkpoint, in its manifest."""
+        return {}
+
+
+class Task(abc.ABC):
+    """What one `task:` trains. Subclasses are constructed from the validated TrainConfig."""
+
+    name: ClassVar[str]  # the `task:` value (TASKS)
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """The plain model (the same initial weights on every rank: the seed is set before)."""
+
+    @abc.abstractmethod
+    def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader:
+        """This data-parallel rank's training batches of `split`."""
+
+    @abc.abstractmethod
+    def build_eval_loader(self, dp_rank: int, dp_world: int) -> EvalLoader:
+        """This data-parallel rank's fixed eval batches."""
+
+    @abc.abstractmethod
+    def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor:
+        """The scalar loss of one micro batch (`model` is the engine: call it like the model)."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the data and model (saved as the client state's `data`; checked on
+        resume). A `model_config` entry is compared field by field."""
+
+    # -- optional hooks ------------------------------------------------------------------------
+    def flops_per_token(self, model: nn.Module) -> int:
+        """Model FLOPs per trained token (for MFU); 0 when unknown (MFU is then not logged)."""
+        return 0
+
+    def tokenizer_model(self) -> bytes | None:
+        """Tokenizer bytes to store in checkpoints (`megalm sample` after the data moved)."""
+        return None
+
+    def saved_model_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's model_config as it was trained (a field added later, with its old value)."""
+        return saved
+
+    def attach(self, engine: Any, dp_rank: int, dp_world: int) -> TaskHook:
+        """The hook the loop calls around steps and checkpoints (built once the engine exists)."""
+        return TaskHook()
+
+    # Pipeline parallelism: the model as a layer list, the loss on the last stage's output, and how
+    # a micro batch splits into (first-stage inputs, last-stage labels). A task without these
+    # refuses parallel.pipeline_stages > 1 when it is built.
+    def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
+        raise UserError(f"parallel.pipeline_stages: task {self.name} does not run as pipeline stages")
+
+    def pipeline_loss(self, layers: list[nn.Module]) -> LossFn:
+        """The loss on the last stage's output and the labels, given pipeline_layers' list."""
+        raise UserError(f"parallel.pipeline_stages: task {self.name} does not run as pipeline stages")
+
+    def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        raise UserError(f"parallel.pipeline_stages: task {self.name} does not run as pipeline stages")
 
 
 def _manifest_tokenizer(shard_dir: str) -> Any:
@@ -57,9 +128,10 @@ def _manifest_tokenizer(shard_dir: str) -> Any:
     return load_manifest(shard_dir).tokenizer
 
 
-class LMTask:
+class LMTask(Task):
     """Next-token prediction over packed documents (labels -100 where there is no target)."""
 
+    name = "lm"
     shard_kind = "text"  # the manifest `kind` this task reads
 
     def __init__(self, cfg: TrainConfig):
@@ -129,22 +201,23 @@ class LMTask:
         return model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
                      labels=batch["labels"])
 
+    def flops_per_token(self, model: nn.Module) -> int:
+        return int(model.flops_per_token(self.cfg.data.seq_len))
+
     def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
-        # The head stops at the final norm; its `loss` (the engine's loss_fn) runs the fused CE.
         from megalm.models.pipeline import pipeline_layers
 
         return pipeline_layers(model, fused_loss=True)
 
-    def pipeline_loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss on logits; used only when the last pipeline layer has no `loss` of its own."""
-        from megalm.models.pipeline import pipeline_loss
-
-        return pipeline_loss(outputs, labels)
+    def pipeline_loss(self, layers: list[nn.Module]) -> LossFn:
+        # The head stops at the final norm and projects inside the chunked fused CE, so [B, T, V]
+        # logits never exist on the last stage.
+        return layers[-1].loss
 
     def pipeline_batch(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         return (batch["input_ids"], batch["position_ids"], batch["doc_ids"]), batch["labels"]
 
-    def tokenizer_model(self) -> bytes:
+    def tokenizer_model(self) -> bytes | None:
         """The sentencepiece model bytes (checked against the manifest's sha256), stored in
         checkpoints so `megalm sample` works after the shard directory moved."""
         import os
@@ -166,15 +239,12 @@ class LMTask:
                 "eos_id": self._tok.eos_id, "model_config": self._model_config.to_dict()}
 
 
+def task_class(name: str) -> type[Task]:
+    """The Task subclass registered for `task: name` (config.TASKS)."""
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def build_task(cfg: TrainConfig) -> Task:
-    """The Task that `cfg.task` names (config.TASKS): lm, sft (megalm/train/sft.py), or diffusion
-    (megalm/diffusion/task.py)."""
-    if cfg.task == "sft":
-        from megalm.train.sft import SFTTask
-
-        return SFTTask(cfg)
-    if cfg.task == "diffusion":
-        from megalm.diffusion.task import DiffusionTask
-
-        return DiffusionTask(cfg)
-    return LMTask(cfg)
+    """The Task that `cfg.task` names."""
+    return task_class(cfg.task)(cfg)

@@ -62,7 +62,8 @@ def train_modes(workdir: str, shards: str, modes: list[str]) -> dict[str, Any]:
     os.chdir(workdir)
     out: dict[str, Any] = {}
     for mode in modes:
-        straight = train(small_overrides(shards, f"{mode}-straight") + MODES[mode])
+        straight = train(small_overrides(shards, f"{mode}-straight") + MODES[mode],
+                         extra=lambda t: {"guard_reductions": t.guard.reductions})
         first = train(small_overrides(shards, f"{mode}-split") + MODES[mode] + ["debug.max_steps_this_run=2"])
         second = train(small_overrides(shards, f"{mode}-split") + MODES[mode])
         out[mode] = {"straight": straight, "first": first, "second": second,

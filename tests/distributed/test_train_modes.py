@@ -52,6 +52,13 @@ def test_matches_single_process_reference(job, mode):
         torch.testing.assert_close(tensor, ref[name].float(), atol=2e-5, rtol=0, msg=f"{mode}: {name}")
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_step_guard_decides_once_per_step(job, mode):
+    """One decision (one reduction, the step's one host read) per optimizer step, made before the
+    optimizer runs: in the loop, or in front of DeepSpeed's optimizer step under a pipeline."""
+    assert job["modes"][mode]["straight"]["guard_reductions"] == 4
+
+
 @pytest.mark.parametrize("mode", ["zero1", "zero2", "zero3"])
 def test_megalm_gradient_norm(job, mode):
     """ZeRO-1/2/3: megalm takes the global gradient norm over both ranks' partitions in the guard's

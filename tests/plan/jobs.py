@@ -55,7 +55,8 @@ def measure(workdir: str, shards: str, cases: list[list[Any]]) -> dict[str, Any]
         cfg = load_config(None, over, world_size=dist.get_world_size())
         trainer = Trainer(cfg, LMTask(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
         trainer.train_step(trainer.next_batch())
-        out[name] = _measure(trainer.engine, zero) | {"dtype": dtype, "zero": zero}
+        out[name] = _measure(trainer.engine, zero) | {"dtype": dtype, "zero": zero,
+                                                      "skipped": trainer.guard.skipped_total}
         trainer.close()
         del trainer
         gc.collect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from megalm.train.config import BadStepsSection
@@ -58,7 +59,13 @@ def test_skipped_update_leaves_weights_and_state():
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = GuardedAdamW([p], lr=0.1, weight_decay=0.1)
     g = StepGuard(BadStepsSection())
-    opt.guard_decide = g.decide
+    opt.skip_update = g.skip_update
+    # DeepSpeed's ZeRO-0 fp16/bf16 wrapper steps once on zero grads while it is built: no update
+    # (AdamW would decay the initial weights), no collective, no skipped step counted.
+    initial = p.detach().clone()
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p, initial) and g.reductions == 0 and g.skipped_total == 0
     p.grad = torch.ones_like(p)
     step(g, 1.0)
     before = p.detach().clone()
@@ -69,7 +76,10 @@ def test_skipped_update_leaves_weights_and_state():
     p.grad = torch.full_like(p, float("nan"))
     g.begin_step()
     g.record(torch.tensor(float("nan")))
-    opt.step()  # the optimizer asks the guard itself (as under a pipeline engine)
+    with pytest.raises(RuntimeError, match="before the step guard decided"):
+        opt.step()  # the optimizer never decides: it reads the decision made before it ran
+    assert g.decide()
+    opt.step()
     assert torch.equal(p, applied)
     assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
 
