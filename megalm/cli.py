@@ -15,7 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("megalm.export.cli", "export a checkpoint for serving: Hugging Face, GGUF, diffusers"),
     "import-hf": ("megalm.export.import_hf", "turn a local Hugging Face Llama/GPT-2 folder into a megalm checkpoint"),
     "launch": ("launcher.cli", "start N local ranks of a command (torchrun-compatible env)"),
-    "submit": ("launcher.slurm", "submit a training run to Slurm (requeue + resume on preemption)"),
+    "submit": ("megalm.train.submit", "submit a training run to Slurm (requeue + resume on preemption)"),
     "plan": ("megalm.plan", "per-GPU memory and step time for ZeRO stages / pipeline splits"),
     "ops": ("megalm.ops.cli", "build fused CUDA ops ahead of time / report what runs here"),
 }

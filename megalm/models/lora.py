@@ -6,13 +6,12 @@
 
 B starts at zero, so step 0 computes exactly the base model. `merge_lora_items` turns a LoRA
 model's state-dict items into the plain model's names with W + (alpha / rank) * B @ A, which is
-what export and `megalm sample` need; `adapter_files` writes the adapters alone (safetensors +
-JSON) for serving stacks that load adapters on top of a base model.
+what export and `megalm sample` need (the adapters alone, for serving stacks that load adapters on
+top of a base model, are written into each checkpoint by megalm.train.sft.adapter_files).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,8 +25,6 @@ from megalm.errors import UserError
 
 # The Linear layers of megalm.models.llm: attention (wq, wk, wv, wo) and MLP (w1, w2, w3).
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -139,15 +136,3 @@ def plain_items(items: Iterable[tuple[str, torch.Tensor]], run_data: dict[str, A
     if lora and lora.get("rank"):
         return merge_lora_items(items, LoraConfig(**lora))
     return iter(items)
-
-
-def adapter_files(adapters: dict[str, torch.Tensor], lora: LoraConfig, base: dict[str, Any]) -> dict[str, bytes]:
-    """{file name: bytes} of the adapters alone: `adapter.safetensors` (fp32, megalm names) and
-    `adapter_config.json` (the LoRA settings and the base model they apply to)."""
-    config = {"format": "megalm-lora", "format_version": 1, **lora.to_dict(), "scale": lora.scale,
-              "base_model": base}
-    from megalm.export.shards import safetensors_bytes
-
-    return {ADAPTER_WEIGHTS: safetensors_bytes([(k, v.detach().float().cpu()) for k, v in adapters.items()],
-                                               {"format": "pt", "megalm": "lora"}),
-            ADAPTER_CONFIG: (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()}

@@ -32,7 +32,7 @@ OPTIMIZERS = ("adamw", "muon")
 # Every task, by its `task:` value: the one table (megalm.train.task.build_task builds from it).
 # Named, not imported: a run imports only its own task's module (diffusion's pulls in image code).
 TASKS = {"lm": "megalm.train.task:LMTask", "sft": "megalm.train.sft:SFTTask",
-         "diffusion": "megalm.diffusion.task:DiffusionTask"}
+         "diffusion": "megalm.train.diffusion:DiffusionTask"}
 
 
 @dataclass

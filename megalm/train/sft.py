@@ -9,14 +9,21 @@ them alone (`adapter.safetensors` + `adapter_config.json`).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from megalm.engine.runtime import gathered
+from megalm.export.shards import safetensors_bytes
+from megalm.models.lora import LoraConfig, apply_lora, is_adapter
 from megalm.train.task import LMTask, TaskHook
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class SFTTask(LMTask):
@@ -26,8 +33,6 @@ class SFTTask(LMTask):
     def build_model(self) -> nn.Module:
         model = super().build_model()  # the plain LLM, with init_from's weights when set
         if self.cfg.lora.enabled:
-            from megalm.models.lora import apply_lora
-
             apply_lora(model, self.cfg.lora)
         return model
 
@@ -50,8 +55,6 @@ class SFTTask(LMTask):
 
     def _chat_template(self) -> dict[str, str] | None:
         """The first shard dir's template (`megalm sample --chat` renders prompts with it)."""
-        import json
-
         with open(os.path.join(self.cfg.data.paths[0], "manifest.json")) as f:
             return json.load(f).get("sft", {}).get("template")
 
@@ -67,8 +70,6 @@ class AdapterHook(TaskHook):
 
     def checkpoint_files(self) -> dict[str, bytes]:
         """Collective (ZeRO-3 gathers each adapter in turn): {file name: bytes} for the checkpoint."""
-        from megalm.models.lora import adapter_files, is_adapter
-
         zero3 = self.task.cfg.parallel.zero_stage == 3
         adapters = {}
         for name, p in self.engine.module.named_parameters():
@@ -80,3 +81,13 @@ class AdapterHook(TaskHook):
         base = {"model_config": fp["model_config"], "tokenizer_sha256": fp["tokenizer_sha256"],
                 "init_from": fp.get("init_from")}
         return adapter_files(adapters, self.task.cfg.lora, base)
+
+
+def adapter_files(adapters: dict[str, torch.Tensor], lora: LoraConfig, base: dict[str, Any]) -> dict[str, bytes]:
+    """{file name: bytes} of the adapters alone: `adapter.safetensors` (fp32, megalm names) and
+    `adapter_config.json` (the LoRA settings and the base model they apply to)."""
+    config = {"format": "megalm-lora", "format_version": 1, **lora.to_dict(), "scale": lora.scale,
+              "base_model": base}
+    return {ADAPTER_WEIGHTS: safetensors_bytes([(k, v.detach().float().cpu()) for k, v in adapters.items()],
+                                               {"format": "pt", "megalm": "lora"}),
+            ADAPTER_CONFIG: (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()}

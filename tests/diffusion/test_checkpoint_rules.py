@@ -79,7 +79,7 @@ def test_resume_check_reads_a_dit_saved_before_freq_shift_as_trained():
     default (1) is refused naming the field, and `model.freq_shift: 0` resumes them."""
     from types import SimpleNamespace
 
-    from megalm.diffusion.task import DiffusionTask
+    from megalm.train.diffusion import DiffusionTask
     from megalm.errors import UserError
     from megalm.models.dit import DiTConfig
     from megalm.train.loop import Trainer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from megalm.diffusion.task import DiffusionTask
+from megalm.train.diffusion import DiffusionTask
 from megalm.train.config import load_config
 
 

@@ -10,7 +10,8 @@ import torch
 
 from megalm.errors import UserError
 from megalm.models.llm import LLM, LLMConfig
-from megalm.models.lora import (LoraConfig, adapter_files, apply_lora, is_adapter, merge_lora_items)
+from megalm.models.lora import LoraConfig, apply_lora, is_adapter, merge_lora_items
+from megalm.train.sft import adapter_files
 
 CFG = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, bias=True)
 ALL = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]

@@ -1,5 +1,5 @@
 """The local Slurm cluster (slurm/local/) for tests and the stress script: start/stop it, submit
-the tiny training job through `launcher.slurm.submit`, and follow jobs through `scontrol`.
+the tiny training job through `megalm.train.submit.submit`, and follow jobs through `scontrol`.
 
 Waiting is always for an observable event (a marker file, a job state), polled with a deadline
 that only bounds a hang; nothing sleeps to let a race settle.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from launcher.slurm import SubmitSpec, log_path, submit
+from megalm.train.submit import SubmitSpec, log_path, submit
 from tests.distributed.corpus import make_corpus
 from tests.distributed.helper import REPO, cpu_env
 from tests.distributed.jobs import small_overrides

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from launcher.slurm import parse_time
+from megalm.train.submit import parse_time
 from tests.distributed.helper import REPO, cpu_env
 
 CONFIG = "name: sub\nmodel: tiny\ndata: {paths: [/data/x]}\ntrain: {steps: 10}\nbatch: {micro_batch: 2, global_batch: 16}\n"

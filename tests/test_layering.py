@@ -1,0 +1,104 @@
+"""The packages form layers: no import cycle between them (a cycle means neither side can be
+read, tested or changed alone), counted over every import, including those inside functions.
+Imports under `if TYPE_CHECKING:` are annotations only and do not count."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from collections import defaultdict
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOP = ("megalm", "data_prep", "launcher")
+
+
+def unit_of(module: str) -> str:
+    """The layer a module belongs to: a top-level package, or a subpackage/module of megalm."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "megalm" and len(parts) > 1 else parts[0]
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return skip
+
+
+def internal_imports(path: pathlib.Path) -> list[tuple[str, int]]:
+    """(imported module, line) for every import of megalm/data_prep/launcher in a file."""
+    tree = ast.parse(path.read_text(), str(path))
+    skip, out = _type_checking_nodes(tree), []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+        out += [(n, node.lineno) for n in names if n.split(".")[0] in TOP]
+    return out
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def unit_graph() -> dict[str, dict[str, list[str]]]:
+    """unit -> {unit it imports: ["file:line", ...]}."""
+    graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for top in TOP:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            src = unit_of(module_name(path))
+            for name, line in internal_imports(path):
+                dst = unit_of(name)
+                if dst != src:
+                    graph[src][dst].append(f"{path.relative_to(ROOT)}:{line}")
+    return graph
+
+
+def cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
+    """Strongly connected components with more than one unit (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_between_packages():
+    graph = unit_graph()
+    problems = []
+    for comp in cycles(graph):
+        edges = [f"{a} -> {b} ({', '.join(graph[a][b][:2])})" for a in comp for b in comp if b in graph.get(a, {})]
+        problems.append("cycle " + " / ".join(comp) + ": " + "; ".join(edges))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_sees_a_cycle():
+    graph = {"a": {"b": ["x:1"]}, "b": {"c": ["y:2"]}, "c": {"a": ["z:3"]}, "d": {"a": ["w:4"]}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert unit_of("megalm.train.loop") == "megalm.train" and unit_of("launcher.env") == "launcher"
