@@ -18,6 +18,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from pydoc_data import topics
 
 from megalm.fsio import atomic_write
 
@@ -58,8 +59,6 @@ def iter_python_docs() -> Iterator[str]:
     every machine with the same Python version; that is far less than the ~20 MB the brief
     expected, which counted installed third-party packages too.
     """
-    from pydoc_data import topics
-
     for name in sorted(topics.topics):
         text = topics.topics[name].strip()
         if text:

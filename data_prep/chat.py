@@ -16,13 +16,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from megalm.config import Section, build, read_yaml
 from megalm.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
-class ChatTemplate:
+class ChatTemplate(Section):
     """Literal strings around each turn; `--chat-template FILE.yaml` overrides any of them."""
 
     system_prefix: str = "<|system|>\n"
@@ -34,28 +35,11 @@ class ChatTemplate:
 
     @classmethod
     def from_dict(cls, raw: Any, source: str) -> "ChatTemplate":
-        if not isinstance(raw, dict):
-            raise UserError(f"{source}: expected a mapping of template strings (e.g. user_prefix: ...)")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key, value in raw.items():
-            if key not in names:
-                raise UserError(f"{source}: {key}: unknown key (expected one of {', '.join(names)})")
-            if not isinstance(value, str):
-                raise UserError(f"{source}: {key}: expected a string, got {value!r}")
-        return cls(**raw)
+        return build(cls, raw, source)
 
     @classmethod
     def load(cls, path: str) -> "ChatTemplate":
-        import yaml
-
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except OSError as exc:
-            raise UserError(f"--chat-template {path}: cannot read ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise UserError(f"--chat-template {path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        return cls.from_dict(raw, path)
+        return build(cls, read_yaml(path, "chat template"), path)
 
     def to_dict(self) -> dict[str, str]:
         return dataclasses.asdict(self)

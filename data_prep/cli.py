@@ -8,6 +8,12 @@ from megalm.cliparse import Parser
 from megalm.errors import UserError
 
 from .config import PrepConfig
+from .images import main as images_main
+from .images import wants_images
+from .manifest import verify
+from .pipeline import run
+from .sft import main as sft_main
+from .sft import wants_sft
 from .tokenizer import TokenizerSpec
 
 
@@ -49,22 +55,15 @@ def _parser() -> Parser:
 
 
 def main(argv: list[str]) -> int:
-    from .images import wants_images
-    from .sft import wants_sft
-
     if wants_sft(argv):  # instruction data with a loss mask: data_prep/sft.py
-        from .sft import main as sft_main
 
         return sft_main(argv)
 
     if wants_images(argv):  # images (diffusion) have their own options: data_prep/images.py
-        from .images import main as images_main
 
         return images_main(argv)
     args = _parser().parse_args(argv)
     if args.verify:
-        from .manifest import verify
-
         problems = verify(args.verify)
         for line in problems:
             print(line)
@@ -86,7 +85,6 @@ def main(argv: list[str]) -> int:
         min_chars=args.min_chars, min_tokens=args.min_tokens, skip_bad=args.skip_bad,
         overwrite=args.overwrite, max_document_mb=args.max_document_mb,
         strict_vocab=args.strict_vocab)
-    from .pipeline import run
 
     run(cfg)
     return 0

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from megalm.errors import UserError
+from megalm.config import Invalid, Section
 
 from .tokenizer import TokenizerSpec
 
 
 @dataclass(frozen=True)
-class PrepConfig:
+class PrepConfig(Section):
     inputs: tuple[str, ...]
     output: str
     text_key: str = "text"
@@ -34,23 +34,23 @@ class PrepConfig:
 
     def validate(self) -> None:
         if not self.inputs:
-            raise UserError("inputs: expected at least one input")
+            raise Invalid("inputs", "expected at least one input")
         if not self.output:
-            raise UserError("--output: expected a directory")
+            raise Invalid("--output", "expected a directory")
         if not self.text_key:
-            raise UserError("--text-key: expected a non-empty key")
+            raise Invalid("--text-key", "expected a non-empty key")
         if self.workers < 1:
-            raise UserError(f"--workers: expected >= 1, got {self.workers}")
+            raise Invalid("--workers", f"expected >= 1, got {self.workers}")
         if not 0.0 <= self.valid_fraction < 1.0:
-            raise UserError(f"--valid-fraction: expected 0 <= f < 1, got {self.valid_fraction}")
+            raise Invalid("--valid-fraction", f"expected 0 <= f < 1, got {self.valid_fraction}")
         if not self.shard_size_mb > 0:
-            raise UserError(f"--shard-size-mb: expected > 0, got {self.shard_size_mb}")
+            raise Invalid("--shard-size-mb", f"expected > 0, got {self.shard_size_mb}")
         if not self.tokenizer_sample_mb > 0:
-            raise UserError(f"--tokenizer-sample-mb: expected > 0, got {self.tokenizer_sample_mb}")
+            raise Invalid("--tokenizer-sample-mb", f"expected > 0, got {self.tokenizer_sample_mb}")
         if not self.max_document_mb > 0:
-            raise UserError(f"--max-document-mb: expected > 0, got {self.max_document_mb}")
+            raise Invalid("--max-document-mb", f"expected > 0, got {self.max_document_mb}")
         if self.min_chars < 0 or self.min_tokens < 0:
-            raise UserError("--min-chars/--min-tokens: expected >= 0")
+            raise Invalid("--min-chars/--min-tokens", "expected >= 0")
         if self.tokenizer is None:
             self.tokenizer_spec.validate()
 

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
 
 from .tokenizer import token_dtype
 
@@ -72,10 +73,6 @@ _PLAIN, _WORDS = 0, 1
 
 
 def _proto(model: bytes):
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as pb
-    except ImportError:  # protobuf missing: we cannot read the spec, so stay on the safe path
-        return None, None
     proto = pb.ModelProto()
     proto.ParseFromString(model)
     return pb, proto

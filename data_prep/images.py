@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from megalm.cliparse import Parser
+from megalm.diffusion.data import load_image_manifest, read_split
 from megalm.errors import UserError
 from megalm.fsio import atomic_write, fsync_dir, sha256_file
 
@@ -50,8 +51,6 @@ def wants_images(argv: list[str]) -> bool:
 
 def verify(out_dir: str) -> list[str]:
     """Re-check every shard against the manifest (size, sha256, rows, pixel width); one line per problem."""
-    from megalm.diffusion.data import load_image_manifest, read_split
-
     m = load_image_manifest(out_dir)
     problems = []
     for split, info in m.splits.items():
@@ -77,6 +76,7 @@ class Images:
 
 def load_digits_images() -> Images:
     try:
+        # scikit-learn (the optional images extra, heavy): only the builtin digits need it
         from sklearn.datasets import load_digits
     except ImportError:
         raise UserError(f"{DIGITS}: needs scikit-learn (pip install 'megalm[images]')") from None
@@ -114,6 +114,7 @@ def load_npz(path: str) -> Images:
 
 def load_folder(root: str, channels: int, size: int | None) -> Images:
     try:
+        # Pillow is optional (the images extra): only image folders need it
         from PIL import Image
     except ImportError:
         raise UserError(f"{root}: reading image files needs Pillow (pip install 'megalm[images]')") from None

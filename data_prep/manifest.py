@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 import pyarrow as pa
+import sentencepiece as spm
 
+from megalm.data.shards import open_split
 from megalm.errors import UserError
-
 from megalm.fsio import atomic_write, sha256_file
 
 from .shards import read_counts
@@ -145,8 +146,6 @@ def verify(out_dir: str | Path) -> list[str]:
     elif sha256_file(tok_path) != tok["sha256"]:
         problems.append(f"{tok['path']}: sha256 does not match manifest tokenizer.sha256")
     else:
-        import sentencepiece as spm
-
         real = spm.SentencePieceProcessor(model_proto=tok_path.read_bytes()).get_piece_size()
         if real != vocab:
             problems.append(f"manifest.json: tokenizer.vocab_size is {vocab} but "
@@ -158,7 +157,6 @@ def verify(out_dir: str | Path) -> list[str]:
             problems += check_shard(out_dir / shard["file"], shard, manifest["dtype"], vocab)
             rows, tokens = rows + shard["rows"], tokens + shard["tokens"]
         if parsed.kind == "sft" and not problems:  # loss_mask: present, uint8, rows as long as tokens
-            from megalm.data.shards import open_split
 
             try:
                 open_split(parsed, split_name)

@@ -32,6 +32,7 @@ class LocalComm:
 
 class MpiComm:
     def __init__(self) -> None:
+        # importing MPI initialises it: only a run started by mpirun may do that
         from mpi4py import MPI
 
         self._comm = MPI.COMM_WORLD

@@ -17,6 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+import pyarrow.parquet as pq
+import zstandard
+
 from megalm.errors import UserError
 
 from . import builtin
@@ -110,8 +116,6 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     if path.lower().endswith(".gz"):
         return gzip.open(path, "rb")
     if path.lower().endswith(".zst"):
-        import zstandard
-
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"),
                                                                             closefd=True))
     return open(path, "rb")
@@ -145,8 +149,6 @@ HEAD_BLOCK = 4 << 20  # the first bytes are parsed alone: workers get work befor
 def _head(path: str) -> tuple[bytes, bool]:
     """The file's first HEAD_BLOCK bytes cut after their last newline (b"" if the first line
     is longer), and whether that is the whole file."""
-    import pyarrow as pa
-
     with pa.input_stream(path, compression="detect") as stream:
         head = stream.read(HEAD_BLOCK + 1)
     if len(head) <= HEAD_BLOCK:
@@ -155,10 +157,6 @@ def _head(path: str) -> tuple[bytes, bool]:
 
 
 def _jsonl_arrow(path: str, key: str, max_chars: int) -> Iterator[list[str]]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.json as pj
-
     opts = pj.ParseOptions(explicit_schema=pa.schema([(key, pa.string())]),
                            unexpected_field_behavior="ignore")
 
@@ -256,10 +254,6 @@ def _count_bad(counters: ReadCounters, problem: str) -> None:
 
 
 def _parquet(path: str, key: str, max_chars: int) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:

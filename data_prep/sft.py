@@ -16,18 +16,24 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from pydoc_data import topics
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import sentencepiece as spm
 
 from megalm.cliparse import Parser
+from megalm.data.manifest import load_manifest
+from megalm.engine.layout import read_client_state
 from megalm.errors import UserError
 from megalm.fsio import atomic_write, fsync_dir
+from megalm.models.load import load_tokenizer
 
 from . import manifest as token_manifest
 from .chat import ChatTemplate, encode_example, parse_example
 from .outdir import output_error
+from .readers import _open_binary
 from .shards import remove_temp_files
 from .tokenizer import describe, load_bytes, token_dtype
 
@@ -42,8 +48,6 @@ def wants_sft(argv: list[str]) -> bool:
 def topics_qa() -> Iterator[tuple[str, Any]]:
     """(where, record): one question per Python help topic, answered by the topic's first
     sentence (at most 200 characters) — deterministic for a Python version, no download."""
-    from pydoc_data import topics
-
     for name in sorted(topics.topics):
         text = " ".join(topics.topics[name].split())
         if not text:
@@ -59,7 +63,6 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
     if path == TOPICS_QA:
         yield from topics_qa()
         return
-    from .readers import _open_binary
 
     try:
         f = _open_binary(path)
@@ -78,13 +81,8 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
 def _tokenizer_bytes(spec: str) -> bytes:
     """--tokenizer: a .model file, a shard directory (its tokenizer) or a megalm checkpoint."""
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, token_manifest.MANIFEST)):
-        from megalm.data.manifest import load_manifest
-
         return load_bytes(load_manifest(spec).tokenizer.path)
     if os.path.isdir(spec):
-        from megalm.engine.layout import read_client_state
-        from megalm.models.load import load_tokenizer
-
         return load_tokenizer(read_client_state(spec)[1]).serialized_model_proto()
     return load_bytes(spec)
 
@@ -112,8 +110,6 @@ def encode_shard(rows: list[tuple[list[int], list[int]]], dtype: str) -> bytes:
 def prepare(inputs: list[str], out: str, tokenizer: str, template: ChatTemplate, valid_fraction: float,
             shard_size_mb: float) -> dict:
     """Tokenize every record, write the shards and then the manifest; returns the manifest."""
-    import sentencepiece as spm
-
     model = _tokenizer_bytes(tokenizer)
     sp = spm.SentencePieceProcessor(model_proto=model)
     info = describe(model)

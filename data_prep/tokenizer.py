@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
 
+from megalm.config import Invalid, Section
 from megalm.errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
-class TokenizerSpec:
+class TokenizerSpec(Section):
     """How to train a tokenizer when none is given."""
 
     model_type: str = "bpe"
@@ -26,12 +28,12 @@ class TokenizerSpec:
 
     def validate(self) -> None:
         if self.model_type not in ("bpe", "unigram"):
-            raise UserError(f"--tokenizer-type: expected bpe or unigram, got {self.model_type!r}")
+            raise Invalid("--tokenizer-type", f"expected bpe or unigram, got {self.model_type!r}")
         if not 8 <= self.vocab_size <= 1 << 22:
-            raise UserError(f"--vocab-size: expected 8..{1 << 22}, got {self.vocab_size}")
+            raise Invalid("--vocab-size", f"expected 8..{1 << 22}, got {self.vocab_size}")
         for tok in self.special_tokens:
             if not tok or any(c.isspace() for c in tok):
-                raise UserError(f"--special-tokens: {tok!r} must be non-empty without spaces")
+                raise Invalid("--special-tokens", f"{tok!r} must be non-empty without spaces")
 
 
 class _Guarded:
@@ -96,10 +98,6 @@ def describe(model: bytes) -> dict:
 
 def _user_defined(model: bytes) -> dict[str, int]:
     """{piece: id} of the user-defined symbols (--special-tokens)."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as pb
-    except ImportError:
-        return {}
     proto = pb.ModelProto()
     proto.ParseFromString(model)
     return {p.piece: i for i, p in enumerate(proto.pieces)

@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 
+from launcher.env import collective_timeout
+
 HANG_KEY = "megalm/diagnose/hang"
 EXIT_HUNG = 124  # like timeout(1): the job failed on a peer that never arrived
 POLL_S = 2.0
@@ -57,11 +59,10 @@ class CollectiveWatch:
     def for_job(cls, rank: int, world: int) -> "CollectiveWatch":
         """Watch on the job's rendezvous store (a second client: the main thread may be blocked
         on the first), with the timeout the process group got."""
-        from launcher.env import collective_timeout
-
         timeout = collective_timeout(os.environ)
         if world < 2:
             return cls(rank, world, timeout)
+        # torch takes a second to import: the launcher itself never needs it
         import torch.distributed as dist
 
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,

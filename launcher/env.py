@@ -157,6 +157,7 @@ def _check(d: DistEnv, keys: str) -> DistEnv:
 
 
 def _mpi_exchange(pair: tuple[str, int]) -> tuple[str, int]:
+    # importing MPI initialises it: only ranks started by mpirun may do that
     from mpi4py import MPI
 
     return MPI.COMM_WORLD.bcast(pair, root=0)
@@ -242,6 +243,7 @@ def _own_address(multi_node: bool) -> str:
 def set_accelerator_default() -> str:
     """DeepSpeed must be told to use its CPU accelerator when there is no CUDA device."""
     if "DS_ACCELERATOR" not in os.environ:
+        # torch takes a second to import: `megalm launch` itself never needs it
         import torch
 
         os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from megalm import __version__
 from megalm.errors import UserError
 
 # verb -> (module with main(argv) -> int, one-line help)
@@ -34,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     if verb in ("-V", "--version"):
-        from megalm import __version__
-
         print(__version__)
         return 0
     if verb not in VERBS:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megalm.cliparse import Parser
 from megalm.errors import UserError
 from megalm.models.config import LLMConfig
+from megalm.models.presets import load_preset, preset_names
+from megalm.train.config import load_config
 
 GIB = 2**30
 
@@ -169,9 +170,6 @@ def _fmt(rows: list[Row], header: str) -> str:
 
 def load(config: str, overrides: list[str]):
     """A training config (YAML) or a model preset name; `overrides` as for megalm train."""
-    from megalm.models.presets import preset_names
-    from megalm.train.config import load_config
-
     if not Path(config).is_file() and config in preset_names():
         overrides = [f"model={config}", *overrides]
         config = None
@@ -185,8 +183,6 @@ def load(config: str, overrides: list[str]):
 def model_config(cfg) -> LLMConfig:
     """The model as the trainer would build it, without reading data: the preset's vocabulary
     unless the shard dir exists (the tokenizer's vocabulary wins there, as in training)."""
-    from megalm.models.presets import load_preset
-
     fields = dict(cfg.model)
     preset = fields.pop("preset", None)
     base = load_preset(preset).to_dict() if preset is not None else {}

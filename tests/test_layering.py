@@ -1,6 +1,7 @@
 """The packages form layers: no import cycle between them (a cycle means neither side can be
 read, tested or changed alone), counted over every import, including those inside functions.
-Imports under `if TYPE_CHECKING:` are annotations only and do not count."""
+Imports under `if TYPE_CHECKING:` are annotations only and do not count. An import inside a
+function is only for lazy loading (a heavy or optional dependency) and says why."""
 
 from __future__ import annotations
 
@@ -102,3 +103,42 @@ def test_the_check_sees_a_cycle():
     graph = {"a": {"b": ["x:1"]}, "b": {"c": ["y:2"]}, "c": {"a": ["z:3"]}, "d": {"a": ["w:4"]}}
     assert cycles(graph) == [["a", "b", "c"]]
     assert unit_of("megalm.train.loop") == "megalm.train" and unit_of("launcher.env") == "launcher"
+
+
+def lazy_imports(path: pathlib.Path) -> list[tuple[int, str, bool]]:
+    """(line, module, says why) for every import inside a function body. Consecutive import and
+    comment lines form one block; the import says why when a comment sits anywhere in its block."""
+    lines = path.read_text().splitlines()
+    tree = ast.parse("\n".join(lines), str(path))
+    nodes = sorted({(n.lineno, n.end_lineno, n.module if isinstance(n, ast.ImportFrom) else n.names[0].name)
+                    for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))})
+    covered = {k for line, end, _ in nodes for k in range(line, end + 1)}
+
+    def in_block(k: int) -> bool:
+        return k in covered or (1 <= k <= len(lines) and lines[k - 1].strip().startswith("#"))
+
+    out = []
+    for line, end, name in nodes:
+        first, last = line, end
+        while in_block(first - 1):
+            first -= 1
+        while in_block(last + 1):
+            last += 1
+        out.append((line, str(name), any("#" in lines[k - 1] for k in range(first, last + 1))))
+    return out
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function is lazy loading of something heavy or optional, and says so;
+    anything else belongs at the top of the module (where it shows the module's dependencies)."""
+    silent = [f"{path.relative_to(ROOT)}:{line} {name}" for top in TOP for path in sorted((ROOT / top).rglob("*.py"))
+              for line, name, why in lazy_imports(path) if not why]
+    assert not silent, f"{len(silent)} imports inside functions without a reason: " + ", ".join(silent)
+
+
+def test_the_check_sees_a_silent_import(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import os\n\n\ndef f():\n    import json\n\n    return json\n\n\n"
+                   "def g():\n    # heavy: only g needs it\n    import csv\n    import gzip\n\n    return csv, gzip\n")
+    assert lazy_imports(src) == [(5, "json", False), (12, "csv", True), (13, "gzip", True)]

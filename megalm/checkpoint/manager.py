@@ -43,6 +43,7 @@ from megalm.checkpoint.reader import CheckpointReader
 from megalm.checkpoint.resume import plan
 from megalm.checkpoint.space import free_bytes, human, volume_of
 from megalm.checkpoint.unpickle import Allow
+from megalm.config import validate_tree
 from megalm.errors import UserError
 from megalm.fsio import atomic_write, fsync_dir
 
@@ -73,7 +74,7 @@ class CheckpointManager(abc.ABC):
                  read_only: bool = False):
         # read_only: a directory we only read (another run's, or `megalm sample` on a live run):
         # its `.tmp-*` may be a save in progress, so never lock, clean up or write there.
-        cfg.validate()
+        validate_tree(cfg, "config", "checkpoint")
         if not cfg.dir.strip():
             raise UserError("checkpoint.dir: expected a non-empty path")
         self.read_only = read_only

@@ -15,18 +15,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megalm.config import Invalid, Section, validate_tree
 from megalm.data.batch import collate
 from megalm.data.blend import BlendIndex
 from megalm.data.manifest import Manifest, load_manifest
 from megalm.data.packed import PackedDataset, Window
+from megalm.data.sft import SFTPackedDataset, collate_sft
 from megalm.data.shards import open_split
 from megalm.errors import UserError
 from megalm.fsio import read_checked
 
 
 @dataclass
-class DataConfig:
-    """The `data:` section of a run config (this class is that section); `validate()` names the key."""
+class DataConfig(Section):
+    """The `data:` section of a run config."""
 
     paths: list[str] = field(default_factory=list)  # shard dirs (data_prep output)
     weights: list[float] | None = None  # blend weights, one per path; None: by each source's samples
@@ -37,26 +39,25 @@ class DataConfig:
     verify: bool = False  # sha256 every shard at start-up (reads all the data once; catches corruption)
 
     def validate(self) -> None:
-        p = "data"
         if not isinstance(self.paths, list) or not self.paths or not all(isinstance(x, str) and x for x in self.paths):
-            raise UserError(f"{p}.paths: expected a non-empty list of shard directories, got {self.paths!r}")
+            raise Invalid("paths", f"expected a non-empty list of shard directories, got {self.paths!r}")
         if self.weights is not None:
             if not isinstance(self.weights, list) or len(self.weights) != len(self.paths):
-                raise UserError(f"{p}.weights: expected {len(self.paths)} numbers (one per path), got {self.weights!r}")
+                raise Invalid("weights", f"expected {len(self.paths)} numbers (one per path), got {self.weights!r}")
             for i, w in enumerate(self.weights):
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
-                    raise UserError(f"{p}.weights[{i}]: expected a finite number > 0, got {w!r}")
+                    raise Invalid(f"weights[{i}]", f"expected a finite number > 0, got {w!r}")
         for key in ("seq_len", "seed"):
             val = getattr(self, key)
             if isinstance(val, bool) or not isinstance(val, int):
-                raise UserError(f"{p}.{key}: expected an integer, got {val!r}")
+                raise Invalid(key, f"expected an integer, got {val!r}")
         if self.seq_len < 1:
-            raise UserError(f"{p}.seq_len: expected >= 1, got {self.seq_len}")
+            raise Invalid("seq_len", f"expected >= 1, got {self.seq_len}")
         if self.seed < 0:
-            raise UserError(f"{p}.seed: expected >= 0, got {self.seed}")
+            raise Invalid("seed", f"expected >= 0, got {self.seed}")
         for key in ("split", "eval_split"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise UserError(f"{p}.{key}: expected a split name such as 'train', got {getattr(self, key)!r}")
+                raise Invalid(key, f"expected a split name such as 'train', got {getattr(self, key)!r}")
 
 
 KIND_HINT = {"text": "documents for pretraining: task lm", "sft": "instruction examples with a loss mask, made by "
@@ -92,7 +93,7 @@ class Sources:
     """The packed datasets of one split of every configured manifest, blended by weight."""
 
     def __init__(self, cfg: DataConfig, split: str, shuffle: bool = True, kind: str = "text"):
-        cfg.validate()
+        validate_tree(cfg, "config", "data")  # also built directly, not only from a config file
         self.cfg = cfg
         self.split = split
         self.kind = kind
@@ -109,8 +110,6 @@ class Sources:
         for k, m in enumerate(self.manifests):
             docs = open_split(m, split, verify=cfg.verify)
             if kind == "sft":
-                from megalm.data.sft import SFTPackedDataset
-
                 ds = SFTPackedDataset(docs, cfg.seq_len, cfg.seed, shuffle=shuffle, stream_id=k)
                 if len(ds) == 0:
                     raise UserError(f"{m.path}: splits.{split}: no example with a trained token")
@@ -128,8 +127,6 @@ class Sources:
     def collate(self, windows: list) -> dict:
         """A micro batch (docs/interfaces.md, "Batches") from this kind's windows."""
         if self.kind == "sft":
-            from megalm.data.sft import collate_sft
-
             return collate_sft(windows)
         return collate(windows)
 

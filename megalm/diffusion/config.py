@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megalm.errors import UserError
+from megalm.config import Invalid, Section
+from megalm.diffusion.schedules import SCHEDULES
 
 OBJECTIVES = ("flow", "ddpm")
 PREDICTIONS = ("eps", "v")
@@ -12,7 +13,7 @@ SAMPLERS = {"flow": ("heun", "euler"), "ddpm": ("ddim", "ddpm")}
 
 
 @dataclass
-class DiffusionSection:
+class DiffusionSection(Section):
     objective: str = "flow"  # flow: rectified flow (velocity); ddpm: denoising diffusion
     prediction: str = "eps"  # ddpm only: eps | v
     schedule: str = "cosine"  # ddpm only: linear | cosine
@@ -23,23 +24,19 @@ class DiffusionSection:
     grid_steps: int = 25  # sampler steps for those grids
     grid_guidance: float = 2.0
 
-    def validate(self, source: str) -> None:
-        def err(key: str, what: str) -> UserError:
-            return UserError(f"{source}: diffusion.{key}: {what}")
-
+    def validate(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise err("objective", f"expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+            raise Invalid("objective", f"expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.prediction not in PREDICTIONS:
-            raise err("prediction", f"expected one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
-        from megalm.diffusion.schedules import SCHEDULES
+            raise Invalid("prediction", f"expected one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
 
         if self.schedule not in SCHEDULES:
-            raise err("schedule", f"expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise Invalid("schedule", f"expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.timesteps < 2:
-            raise err("timesteps", f"expected >= 2, got {self.timesteps}")
+            raise Invalid("timesteps", f"expected >= 2, got {self.timesteps}")
         if not 0.0 <= self.class_dropout < 1.0:
-            raise err("class_dropout", f"expected 0 <= p < 1, got {self.class_dropout}")
+            raise Invalid("class_dropout", f"expected 0 <= p < 1, got {self.class_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise err("ema_decay", f"expected 0 <= decay < 1, got {self.ema_decay}")
+            raise Invalid("ema_decay", f"expected 0 <= decay < 1, got {self.ema_decay}")
         if self.grid_interval < 0 or self.grid_steps < 1:
-            raise err("grid_interval", "expected grid_interval >= 0 and grid_steps >= 1")
+            raise Invalid("grid_interval", "expected grid_interval >= 0 and grid_steps >= 1")

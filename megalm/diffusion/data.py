@@ -8,6 +8,7 @@ any data-parallel size and after any resume: the loader's whole state is the nex
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -197,7 +198,5 @@ class ImageEvalLoader:
 
 def split_fingerprint(m: ImageManifest, split: str) -> str:
     """Identifies a split's images (the shards' content hashes), not where they live."""
-    import hashlib
-
     shards = [[s.rows, s.sha256] for s in m.splits[split].shards] if split in m.splits else []
     return hashlib.sha256(json.dumps([split, shards]).encode()).hexdigest()

@@ -18,6 +18,7 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from megalm.engine.runtime import gathered
@@ -73,8 +74,6 @@ class ShardedEMA:
     # ---- checkpoint ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Collective: every rank's slice gathered, so rank 0's client state holds the whole EMA."""
-        import torch.distributed as dist
-
         shards: list[Any] = [None] * self.world
         if dist.is_initialized() and self.world > 1:
             dist.all_gather_object(shards, self.shard.cpu())

@@ -5,6 +5,8 @@ distance between Gaussian fits of its penultimate features on samples and on hel
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -64,8 +66,7 @@ def features(model: Classifier, x: torch.Tensor) -> np.ndarray:
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½) between Gaussian fits of two feature sets."""
-    import warnings
-
+    # SciPy (heavy, from the optional images extra): only the Fréchet distance needs it
     from scipy import linalg
 
     mu_a, mu_b = a.mean(0), b.mean(0)

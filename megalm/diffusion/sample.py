@@ -13,9 +13,14 @@ from typing import Any
 import torch
 
 from megalm.cliparse import Parser
-from megalm.diffusion.objectives import Objective
+from megalm.diffusion.config import DiffusionSection
+from megalm.diffusion.ema import load_flat
+from megalm.diffusion.images import grid, write_png
+from megalm.diffusion.objectives import Flow, Objective, build_objective
+from megalm.diffusion.samplers import sample
 from megalm.engine.layout import read_client_state
 from megalm.errors import UserError
+from megalm.models.dit import DiT, DiTConfig
 
 
 def is_diffusion(meta: dict[str, Any]) -> bool:
@@ -23,8 +28,6 @@ def is_diffusion(meta: dict[str, Any]) -> bool:
 
 
 def default_sampler(objective: Objective) -> str:
-    from megalm.diffusion.objectives import Flow
-
     return "heun" if isinstance(objective, Flow) else "ddim"
 
 
@@ -32,8 +35,6 @@ def default_sampler(objective: Objective) -> str:
 def generate(model: torch.nn.Module, objective: Objective, classes: list[int] | int, per_class: int, *,
              steps: int, guidance: float, sampler: str | None = None, seed: int = 0, eta: float = 0.0) -> torch.Tensor:
     """[len(classes) · per_class, C, H, W] in [-1, 1]: `per_class` images of each class in turn."""
-    from megalm.diffusion.samplers import sample
-
     mc = model.config
     labels = list(range(classes)) if isinstance(classes, int) else list(classes)
     y = torch.tensor([c for c in labels for _ in range(per_class)], dtype=torch.long) if mc.num_classes else None
@@ -45,11 +46,6 @@ def generate(model: torch.nn.Module, objective: Objective, classes: list[int] | 
 
 def load(meta: dict[str, Any], source: str) -> tuple[torch.nn.Module, Objective]:
     """The EMA DiT (fp32, eval mode) and its objective from a checkpoint's client state."""
-    from megalm.diffusion.config import DiffusionSection
-    from megalm.diffusion.ema import load_flat
-    from megalm.diffusion.objectives import build_objective
-    from megalm.models.dit import DiT, DiTConfig
-
     mc = DiTConfig.from_saved(dict(meta["data"]["model_config"]), source=f"{source}: model_config")
     model = DiT(mc)
     try:
@@ -85,8 +81,6 @@ def parser() -> Parser:
 
 
 def main(argv: list[str], meta: dict[str, Any], source: str) -> int:
-    from megalm.diffusion.images import grid, write_png
-
     args = parser().parse_args(argv)
     model, objective = load(meta, source)
     mc = model.config

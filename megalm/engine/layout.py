@@ -52,6 +52,7 @@ PipelineMap = list[tuple[str, str, str]]  # (layer file, name inside it, plain m
 def allowlist() -> list[Any]:
     """The non-tensor objects DeepSpeed pickles into its files: the ZeRO optimizer's loss scaler
     and stage enum, and tensor-fragment addresses."""
+    # DeepSpeed takes seconds to import: only the code paths that use it pay for it (export, sample)
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

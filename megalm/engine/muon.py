@@ -12,12 +12,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
+
+from megalm.ops.newton_schulz import newton_schulz
+
 
 def guarded_muon(groups: list[dict[str, Any]], skip_update: Callable[[], bool]):
     """MuonWithAuxAdam (its own inline AdamW for the Adam half) that skips the update the step
     guard marked bad (`skip_update`: the decision, read).
 
     The class name keeps "Muon": DeepSpeed's ZeRO-1/2 tests the optimizer's class name for it."""
+    # DeepSpeed takes seconds to import: only the code paths that use it pay for it
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 
     route_newton_schulz()
@@ -37,10 +42,8 @@ def route_newton_schulz() -> None:
 
     DeepSpeed torch.compiles `muon_update`; the routed op is kept out of that graph (a leaf run
     eagerly), so the kernel/reference choice and the self-test happen as in any other op."""
-    import torch
+    # DeepSpeed takes seconds to import: only the code paths that use it pay for it
     from deepspeed.runtime.zero.muon import original_muon
-
-    from megalm.ops.newton_schulz import newton_schulz
 
     current = original_muon.zeropower_via_newtonschulz5
     if getattr(current, "_torchdynamo_orig_callable", None) is newton_schulz:

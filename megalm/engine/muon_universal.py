@@ -22,6 +22,7 @@ import re
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megalm.engine.layout import MODEL_STATES as MODEL_FILE
 from megalm.errors import UserError
@@ -143,8 +144,6 @@ def restore_momentum(engine: Any) -> None:
 def momenta(engine: Any) -> dict[str, torch.Tensor]:
     """Collective: every Muon matrix's momentum, whole, by parameter name (ZeRO-0 in fp32, or
     ZeRO-1/2 without offload: what `restore_momentum` rebuilt, read back for tests and checks)."""
-    import torch.distributed as dist
-
     opt = engine.optimizer
     if not hasattr(opt, "params_in_partition"):  # no ZeRO optimizer: per-matrix state, on every rank
         return {name: opt.state[p][MOMENTUM].clone() for name, p in engine.module.named_parameters()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -13,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from launcher.diagnose import install_stack_dump
+from launcher.env import discover, set_accelerator_default
 from megalm.engine.version import check_deepspeed
 
 
@@ -25,9 +29,6 @@ class _Use(nn.Module):
 
 def init_distributed() -> tuple[int, int]:
     """Start the process group from whatever launcher started us (torchrun, mpirun, srun)."""
-    from launcher.diagnose import install_stack_dump
-    from launcher.env import discover, set_accelerator_default
-
     install_stack_dump()  # SIGUSR2: every thread's stack to the log; the rank keeps running
     accel = set_accelerator_default()
     env = discover()
@@ -49,9 +50,7 @@ def init_distributed() -> tuple[int, int]:
 def quiet_deepspeed() -> None:
     """Our loop prints one line per interval; DeepSpeed's INFO chatter and torch's deprecation
     notices about collectives DeepSpeed calls would bury it."""
-    import logging
-    import warnings
-
+    # DeepSpeed takes seconds to import: only the code paths that use it pay for it
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
@@ -62,6 +61,7 @@ def quiet_deepspeed() -> None:
 def pipeline_module(layers: list[nn.Module], stages: int,
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> nn.Module:
     """The layer list as DeepSpeed's PipelineModule, partitioned by parameter count."""
+    # DeepSpeed takes seconds to import: only the code paths that use it pay for it
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
     specs: list[Any] = list(layers)
@@ -81,6 +81,7 @@ def pipeline_module(layers: list[nn.Module], stages: int,
 def initialize(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
                lr_scheduler: Callable[[torch.optim.Optimizer], Any], pipeline: bool) -> Any:
     """deepspeed.initialize; returns the DeepSpeedEngine (or PipelineEngine)."""
+    # DeepSpeed takes seconds to import: only the code paths that use it pay for it
     import deepspeed
 
     if not pipeline:
@@ -167,6 +168,7 @@ def gathered(params: Iterable[nn.Parameter], zero3: bool) -> Iterator[None]:
     if not zero3:
         yield
         return
+    # DeepSpeed takes seconds to import: only the code paths that use it pay for it
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(params)):

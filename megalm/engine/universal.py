@@ -28,6 +28,7 @@ UNIVERSAL_INFO = {"universal_checkpoint_version": 0.2}
 def _convert(source: str, out: str) -> None:
     """DeepSpeed's converter, in this process (no second interpreter to start), its chatter
     captured and shown only if it fails. One worker: no process pool inside a training rank."""
+    # DeepSpeed takes seconds to import: only the code paths that use it pay for it
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(input_folder=source, output_folder=out, num_extract_workers=1,

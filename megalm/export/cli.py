@@ -17,6 +17,7 @@ import sys
 
 from megalm.cliparse import Parser
 from megalm.errors import UserError
+from megalm.export.outdir import check_destination
 
 FORMATS = ("hf", "gguf", "diffusers")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?$", re.IGNORECASE)
@@ -48,24 +49,25 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--format: unknown format {args.format!r}; expected one of {', '.join(FORMATS)}")
     if args.dtype is not None and args.dtype not in ("fp32", "bf16", "fp16"):
         raise UserError(f"--dtype: expected fp32, bf16 or fp16, got {args.dtype!r}")
-    from megalm.export.outdir import check_destination
-
     check_destination(args.out, args.overwrite)  # before minutes of reading, not after
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading a checkpoint is CPU work
     with contextlib.redirect_stdout(sys.stderr):  # library chatter stays off stdout
         if args.format == "hf":
+            # each format loads only its own writer and that writer's optional dependencies
             from megalm.export.hf import export_hf
 
             info = export_hf(args.checkpoint, args.out, args.dtype, parse_size(args.max_shard_size, "--max-shard-size"),
                              overwrite=args.overwrite)
             summary = f"{info['arch']}, {info['dtype']}, {info['tensors']} tensors in {info['shards']} shard(s)"
         elif args.format == "gguf":
+            # gguf is an optional dependency (the export extra)
             from megalm.export.gguf import export_gguf
 
             info = export_gguf(args.checkpoint, args.out, args.dtype, overwrite=args.overwrite)
             summary = f"{info['arch']}, {info['dtype']}, {info['tensors']} tensors"
         else:
             try:
+                # needs safetensors (the optional export extra)
                 from megalm.export.diffusers import export_dit
             except ImportError as exc:
                 raise UserError(f"--format diffusers: not available in this installation ({exc})") from None

@@ -34,6 +34,9 @@ from typing import Any, Iterator
 
 import torch
 
+from megalm.diffusion.config import DiffusionSection
+from megalm.diffusion.objectives import FLOW_TIME_SCALE
+from megalm.diffusion.schedules import betas_linear
 from megalm.engine import layout
 from megalm.errors import UserError
 from megalm.export.outdir import check_destination, staged_dir
@@ -64,6 +67,7 @@ def check_exportable(c: DiTConfig, source: str) -> None:
 
 def transformer_config(c: DiTConfig) -> dict[str, Any]:
     try:
+        # optional (the export extra): only its version string is recorded
         import diffusers
 
         version = diffusers.__version__
@@ -112,10 +116,6 @@ def transformer_items(state: dict[str, torch.Tensor], c: DiTConfig) -> list[tupl
 
 def scheduler_config(diffusion: dict[str, Any]) -> dict[str, Any]:
     """The diffusers scheduler that trains with megalm's schedule and targets."""
-    from megalm.diffusion.config import DiffusionSection
-    from megalm.diffusion.objectives import FLOW_TIME_SCALE
-    from megalm.diffusion.schedules import betas_linear
-
     d = DiffusionSection(**diffusion)
     if d.objective == "flow":
         # x_t = (1 - s) x0 + s noise, velocity noise - x0, timestep s * 1000: diffusers' convention too.

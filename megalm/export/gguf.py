@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from megalm.errors import UserError
-from megalm.export.arch import compile_names, architecture, rename
+from megalm.export.arch import architecture, compile_names, rename
 from megalm.export.hf import DTYPES, load_spm, model_items, output_dtype, progress
 from megalm.export.outdir import staged_dir
 from megalm.export.source import CheckpointTensors, Item
 from megalm.export.tokenizer import UNUSED, SpmModel
 from megalm.models.config import LLMConfig
+from megalm.models.llm import LLM
 
 GGUF_NAMES = {
     "tok_embeddings.weight": "token_embd.weight",
@@ -75,6 +76,7 @@ def _vocab(spm: SpmModel, vocab_size: int) -> tuple[list[str], list[float], list
 
 
 def export_gguf(checkpoint: str, out: str, dtype: str | None = None, overwrite: bool = False) -> dict[str, object]:
+    # optional dependency (the export extra): only this format needs it
     import gguf
 
     src = CheckpointTensors(checkpoint)
@@ -84,7 +86,6 @@ def export_gguf(checkpoint: str, out: str, dtype: str | None = None, overwrite: 
                         f"(learned positions, layernorm, gelu) is not one (use --format hf)")
     dtype = output_dtype(src, dtype)
     spm = load_spm(src)
-    from megalm.models.llm import LLM
 
     with torch.device("meta"):
         plan = list(gguf_items(iter(LLM(cfg).state_dict().items()), cfg))

@@ -19,12 +19,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from data_prep.chat import ChatTemplate
 from megalm.errors import UserError
 from megalm.export.arch import architecture, hf_config, to_hf
+from megalm.export.outdir import staged_dir
 from megalm.export.shards import DEFAULT_MAX_SHARD_BYTES, write_sharded
 from megalm.export.source import CheckpointTensors, Item
-from megalm.export.outdir import staged_dir
 from megalm.export.tokenizer import SpmModel, write_hf_tokenizer
 from megalm.models.load import load_tokenizer
 from megalm.models.lora import is_adapter, plain_items
@@ -51,8 +53,6 @@ def cast(items: Iterator[Item], dtype: torch.dtype) -> Iterator[Item]:
 
 def progress(total: int, desc: str):
     """A tqdm bar in bytes on stderr (tqdm leaves it out when stderr is not a terminal)."""
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=None)
 
 
@@ -74,7 +74,6 @@ def chat_template(src: CheckpointTensors) -> str | None:
     recorded = src.meta.get("data", {}).get("chat_template")
     if recorded is None:
         return None
-    from data_prep.chat import ChatTemplate
 
     return ChatTemplate.from_dict(recorded, f"{src.tag_dir}: data.chat_template").jinja()
 

@@ -17,18 +17,20 @@ import os
 import sys
 from typing import Any
 
+import sentencepiece as spm
 import torch
 
 import megalm
 from megalm.checkpoint.files import complete_directory
 from megalm.checkpoint.layout import CLIENT_KEYS, LATEST, tag_for
-from megalm.engine.layout import MODEL_STATES
 from megalm.cliparse import Parser
+from megalm.engine.layout import MODEL_STATES
 from megalm.errors import UserError
 from megalm.export.arch import GPT2_NAMES, LLAMA_NAMES, compile_names, rename
 from megalm.export.outdir import staged_dir
 from megalm.fsio import atomic_write, sha256_file
 from megalm.models.config import LLMConfig
+from megalm.models.llm import LLM
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
@@ -82,6 +84,7 @@ def megalm_config(hf: dict[str, Any], path: str) -> tuple[str, LLMConfig]:
 
 def _tensors(hf_dir: str) -> tuple[dict[str, str], str]:
     """{tensor name: safetensors file} and a description of the files."""
+    # optional dependency (the export extra): only import-hf reads safetensors
     from safetensors import safe_open
 
     index = os.path.join(hf_dir, "model.safetensors.index.json")
@@ -106,6 +109,7 @@ def _tensors(hf_dir: str) -> tuple[dict[str, str], str]:
 
 def _read(hf_dir: str, weight_map: dict[str, str]):
     """Yield (name, tensor), one file open at a time."""
+    # optional dependency (the export extra): only import-hf reads safetensors
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = {}
@@ -149,8 +153,6 @@ def megalm_weights(hf_dir: str, kind: str, cfg: LLMConfig, weight_map: dict[str,
 
 
 def import_hf(hf_dir: str, out: str, overwrite: bool = False) -> dict[str, Any]:
-    from megalm.models.llm import LLM
-
     hf_dir = os.path.abspath(hf_dir)
     config_path = os.path.join(hf_dir, "config.json")
     try:
@@ -202,8 +204,6 @@ def _tokenizer_fields(hf_dir: str, hf: dict[str, Any], cfg: LLMConfig) -> dict[s
     fields = {"tokenizer_path": None, "tokenizer_sha256": None, "tokenizer_model": None, "vocab_size": cfg.vocab_size,
               "eos_id": hf.get("eos_token_id"), "model_config": cfg.to_dict()}
     if os.path.exists(path):
-        import sentencepiece as spm
-
         with open(path, "rb") as f:
             blob = f.read()
         try:

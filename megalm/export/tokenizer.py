@@ -18,6 +18,9 @@ import json
 import os
 from dataclasses import dataclass
 
+import sentencepiece
+from sentencepiece import sentencepiece_model_pb2 as pb
+
 from megalm.errors import UserError
 
 SPACE = "\u2581"
@@ -41,8 +44,6 @@ class SpmModel:
 
     @classmethod
     def parse(cls, blob: bytes, what: str) -> "SpmModel":
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
         proto = pb.ModelProto()
         try:
             proto.ParseFromString(blob)
@@ -54,8 +55,6 @@ class SpmModel:
                    [int(p.type) for p in proto.pieces], kind, spec.bos_id, spec.eos_id, spec.unk_id, spec.pad_id)
 
     def proto(self):
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
         proto = pb.ModelProto()
         proto.ParseFromString(self.blob)
         return proto
@@ -65,6 +64,7 @@ class SpmModel:
 
 
 def _hf_backend(spm: SpmModel, what: str):
+    # optional (installed with transformers, the export extra): only the HF tokenizer needs it
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     proto = spm.proto()
@@ -113,8 +113,6 @@ def write_hf_tokenizer(spm: SpmModel, out_dir: str, what: str, max_length: int,
     """tokenizer.json + tokenizer_config.json (with `chat_template`, a Jinja template, when given) +
     special_tokens_map.json + tokenizer.model into out_dir, after checking the rebuild encodes
     PROBE exactly like sentencepiece."""
-    import sentencepiece
-
     tok = _hf_backend(spm, what)
     want = sentencepiece.SentencePieceProcessor(model_proto=spm.blob).encode(PROBE)
     got = tok.encode(PROBE, add_special_tokens=False).ids

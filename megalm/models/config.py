@@ -10,17 +10,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from megalm.errors import UserError
+from megalm.config import Invalid, Section, build
 
 MLPS = ("swiglu", "gelu", "relu2")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 INITS = ("normal", "scaled_normal")
-_FLOAT_KEYS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "dropout", "init_std", "logit_softcap")
 
 
 @dataclass
-class LLMConfig:
+class LLMConfig(Section):
     vocab_size: int
     dim: int
     n_layers: int
@@ -60,24 +59,28 @@ class LLMConfig:
     value_embeds: int = 0
 
     def __post_init__(self) -> None:
+        # Built directly too (import-hf, tests, saved configs): it never exists invalid.
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        self.validate()
+
+    def validate(self) -> None:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
             _check_int(key, getattr(self, key), minimum=1)
         _check_int("activation_checkpointing", self.activation_checkpointing, minimum=0)
         _check_int("value_embeds", self.value_embeds, minimum=0)
         if 2 * self.value_embeds > self.n_layers:
-            raise UserError(f"value_embeds: each table feeds one of the first and one of the last layers, so "
-                            f"at most n_layers / 2 = {self.n_layers // 2}, got {self.value_embeds}")
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
+            raise Invalid("value_embeds", f"each table feeds one of the first and one of the last layers, so "
+                          f"at most n_layers / 2 = {self.n_layers // 2}, got {self.value_embeds}")
         _check_int("n_kv_heads", self.n_kv_heads, minimum=1)
         if self.mlp_hidden is not None:
             _check_int("mlp_hidden", self.mlp_hidden, minimum=1)
         for key, choices in (("mlp", MLPS), ("norm", NORMS), ("positions", POSITIONS), ("init", INITS)):
             if getattr(self, key) not in choices:
-                raise UserError(f"{key}: expected one of {', '.join(choices)}, got {getattr(self, key)!r}")
+                raise Invalid(key, f"expected one of {', '.join(choices)}, got {getattr(self, key)!r}")
         for key in ("tie_embeddings", "bias", "qk_norm", "zero_init_proj"):
             if not isinstance(getattr(self, key), bool):
-                raise UserError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+                raise Invalid(key, f"expected true or false, got {getattr(self, key)!r}")
         for key in ("norm_eps", "rope_theta", "init_std"):
             _check_positive_float(key, getattr(self, key))
         for key in ("ffn_dim_multiplier", "logit_softcap"):
@@ -85,13 +88,13 @@ class LLMConfig:
                 _check_positive_float(key, getattr(self, key))
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
                 or not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+            raise Invalid("dropout", f"expected a number in [0, 1), got {self.dropout!r}")
         if self.dim % self.n_heads:
-            raise UserError(f"n_heads: must divide dim={self.dim}, got {self.n_heads}")
+            raise Invalid("n_heads", f"must divide dim={self.dim}, got {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise UserError(f"n_kv_heads: must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
+            raise Invalid("n_kv_heads", f"must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
         if self.positions == "rope" and self.head_dim % 2:
-            raise UserError(f"n_heads: RoPE needs an even head_dim, got dim/n_heads={self.head_dim}")
+            raise Invalid("n_heads", f"RoPE needs an even head_dim, got dim/n_heads={self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -125,28 +128,7 @@ class LLMConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "model config") -> "LLMConfig":
         """Build from a mapping (parsed YAML); errors name `source` and the offending key."""
-        if not isinstance(values, dict):
-            raise UserError(f"{source}: expected a mapping of LLMConfig fields, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise UserError(f"{source}: unknown key {key!r}; expected one of {', '.join(sorted(known))}")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.name not in values]
-        if missing:
-            raise UserError(f"{source}: missing required key(s) {', '.join(missing)}")
-        values = dict(values)
-        for key in _FLOAT_KEYS:
-            # PyYAML reads exponent floats without a dot ("1e-5") as strings.
-            if isinstance(values.get(key), str):
-                try:
-                    values[key] = float(values[key])
-                except ValueError:
-                    raise UserError(f"{source}: {key}: expected a number, got {values[key]!r}") from None
-        try:
-            return cls(**values)
-        except UserError as exc:
-            raise UserError(f"{source}: {exc}") from None
+        return build(cls, values, source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,9 +136,9 @@ class LLMConfig:
 
 def _check_int(key: str, value: Any, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UserError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+        raise Invalid(key, f"expected an integer >= {minimum}, got {value!r}")
 
 
 def _check_positive_float(key: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise UserError(f"{key}: expected a positive number, got {value!r}")
+        raise Invalid(key, f"expected a positive number, got {value!r}")

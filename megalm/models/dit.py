@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from megalm import CONFIGS_DIR
+from megalm.config import Invalid, Section, build, read_yaml, validate_tree
 from megalm.errors import UserError
 from megalm.ops import adaln_layer_norm
 
@@ -33,12 +33,11 @@ PRESETS_FILE = CONFIGS_DIR / "models" / "dit" / "presets.yaml"
 
 def dit_presets() -> dict[str, dict[str, Any]]:
     """Preset name (`DiT-XL/2`, `dit-tiny`, ...) -> DiTConfig fields."""
-    with open(PRESETS_FILE) as f:
-        return yaml.safe_load(f)
+    return read_yaml(PRESETS_FILE, "DiT presets")
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(Section):
     image_size: int = 32  # square images (or latents) of image_size x image_size
     channels: int = 4
     patch_size: int = 2
@@ -81,29 +80,22 @@ class DiTConfig:
                 raise UserError(f"{source}: preset: unknown DiT preset {preset!r}; expected one of "
                                 f"{', '.join(presets)}")
             base = dict(presets[preset])
-        base.update(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in base:
-            if key not in known:
-                raise UserError(f"{source}: {key}: unknown DiT field (expected one of {', '.join(sorted(known))})")
-        cfg = cls(**base)
-        cfg.validate(source)
-        return cfg
+        return build(cls, {**base, **values}, source)
 
-    def validate(self, source: str = "model") -> None:
+    def validate(self) -> None:
         for key in ("image_size", "channels", "patch_size", "dim", "depth", "heads", "freq_dim"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise UserError(f"{source}: {key}: expected a positive integer, got {getattr(self, key)!r}")
+                raise Invalid(key, f"expected a positive integer, got {getattr(self, key)!r}")
         if self.image_size % self.patch_size:
-            raise UserError(f"{source}: patch_size: {self.patch_size} does not divide image_size={self.image_size}")
+            raise Invalid("patch_size", f"{self.patch_size} does not divide image_size={self.image_size}")
         if self.dim % self.heads:
-            raise UserError(f"{source}: heads: {self.heads} does not divide dim={self.dim}")
+            raise Invalid("heads", f"{self.heads} does not divide dim={self.dim}")
         if self.num_classes < 0:
-            raise UserError(f"{source}: num_classes: expected >= 0, got {self.num_classes}")
+            raise Invalid("num_classes", f"expected >= 0, got {self.num_classes}")
         if self.freq_shift not in (0, 1) or self.freq_shift >= self.freq_dim // 2:
-            raise UserError(f"{source}: freq_shift: expected 0 or 1 (below freq_dim/2), got {self.freq_shift!r}")
+            raise Invalid("freq_shift", f"expected 0 or 1 (below freq_dim/2), got {self.freq_shift!r}")
         if self.mlp_ratio <= 0:
-            raise UserError(f"{source}: mlp_ratio: expected > 0, got {self.mlp_ratio}")
+            raise Invalid("mlp_ratio", f"expected > 0, got {self.mlp_ratio}")
 
 
 def timestep_features(t: torch.Tensor, dim: int, shift: int = 1, max_period: float = 10000.0) -> torch.Tensor:
@@ -170,7 +162,7 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
-        config.validate()
+        validate_tree(config, "model config")
         self.config = c = config
         self.patch_embed = nn.Conv2d(c.channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.register_buffer("pos_embed", sincos_2d(c.dim, c.image_size // c.patch_size)[None], persistent=False)

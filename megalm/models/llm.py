@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megalm.models.config import LLMConfig
-from megalm.ops import (apply_rope, cross_entropy, fused_linear_cross_entropy, layer_norm, rms_norm, rope_cos_sin,
-                        swiglu)
+from megalm.models.generate import generate
+from megalm.ops import apply_rope, cross_entropy, fused_linear_cross_entropy, layer_norm, rms_norm, rope_cos_sin, swiglu
 
 __all__ = ["LLM", "LLMConfig", "Block", "default_position_ids", "document_mask", "head_logits", "head_loss"]
 
@@ -278,8 +278,6 @@ class LLM(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue `idx` [B, T]; greedy when temperature == 0. See megalm.models.generate."""
-        from megalm.models.generate import generate
-
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_id=eos_id, generator=generator)
 

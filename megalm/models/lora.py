@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megalm.config import Invalid, Section
 from megalm.errors import UserError
 
 # The Linear layers of megalm.models.llm: attention (wq, wk, wv, wo) and MLP (w1, w2, w3).
@@ -28,7 +29,7 @@ TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Section):
     """The `lora:` section of a run config; rank 0 = off (full finetuning)."""
 
     rank: int = 0
@@ -44,19 +45,18 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def validate(self, source: str = "config") -> None:
+    def validate(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
-            raise UserError(f"{source}: lora.rank: expected an integer >= 0 (0 = off), got {self.rank!r}")
+            raise Invalid("rank", f"expected an integer >= 0 (0 = off), got {self.rank!r}")
         if not self.alpha > 0:
-            raise UserError(f"{source}: lora.alpha: expected a number > 0, got {self.alpha!r}")
+            raise Invalid("alpha", f"expected a number > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"{source}: lora.dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
+            raise Invalid("dropout", f"expected 0 <= dropout < 1, got {self.dropout!r}")
         if not self.targets:
-            raise UserError(f"{source}: lora.targets: expected at least one of {', '.join(TARGETS)}")
+            raise Invalid("targets", f"expected at least one of {', '.join(TARGETS)}")
         for i, t in enumerate(self.targets):
             if t not in TARGETS:
-                raise UserError(f"{source}: lora.targets[{i}]: {t!r} is not a layer name; expected any of "
-                                f"{', '.join(TARGETS)}")
+                raise Invalid(f"targets[{i}]", f"{t!r} is not a layer name; expected any of {', '.join(TARGETS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from megalm import CONFIGS_DIR
+from megalm.config import field_names, key_line, read_yaml
 from megalm.errors import UserError
 from megalm.models.config import LLMConfig
 
@@ -33,22 +32,12 @@ def _resolve(name_or_path: str | Path) -> Path:
 
 
 def _parse(path: Path) -> dict[str, Any]:
-    """The YAML mapping, with unknown keys reported as file:line."""
-    text = path.read_text()
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise UserError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(values, dict) or not isinstance(node, yaml.MappingNode):
-        raise UserError(f"{path}: expected a mapping of LLMConfig fields")
-    known = LLMConfig.__dataclass_fields__
-    for key_node, _ in node.value:
-        if key_node.value not in known:
-            raise UserError(f"{path}:{key_node.start_mark.line + 1}: unknown key {key_node.value!r}; "
-                            f"expected one of {', '.join(sorted(known))}")
+    """The YAML mapping, with an unknown key reported as file:line."""
+    values = read_yaml(path, "LLMConfig")
+    known = field_names(LLMConfig)
+    for key in values:
+        if key not in known:
+            raise UserError(f"{key_line(path, key)}: {key}: unknown key (expected one of {', '.join(sorted(known))})")
     return values
 
 

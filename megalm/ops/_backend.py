@@ -99,6 +99,7 @@ def use_cuda(backend: str, *tensors: torch.Tensor | None, kernel: str | None = N
         _warn_fallback_once(unavailable_reason())
         return False
     if kernel is not None:
+        # selftest runs the kernels, whose ops call this function: a module-level import is circular
         from megalm.ops import selftest
 
         device = next(t.device for t in tensors if t is not None)

@@ -32,8 +32,13 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+import torch
+from torch.utils import cpp_extension
+
 from megalm.cliparse import Parser
+from megalm.errors import UserError
 from megalm.fsio import atomic_write, fsync_dir
+from megalm.ops import _backend, selftest
 
 EXT_NAME = "megalm_ops_C"
 DEFAULT_ARCH = "8.0;9.0+PTX"
@@ -65,8 +70,6 @@ def cache_root() -> Path:
 
 
 def build_key() -> str:
-    import torch
-
     abi = sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag
     flags = " ".join(EXTRA_CFLAGS) + "|" + " ".join(EXTRA_CUDA_CFLAGS)
     h = hashlib.sha256(f"{source_hash()}|torch={torch.__version__}|cuda={torch.version.cuda}|"
@@ -78,8 +81,6 @@ def parse_arch(arch: str) -> list[str]:
     items = [a.strip() for a in arch.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
     bad = [a for a in items if not _ARCH_RE.match(a)]
     if not items or bad:
-        from megalm.errors import UserError
-
         raise UserError(f"--arch / TORCH_CUDA_ARCH_LIST={arch!r}: expected e.g. \"8.0;9.0\" "
                         f"(major.minor[+PTX] separated by ';'), bad: {bad or 'empty'}")
     return sorted(set(items), key=lambda a: float(a.split("+")[0].rstrip("a")))
@@ -127,11 +128,6 @@ def fatbin_archs(so_path: Path) -> list[str]:
 
 def build(arch: str | None = None, verbose: bool = False) -> Path:
     """Compile (unless cached) and return the build dir holding the .so and build.json."""
-    import torch
-    from torch.utils import cpp_extension
-
-    from megalm.errors import UserError
-
     archs = parse_arch(arch or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH)
     if torch.version.cuda is None:
         raise UserError(f"torch {torch.__version__} is a CPU-only build: it cannot compile CUDA ops;"
@@ -162,9 +158,6 @@ def _complete(d: Path) -> bool:
 
 
 def _compile(archs: list[str], final: Path, cuda_home: str, verbose: bool) -> Path:
-    import torch
-    from torch.utils import cpp_extension
-
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -244,8 +237,6 @@ def _covers(info: dict, major: int, minor: int) -> bool:
 def load_extension() -> tuple[ModuleType | None, str, Path | None]:
     """(module, "", build dir) when a build covering this GPU exists (or MEGALM_OPS_JIT=1 builds
     one), else (None, why, None)."""
-    import torch
-
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU-only build", None
     if not torch.cuda.is_available():
@@ -293,11 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     arch = args.arch
     if args.jit and arch is None:
-        import torch
-
         if not torch.cuda.is_available():
-            from megalm.errors import UserError
-
             raise UserError("--jit: builds for the visible GPU, but no CUDA device is visible; "
                             "pass --arch instead")
         arch = "{}.{}".format(*torch.cuda.get_device_capability())
@@ -311,13 +298,10 @@ def _selftest_here() -> bool:
     """On a GPU, self-test every kernel now so the first training step does not have to.
 
     False when a kernel failed, or when there was a GPU but the build could not be loaded."""
-    import torch
-
     if not torch.cuda.is_available():
         print("megalm ops: no CUDA device visible: kernels not self-tested (the first use on a "
               "GPU will)")
         return True
-    from megalm.ops import _backend, selftest
 
     if _backend.extension() is None:
         print(f"megalm ops: not self-tested: {_backend.unavailable_reason()}")
@@ -331,8 +315,6 @@ def _selftest_here() -> bool:
 
 
 if __name__ == "__main__":
-    from megalm.errors import UserError
-
     try:
         sys.exit(main())
     except UserError as exc:

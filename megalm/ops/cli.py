@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from megalm.errors import UserError
+from megalm.ops import build, report
 
 USAGE = """usage: megalm ops <command> [args]
 
@@ -20,11 +21,7 @@ def main(argv: list[str]) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "build":
-        from megalm.ops import build
-
         return build.main(rest)
     if cmd == "report":
-        from megalm.ops import report
-
         return report.main(rest)
     raise UserError(f"megalm ops {cmd}: unknown command; expected 'build' or 'report'")

@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from megalm.ops import build
+from megalm.ops import _backend, build, selftest
 from megalm.ops._backend import ENV_VAR, resolve_backend
 from megalm.ops.registry import KERNELS
 
@@ -45,15 +45,11 @@ def report_lines() -> list[str]:
         lines.append("built ............. nothing for these sources (run `megalm ops build`)")
     ext, reason, where = None, "no CUDA device visible", None
     if has_gpu and backend != "reference":
-        from megalm.ops import _backend
-
         ext, reason, where = _backend.extension(), _backend.unavailable_reason(), _backend.build_dir()
     if backend == "reference":
         reason = f"{ENV_VAR}=reference"
     record = None
     if ext is not None:
-        from megalm.ops import selftest
-
         device = torch.device("cuda", torch.cuda.current_device())
         record = selftest.read_record(where, device)
         if record is None:  # what the first use would do anyway; the report shows the outcome

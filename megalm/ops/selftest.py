@@ -105,6 +105,7 @@ def randn(*shape: int, device: torch.device, seed: int, scale: float = 1.0,
 
 
 def registry() -> tuple[Kernel, ...]:
+    # the registry imports every op, and each op's dispatch imports this module: import on use
     from megalm.ops.registry import KERNELS
 
     return KERNELS

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from launcher.env import set_accelerator_default
 from megalm.engine.config import to_deepspeed_config
 from megalm.engine.muon import guarded_muon
 from megalm.engine.runtime import before_optimizer_step, clip_with_norm, data_parallel, initialize, pipeline_module
@@ -53,8 +54,6 @@ def _stages(cfg: TrainConfig, task: Task, model: nn.Module, guard: StepGuard) ->
 
 
 def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Built:
-    from launcher.env import set_accelerator_default
-
     cfg.validate_accelerator(set_accelerator_default())
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = task.build_model()

@@ -10,8 +10,13 @@ import argparse
 import json
 import sys
 
+import torch.distributed as dist
+
+from launcher.env import discover, set_accelerator_default
+from launcher.stopfile import note_checkpointed_stop
 from megalm.cliparse import Parser
 from megalm.train.config import load_config
+from megalm.train.metrics import json_safe
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -26,17 +31,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
-    from launcher.env import discover
-
     # Validate everything we can before any process group exists (errors are one line).
     cfg = load_config(args.config, args.overrides, world_size=discover().world_size)
-    from launcher.env import set_accelerator_default
-
     cfg.validate_accelerator(set_accelerator_default())
-
+    # DeepSpeed fixes its accelerator when first imported, and these import it: only after the
+    # line above has chosen (CUDA if visible, else CPU).
     from megalm.engine.runtime import init_distributed
     from megalm.train.loop import Trainer
-    from megalm.train.metrics import json_safe
     from megalm.train.task import build_task
 
     task = build_task(cfg)
@@ -45,13 +46,9 @@ def main(argv: list[str]) -> int:
     trainer.resume(args.resume)
     summary = trainer.run()
     if summary["stopped_by_signal"] and not summary["finished"]:
-        from launcher.stopfile import note_checkpointed_stop
-
         note_checkpointed_stop(rank, summary["stopped_by_signal"], summary["step"])  # -> sbatch requeues
     if rank == 0:
         print(json.dumps(json_safe(summary)), flush=True)
-    import torch.distributed as dist
-
     dist.barrier()
     dist.destroy_process_group()
     if summary["stopped_by_signal"] and not summary["finished"]:

@@ -6,24 +6,23 @@ Errors are one `UserError` line naming the file and the dotted key.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
-import types
-import typing
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from megalm import CONFIGS_DIR
 from megalm.checkpoint.config import CheckpointConfig
+from megalm.config import INTERNAL, Invalid, Section, apply_overrides, build, check_fields, read_yaml
 from megalm.data.sources import DataConfig
 from megalm.diffusion.config import DiffusionSection
+from megalm.engine.config import to_deepspeed_config
 from megalm.errors import UserError
 from megalm.models.lora import LoraConfig
-from megalm.engine.config import to_deepspeed_config
+
+if TYPE_CHECKING:
+    from megalm.train.task import Task
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 MAX_SCALE_POWER = 32  # fp16 dynamic loss scale starts at most at 2**32
@@ -36,7 +35,7 @@ TASKS = {"lm": "megalm.train.task:LMTask", "sft": "megalm.train.sft:SFTTask",
 
 
 @dataclass
-class OptimizerSection:
+class OptimizerSection(Section):
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
@@ -52,58 +51,124 @@ class OptimizerSection:
     muon_lr: float = 0.02  # peak LR of the Muon half; the schedule scales it like `lr`
     muon_momentum: float = 0.95
 
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise Invalid("schedule", f"expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.lr <= 0:
+            raise Invalid("lr", f"expected a number > 0, got {self.lr}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise Invalid("min_lr", f"expected 0 <= min_lr <= lr (lr={self.lr}, min_lr={self.min_lr})")
+        if self.warmup_steps < 0:
+            raise Invalid("warmup_steps", "expected >= 0")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise Invalid("decay_fraction", "expected 0 < decay_fraction <= 1")
+        if len(self.betas) != 2 or not all(0.0 <= x < 1.0 for x in self.betas):
+            raise Invalid("betas", f"expected two numbers in [0, 1), got {self.betas}")
+        if self.grad_clip < 0:
+            raise Invalid("grad_clip", f"expected >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.weight_decay < 0:
+            raise Invalid("weight_decay", f"expected >= 0, got {self.weight_decay}")
+        if self.eps <= 0:
+            raise Invalid("eps", f"expected a number > 0, got {self.eps}")
+        if self.name not in OPTIMIZERS:
+            raise Invalid("name", f"expected one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
+        if self.muon_lr <= 0:
+            raise Invalid("muon_lr", f"expected a number > 0, got {self.muon_lr}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise Invalid("muon_momentum", f"expected a number in [0, 1), got {self.muon_momentum}")
+
 
 @dataclass
-class BatchSection:
+class BatchSection(Section):
     micro_batch: int = 4  # sequences per rank per forward
     global_batch: int = 32  # sequences per optimizer step, all ranks
 
+    def validate(self) -> None:
+        positive(self, "micro_batch", "global_batch")
+
 
 @dataclass
-class ParallelSection:
+class ParallelSection(Section):
     zero_stage: int = 1
     pipeline_stages: int = 1
     activation_checkpointing: bool = False  # recompute every block in backward (done by the model)
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
 
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise Invalid("zero_stage", f"expected 0, 1, 2 or 3, got {self.zero_stage}")
+        positive(self, "pipeline_stages")
+        if self.pipeline_stages > 1 and self.zero_stage > 1:
+            raise Invalid("zero_stage", f"ZeRO-{self.zero_stage} cannot be combined with pipeline parallelism "
+                          f"(pipeline_stages={self.pipeline_stages}); DeepSpeed allows ZeRO 0 or 1 with pipelines")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise Invalid("offload_optimizer", "needs parallel.zero_stage >= 1")
+
 
 @dataclass
-class PrecisionSection:
+class PrecisionSection(Section):
     dtype: str = "bf16"  # bf16 | fp16 | fp32
     loss_scale: float = 0.0  # fp16 only; 0 = dynamic loss scaling
     initial_scale_power: int = 16  # fp16 dynamic scaling starts at 2**this (0..MAX_SCALE_POWER)
 
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise Invalid("dtype", f"expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.loss_scale < 0:
+            raise Invalid("loss_scale", f"expected 0 (dynamic) or a positive scale, got {self.loss_scale}")
+        if not 0 <= self.initial_scale_power <= MAX_SCALE_POWER:
+            raise Invalid("initial_scale_power", f"expected 0..{MAX_SCALE_POWER} (the scale starts at "
+                          f"2**power), got {self.initial_scale_power}")
+
 
 @dataclass
-class LoggingSection:
+class LoggingSection(Section):
     interval: int = 10
     tensorboard_dir: str = ""  # default: runs/<name>/tb
     peak_flops: float = 0.0  # per device; 0 = from the GPU model and dtype (train/peak_flops.py); no MFU on CPU
     progress: bool = True  # tqdm bar on rank 0 (plain lines otherwise)
 
+    def validate(self) -> None:
+        if self.peak_flops < 0:
+            raise Invalid("peak_flops", f"expected >= 0 (0 = look up the GPU model), got {self.peak_flops}")
+        positive(self, "interval")
+
 
 @dataclass
-class EvalSection:
+class EvalSection(Section):
     interval: int = 0  # 0 disables periodic eval (still runs at the end when batches > 0)
     batches: int = 8
 
+    def validate(self) -> None:
+        if self.interval < 0 or self.batches < 0:
+            raise Invalid("interval", "expected interval >= 0 and batches >= 0")
+
 
 @dataclass
-class TrainSection:
+class TrainSection(Section):
     steps: int = 0  # optimizer steps; or set tokens
     tokens: int = 0
     seed: int = 1234  # model initialisation (the data order has its own data.seed)
 
+    def validate(self) -> None:
+        if (self.steps > 0) == (self.tokens > 0):
+            raise Invalid("steps", "set exactly one of train.steps or train.tokens (> 0)")
+
 
 @dataclass
-class BadStepsSection:
+class BadStepsSection(Section):
     spike_factor: float = 0.0  # step is bad when loss > k x running mean; 0 = only NaN/inf
     window: int = 20  # steps in the running mean
     max_consecutive: int = 5  # this many bad steps in a row -> roll back and skip the data
 
+    def validate(self) -> None:
+        if self.spike_factor < 0 or (0 < self.spike_factor <= 1):
+            raise Invalid("spike_factor", "expected 0 (off) or a factor > 1")
+        positive(self, "window", "max_consecutive")
+
 
 @dataclass
-class DebugSection:
+class DebugSection(Section):
     # Test hooks that act on the data/loss, never inside the model.
     nan_at_data_steps: list[int] = field(default_factory=list)  # 1-based global batch number
     trace_batches: str = ""  # dir: each rank appends (step, sample fingerprints) JSON lines
@@ -115,7 +180,7 @@ class DebugSection:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     name: str = "run"
     # lm: next-token pretraining; sft: finetuning on `megalm prep --sft` shards (loss on responses
     # only, optional `lora`); diffusion: DiT on image shards (section `diffusion`)
@@ -135,7 +200,7 @@ class TrainConfig:
     debug: DebugSection = field(default_factory=DebugSection)
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)  # used by task: diffusion
     lora: LoraConfig = field(default_factory=LoraConfig)  # task sft: rank > 0 trains adapters only
-    source: str = "config"  # file name used in error messages (not a YAML key)
+    source: str = field(default="config", metadata=INTERNAL)  # the file, for error messages
 
     # ---- derived -------------------------------------------------------------------------
     def dp_size(self, world_size: int) -> int:
@@ -178,92 +243,27 @@ class TrainConfig:
     def _err(self, key: str, what: str) -> UserError:
         return UserError(f"{self.source}: {key}: {what}")
 
-    def validate(self, world_size: int | None = None) -> None:
-        """Reject impossible settings up front; `world_size` adds the batch/parallel checks."""
-        b, p, o = self.batch, self.parallel, self.optimizer
+    def validate(self) -> None:
+        """Checks across sections (each section has checked its own values)."""
         if self.task not in TASKS:
-            raise self._err("task", f"expected one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.task == "diffusion":
-            self.diffusion.validate(self.source)
-        self.lora.validate(self.source)
+            raise Invalid("task", f"expected one of {', '.join(TASKS)}, got {self.task!r}")
+        model_fields = task_class(self.task).model_config_class
+        if model_fields is not None:  # typed per task: each key a field of the task's model config
+            self.model = check_fields(model_fields, self.model, self.source, "model", extra=("preset",))
         if self.lora.enabled and self.task != "sft":
-            raise self._err("lora.rank", f"LoRA finetunes with task: sft, got task: {self.task}")
+            raise Invalid("lora.rank", f"LoRA finetunes with task: sft, got task: {self.task}")
         if self.lora.enabled and self.parallel.pipeline_stages > 1:
-            raise self._err("lora.rank", "LoRA is not supported with parallel.pipeline_stages > 1 yet")
+            raise Invalid("lora.rank", "LoRA is not supported with parallel.pipeline_stages > 1 yet")
         if self.lora.enabled and self.optimizer.name == "muon":
             # Muon picks matrices by name and shape: it would take the adapters and the frozen base.
-            raise self._err("optimizer.name", "muon is not supported with lora yet; use adamw")
-        try:
-            self.data.validate()
-        except UserError as exc:
-            raise UserError(f"{self.source}: {exc}") from None
-        _positive(self, "batch.micro_batch", b.micro_batch)
-        _positive(self, "batch.global_batch", b.global_batch)
-        if p.zero_stage not in (0, 1, 2, 3):
-            raise self._err("parallel.zero_stage", f"expected 0, 1, 2 or 3, got {p.zero_stage}")
-        _positive(self, "parallel.pipeline_stages", p.pipeline_stages)
-        if p.pipeline_stages > 1 and p.zero_stage > 1:
-            raise self._err(
-                "parallel.zero_stage",
-                f"ZeRO-{p.zero_stage} cannot be combined with pipeline parallelism "
-                f"(pipeline_stages={p.pipeline_stages}); DeepSpeed allows ZeRO 0 or 1 with pipelines",
-            )
-        if p.offload_optimizer and p.zero_stage == 0:
-            raise self._err("parallel.offload_optimizer", "needs parallel.zero_stage >= 1")
-        if o.schedule not in SCHEDULES:
-            raise self._err("optimizer.schedule", f"expected one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
-        if o.lr <= 0:
-            raise self._err("optimizer.lr", f"expected a number > 0, got {o.lr}")
-        if o.min_lr < 0 or o.min_lr > o.lr:
-            raise self._err("optimizer.min_lr", f"expected 0 <= min_lr <= lr (lr={o.lr}, min_lr={o.min_lr})")
-        if o.warmup_steps < 0:
-            raise self._err("optimizer.warmup_steps", "expected >= 0")
-        if not 0.0 < o.decay_fraction <= 1.0:
-            raise self._err("optimizer.decay_fraction", "expected 0 < decay_fraction <= 1")
-        if len(o.betas) != 2 or not all(0.0 <= x < 1.0 for x in o.betas):
-            raise self._err("optimizer.betas", f"expected two numbers in [0, 1), got {o.betas}")
-        if o.grad_clip < 0:
-            raise self._err("optimizer.grad_clip", f"expected >= 0 (0 disables clipping), got {o.grad_clip}")
-        if o.weight_decay < 0:
-            raise self._err("optimizer.weight_decay", f"expected >= 0, got {o.weight_decay}")
-        if o.eps <= 0:
-            raise self._err("optimizer.eps", f"expected a number > 0, got {o.eps}")
-        if o.name not in OPTIMIZERS:
-            raise self._err("optimizer.name", f"expected one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
-        if o.muon_lr <= 0:
-            raise self._err("optimizer.muon_lr", f"expected a number > 0, got {o.muon_lr}")
-        if not 0.0 <= o.muon_momentum < 1.0:
-            raise self._err("optimizer.muon_momentum", f"expected a number in [0, 1), got {o.muon_momentum}")
-        if o.name == "muon" and p.zero_stage > 0 and o.grad_clip > 0:
+            raise Invalid("optimizer.name", "muon is not supported with lora yet; use adamw")
+        o, zero = self.optimizer, self.parallel.zero_stage
+        if o.name == "muon" and zero > 0 and o.grad_clip > 0:
             # ZeRO 1-3 write Muon's orthogonalised update into the gradient before DeepSpeed takes
             # the global norm, so clipping shrinks the update itself (measured ~26x on the test
             # model) instead of the raw gradient: silently much smaller Muon steps.
-            raise self._err("optimizer.grad_clip", f"muon under ZeRO-{p.zero_stage} needs 0 (DeepSpeed would "
-                            f"clip the orthogonalised update, not the gradient), got {o.grad_clip}")
-        prec = self.precision
-        if prec.dtype not in DTYPES:
-            raise self._err("precision.dtype", f"expected one of {', '.join(DTYPES)}, got {prec.dtype!r}")
-        if prec.loss_scale < 0:
-            raise self._err("precision.loss_scale", f"expected 0 (dynamic) or a positive scale, got {prec.loss_scale}")
-        if not 0 <= prec.initial_scale_power <= MAX_SCALE_POWER:
-            raise self._err("precision.initial_scale_power",
-                            f"expected 0..{MAX_SCALE_POWER} (the scale starts at 2**power), got {prec.initial_scale_power}")
-        if self.logging.peak_flops < 0:
-            raise self._err("logging.peak_flops", f"expected >= 0 (0 = look up the GPU model), got {self.logging.peak_flops}")
-        if (self.train.steps > 0) == (self.train.tokens > 0):
-            raise self._err("train.steps", "set exactly one of train.steps or train.tokens (> 0)")
-        self.checkpoint.validate(self.source)
-        _positive(self, "logging.interval", self.logging.interval)
-        if self.eval.interval < 0 or self.eval.batches < 0:
-            raise self._err("eval.interval", "expected interval >= 0 and batches >= 0")
-        bs = self.bad_steps
-        if bs.spike_factor < 0 or (0 < bs.spike_factor <= 1):
-            raise self._err("bad_steps.spike_factor", "expected 0 (off) or a factor > 1")
-        _positive(self, "bad_steps.window", bs.window)
-        _positive(self, "bad_steps.max_consecutive", bs.max_consecutive)
-        if world_size is not None:
-            self.validate_world(world_size)
-            to_deepspeed_config(self, world_size)  # refuses raw overrides of what megalm sets
+            raise Invalid("optimizer.grad_clip", f"muon under ZeRO-{zero} needs 0 (DeepSpeed would "
+                          f"clip the orthogonalised update, not the gradient), got {o.grad_clip}")
 
     def validate_accelerator(self, accelerator: str) -> None:
         """Settings the device kind rules out (`accelerator` as DeepSpeed's: "cuda" or "cpu")."""
@@ -287,85 +287,16 @@ class TrainConfig:
             )
 
 
-def _positive(cfg: TrainConfig, key: str, value: int) -> None:
-    if value <= 0:
-        raise cfg._err(key, f"expected a positive number, got {value}")
+def positive(section: Section, *keys: str) -> None:
+    for key in keys:
+        if getattr(section, key) <= 0:
+            raise Invalid(key, f"expected a positive number, got {getattr(section, key)}")
 
 
-# ---- generic dict -> dataclass with named errors ------------------------------------------
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key, source)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise UserError(f"{source}: {key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key, source)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{source}: {key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{source}: {key}: expected a mapping, got {value!r}")
-        return copy.deepcopy(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{source}: {key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value):
-            raise UserError(f"{source}: {key}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{source}: {key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise UserError(f"{source}: {key}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise UserError(f"{source}: {key}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise UserError(f"{source}: {key}: unknown key (expected one of {', '.join(sorted(names))})")
-        kwargs[k] = _coerce(v, hints[k], key, source)
-    return cls(**kwargs)
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
-    parts = dotted.split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if part == "model" and i == 0 and isinstance(nxt, str):
-            nxt = {"preset": nxt}  # `model=tiny` in YAML, `model.n_layers=2` on the CLI
-        if nxt is None:
-            nxt = {}
-        if not isinstance(nxt, dict):
-            raise UserError(f"{source}: {'.'.join(parts[: i + 1])}: is not a section, cannot set {dotted}")
-        node[part] = nxt
-        node = nxt
-    node[parts[-1]] = value
+def task_class(name: str) -> type[Task]:
+    """The Task subclass registered for `task: name` in TASKS."""
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def _example_or_path(path: str) -> str:
@@ -375,39 +306,32 @@ def _example_or_path(path: str) -> str:
 
 
 def load_config(path: str | None, overrides: list[str] = (), *, world_size: int | None = None) -> TrainConfig:
-    """Read YAML (or start from defaults when path is None), apply `a.b=value` overrides, validate."""
+    """Read YAML (or start from defaults when path is None), apply `a.b=value` overrides, validate;
+    with `world_size`, also the batch/parallel checks that need it."""
     raw: dict[str, Any] = {}
     path = _example_or_path(path) if path else path
     source = Path(path).name if path else "config"
     if path:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read config ({exc.strerror}); shipped examples: "
-                            f"{', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.yaml')))}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{source}:{mark.line + 1}" if mark else source
-            raise UserError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{source}: expected a mapping at the top level")
+        if not Path(path).is_file():
+            raise UserError(f"{path}: cannot read config (no such file); shipped examples: "
+                            f"{', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.yaml')))}")
+        raw = read_yaml(path, name=source)
+    _preset_shorthand(raw, source)
     for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r}: expected key=value")
-        key, text_value = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text_value) if text_value else ""
-        except yaml.YAMLError:
-            value = text_value
-        _set_dotted(raw, key.strip(), value, source)
-    model = raw.get("model", {"preset": "tiny"})
+        apply_overrides(raw, [item], source)
+        _preset_shorthand(raw, source)  # `model=gpt2-124m model.n_layers=2` on the command line
+    raw.setdefault("model", {"preset": "tiny"})
+    cfg = build(TrainConfig, raw, source, internal={"source": source})
+    if world_size is not None:
+        cfg.validate_world(world_size)
+        to_deepspeed_config(cfg, world_size)  # refuses raw overrides of what megalm sets
+    return cfg
+
+
+def _preset_shorthand(raw: dict[str, Any], source: str) -> None:
+    """`model: NAME` stands for `model: {preset: NAME}`."""
+    model = raw.get("model")
     if isinstance(model, str):
         raw["model"] = {"preset": model}
-    elif not isinstance(model, dict):
+    elif model is not None and not isinstance(model, dict):
         raise UserError(f"{source}: model: expected a preset name or a mapping of model fields")
-    cfg = _build(TrainConfig, raw, "", source)
-    cfg.source = source
-    cfg.validate(world_size)
-    return cfg

@@ -12,10 +12,14 @@ import os
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from megalm.diffusion.data import ImageEvalLoader, ImageLoader, load_image_manifest, read_split, split_fingerprint
+from megalm.diffusion.ema import ShardedEMA, load_flat
+from megalm.diffusion.images import grid
 from megalm.diffusion.objectives import build_objective, drop_labels
+from megalm.diffusion.sample import generate
 from megalm.errors import UserError
 from megalm.models.dit import DiT, DiTConfig
 from megalm.train.config import TrainConfig
@@ -24,6 +28,7 @@ from megalm.train.task import Batch, Task, TaskHook
 
 class DiffusionTask(Task):
     name = "diffusion"
+    model_config_class = DiTConfig
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, d = cfg, cfg.diffusion
@@ -32,7 +37,6 @@ class DiffusionTask(Task):
             raise UserError(f"{src}: data.paths: task diffusion takes exactly one image shard directory")
         if cfg.parallel.pipeline_stages != 1:
             raise UserError(f"{src}: parallel.pipeline_stages: task diffusion runs without pipeline stages (1)")
-        d.validate(src)
         self.manifest = load_image_manifest(cfg.data.paths[0])
         m = self.manifest
         if m.height != m.width:
@@ -87,8 +91,6 @@ class EMAHook(TaskHook):
     carries_state = True
 
     def __init__(self, task: DiffusionTask, engine: Any, dp_rank: int, dp_world: int):
-        from megalm.diffusion.ema import ShardedEMA
-
         self.task, self.engine = task, engine
         zero3 = task.cfg.parallel.zero_stage == 3
         self.ema = ShardedEMA(engine.module, task.cfg.diffusion.ema_decay, dp_rank, dp_world, zero3=zero3)
@@ -103,15 +105,9 @@ class EMAHook(TaskHook):
 
     def log_grid(self, step: int) -> None:
         """Collective: gather the EMA, rank 0 samples one row per class into TensorBoard."""
-        import torch.distributed as dist
-
-        from megalm.diffusion.images import grid
-        from megalm.diffusion.sample import generate
-
         flat = self.ema.state_dict()["flat"]
         if dist.is_initialized() and dist.get_rank() != 0:
             return
-        from megalm.diffusion.ema import load_flat
 
         model = DiT(self.task.model_config)
         load_flat(model, flat)
@@ -119,6 +115,7 @@ class EMAHook(TaskHook):
         classes = max(mc.num_classes, 1)
         images = generate(model.eval(), self.task.objective, classes, 4, steps=d.grid_steps, guidance=d.grid_guidance)
         if self._writer is None:
+            # TensorBoard's import takes about a second: only rank 0 writing a grid pays for it
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(self.task.cfg.tensorboard_dir())

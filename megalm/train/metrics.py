@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,6 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     try:
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     except Exception:  # pragma: no cover - non-POSIX
         return float("nan")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 T = 1e12
 # (pattern on torch.cuda.get_device_name(), name, {dtype: peak}); first match wins, so the more
 # specific names come first (H100 PCIe before H100, L40S before L40 before L4, A100 before A10).
@@ -39,7 +41,6 @@ def peak_flops(dtype: str, override: float = 0.0) -> float | None:
     a CPU or an unknown GPU."""
     if override:
         return override
-    import torch
 
     if not torch.cuda.is_available():
         return None

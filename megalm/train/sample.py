@@ -15,7 +15,11 @@ import sys
 
 import torch
 
+from data_prep.chat import ChatTemplate
 from megalm.cliparse import Parser
+from megalm.diffusion.sample import is_diffusion
+from megalm.diffusion.sample import main as diffusion_main
+from megalm.diffusion.sample import parser as diffusion_parser
 from megalm.engine.layout import read_client_state
 from megalm.errors import UserError
 from megalm.models.load import load_model, load_tokenizer
@@ -41,7 +45,6 @@ def _diffusion_checkpoint(argv: list[str]) -> tuple[str, dict] | None:
     The checkpoint is found by the DiT sampler's own parser, so its options may stand anywhere."""
     if any(a in ("-h", "--help") or a == "--prompt" or a.startswith("--prompt=") for a in argv):
         return None
-    from megalm.diffusion.sample import is_diffusion, parser as diffusion_parser
 
     try:
         checkpoint = diffusion_parser().parse_known_intermixed_args(argv)[0].checkpoint
@@ -56,7 +59,6 @@ def _diffusion_checkpoint(argv: list[str]) -> tuple[str, dict] | None:
 def main(argv: list[str]) -> int:
     dit = _diffusion_checkpoint(argv)
     if dit is not None:  # a DiT checkpoint: an image grid
-        from megalm.diffusion.sample import main as diffusion_main
 
         return diffusion_main(argv, dit[1], dit[0])
     args = _parse(argv)
@@ -69,7 +71,6 @@ def main(argv: list[str]) -> int:
         template = meta["data"].get("chat_template")
         if template is None:
             raise UserError(f"--chat: {args.checkpoint} is not an SFT checkpoint (no chat template recorded)")
-        from data_prep.chat import ChatTemplate
 
         prompt = ChatTemplate(**template).prompt([("user", prompt)])
     ids = sp.encode(prompt)

@@ -21,6 +21,7 @@ from pathlib import Path
 from megalm.cliparse import Parser
 from megalm.errors import UserError
 from megalm.fsio import atomic_write
+from megalm.train.config import load_config
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 
@@ -92,7 +93,6 @@ def _check(spec: SubmitSpec) -> None:
                         f"got {spec.signal_lead_s}")
     if not Path(spec.config).is_file():
         raise UserError(f"{spec.config}: config file not found")
-    from megalm.train.config import load_config
 
     # The config must fit this world (batch divisibility, pipeline stages) before it queues.
     load_config(spec.config, spec.overrides, world_size=spec.world_size)

@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
+import os
 from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import torch
 import torch.nn as nn
 
+from megalm.data.loader import build_eval_loader, build_loader
+from megalm.data.manifest import check_token_ids, load_manifest
 from megalm.errors import UserError
-from megalm.train.config import TASKS, TrainConfig
+from megalm.fsio import read_checked
+from megalm.models.config import LLMConfig
+from megalm.models.llm import LLM
+from megalm.models.pipeline import pipeline_layers
+from megalm.models.presets import load_preset
+from megalm.train.config import TrainConfig, task_class
+from megalm.train.init_from import load_init_weights
 
 Batch = dict[str, torch.Tensor]
 
@@ -69,6 +77,9 @@ class Task(abc.ABC):
     """What one `task:` trains. Subclasses are constructed from the validated TrainConfig."""
 
     name: ClassVar[str]  # the `task:` value (TASKS)
+    # The dataclass whose fields the `model:` section may set (besides `preset`), checked when the
+    # config loads; None leaves the section to the task.
+    model_config_class: ClassVar[type | None] = None
 
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
@@ -123,8 +134,6 @@ class Task(abc.ABC):
 
 
 def _manifest_tokenizer(shard_dir: str) -> Any:
-    from megalm.data.manifest import load_manifest
-
     return load_manifest(shard_dir).tokenizer
 
 
@@ -132,6 +141,7 @@ class LMTask(Task):
     """Next-token prediction over packed documents (labels -100 where there is no target)."""
 
     name = "lm"
+    model_config_class = LLMConfig
     shard_kind = "text"  # the manifest `kind` this task reads
 
     def __init__(self, cfg: TrainConfig):
@@ -141,9 +151,6 @@ class LMTask(Task):
         self._model_config = self._resolve_model_config()
 
     def _resolve_model_config(self):
-        from megalm.models.config import LLMConfig
-        from megalm.models.presets import load_preset
-
         fields = dict(self.cfg.model)
         preset = fields.pop("preset", None)
         base: dict[str, Any] = {}
@@ -173,28 +180,19 @@ class LMTask(Task):
         return mc
 
     def build_model(self) -> nn.Module:
-        from megalm.models.llm import LLM
-
         model = LLM(self._model_config)
         if self.cfg.checkpoint.init_from:
-            from megalm.train.init_from import load_init_weights
-
             load_init_weights(self.cfg.checkpoint.init_from, model, self._model_config.to_dict(), self._tok.sha256,
                               self.cfg.source)
         return model
 
     def build_loader(self, split: str, dp_rank: int, dp_world: int) -> Loader:
-        from megalm.data.loader import build_loader
-        from megalm.data.manifest import check_token_ids, load_manifest
-
         # Ids the embedding cannot hold would fail deep inside the first step; name the shard.
         check_token_ids([load_manifest(p) for p in self.cfg.data.paths], self._model_config.vocab_size)
         return build_loader(dataclasses.replace(self.cfg.data, split=split), self.cfg.batch.global_batch,
                             self.cfg.batch.micro_batch, dp_rank, dp_world, kind=self.shard_kind)
 
     def build_eval_loader(self, dp_rank: int, dp_world: int) -> EvalLoader:
-        from megalm.data.loader import build_eval_loader
-
         return build_eval_loader(self.cfg.data, self.cfg.batch.micro_batch, dp_rank, dp_world, kind=self.shard_kind)
 
     def loss(self, model: Callable[..., torch.Tensor], batch: Batch) -> torch.Tensor:
@@ -205,8 +203,6 @@ class LMTask(Task):
         return int(model.flops_per_token(self.cfg.data.seq_len))
 
     def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
-        from megalm.models.pipeline import pipeline_layers
-
         return pipeline_layers(model, fused_loss=True)
 
     def pipeline_loss(self, layers: list[nn.Module]) -> LossFn:
@@ -220,10 +216,6 @@ class LMTask(Task):
     def tokenizer_model(self) -> bytes | None:
         """The sentencepiece model bytes (checked against the manifest's sha256), stored in
         checkpoints so `megalm sample` works after the shard directory moved."""
-        import os
-
-        from megalm.fsio import read_checked
-
         if self._tok_bytes is None:
             path = os.path.join(self.cfg.data.paths[0], self._tok.path)
             manifest = os.path.join(self.cfg.data.paths[0], "manifest.json")
@@ -231,18 +223,10 @@ class LMTask(Task):
         return self._tok_bytes
 
     def fingerprint(self) -> dict[str, Any]:
-        import os
-
         return {"shard_dirs": [os.path.abspath(p) for p in self.cfg.data.paths],
                 "tokenizer_path": os.path.abspath(os.path.join(self.cfg.data.paths[0], self._tok.path)),
                 "tokenizer_sha256": self._tok.sha256, "vocab_size": self._tok.vocab_size,
                 "eos_id": self._tok.eos_id, "model_config": self._model_config.to_dict()}
-
-
-def task_class(name: str) -> type[Task]:
-    """The Task subclass registered for `task: name` (config.TASKS)."""
-    module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
 
 
 def build_task(cfg: TrainConfig) -> Task:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megalm.checkpoint.config import CheckpointConfig
+from megalm.config import validate_tree
 from megalm.errors import UserError
 from megalm.train.config import load_config
 
@@ -16,7 +17,7 @@ from megalm.train.config import load_config
                                      ({"async_save": "yes"}, "checkpoint.async_save")])
 def test_config_rejects_bad_values_naming_the_key(kw, key):
     with pytest.raises(UserError, match=f"run.yaml: {key}"):
-        CheckpointConfig(**kw).validate("run.yaml")
+        validate_tree(CheckpointConfig(**kw), "run.yaml", "checkpoint")
 
 
 def test_yaml_section_is_the_manager_config(tmp_path):

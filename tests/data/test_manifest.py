@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from megalm.config import validate_tree
 from megalm.data import DataConfig, Sources, build_loader, load_manifest, open_split
 from megalm.errors import UserError
 from tests.data.shards import random_docs, write_shard_dir
@@ -208,8 +209,8 @@ def test_out_of_vocab_tokens_caught_by_verify(tmp_path):
 )
 def test_config_errors_name_key(good_dir, kwargs, key):
     args = {"paths": [good_dir], "seq_len": 8, **kwargs}
-    with pytest.raises(UserError, match=rf"^{key}: "):
-        DataConfig(**args).validate()
+    with pytest.raises(UserError, match=rf"^run.yaml: {key}: "):
+        validate_tree(DataConfig(**args), "run.yaml", "data")
 
 
 def test_split_too_small_for_one_sample(good_dir):

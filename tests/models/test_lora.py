@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from megalm.config import validate_tree
 from megalm.errors import UserError
 from megalm.models.llm import LLM, LLMConfig
 from megalm.models.lora import LoraConfig, apply_lora, is_adapter, merge_lora_items
@@ -94,7 +95,7 @@ def test_adapters_alone_are_real_safetensors(tmp_path):
 ])
 def test_bad_lora_settings_name_the_key(lora, error):
     with pytest.raises(UserError, match=error):
-        lora.validate("run.yaml")
+        validate_tree(lora, "run.yaml", "lora")
 
 
 def test_target_missing_from_the_model_is_named():

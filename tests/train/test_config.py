@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from megalm.engine.config import to_deepspeed_config
 from megalm.errors import UserError
 from megalm.train.config import load_config
-from megalm.engine.config import to_deepspeed_config
 from megalm.train.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[2]
@@ -179,7 +179,7 @@ def test_fp16_rejected_on_cpu_accelerator():
 
 def test_data_verify_option():
     assert cfg_of().data.verify is False and cfg_of("data.verify=true").data.verify is True
-    assert "data.verify: expected true/false" in error_of("data.verify=3")
+    assert "data.verify: expected true or false" in error_of("data.verify=3")
 
 
 def test_shipped_example_by_name_and_unknown_name_lists_them(tmp_path, monkeypatch):

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from megalm.errors import UserError
-from megalm.train.config import TASKS
-from megalm.train.task import Task, TaskHook, task_class
+from megalm.train.config import TASKS, task_class
+from megalm.train.task import Task, TaskHook
 from tests.distributed.corpus import make_corpus
 from tests.distributed.helper import run_distributed
 
