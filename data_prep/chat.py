@@ -39,7 +39,8 @@ class ChatTemplate(Section):
 
     @classmethod
     def load(cls, path: str) -> "ChatTemplate":
-        return build(cls, read_yaml(path, "chat template"), path)
+        name = f"--chat-template {path}"
+        return build(cls, read_yaml(path, "chat template", name=name), name)
 
     def to_dict(self) -> dict[str, str]:
         return dataclasses.asdict(self)

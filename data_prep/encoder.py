@@ -72,19 +72,17 @@ CACHE_ENTRIES = 1 << 21  # segments remembered per cache before it starts afresh
 _PLAIN, _WORDS = 0, 1
 
 
-def _proto(model: bytes):
+def _proto(model: bytes) -> pb.ModelProto:
     proto = pb.ModelProto()
     proto.ParseFromString(model)
-    return pb, proto
+    return proto
 
 
 def exact_caches(model: bytes) -> tuple[bool, bool]:
     """(whether the word cache is exact, whether ASCII words may also be cut into runs of
     letters / other characters); see the module doc. One parse, one pass over the pieces:
     every worker runs this at start."""
-    pb, proto = _proto(model)
-    if proto is None:
-        return False, False
+    proto = _proto(model)
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
     if (norm.name not in _CACHE_SAFE_NORMALIZERS or norm.normalization_rule_tsv
             or not norm.add_dummy_prefix or not norm.remove_extra_whitespaces
@@ -237,7 +235,7 @@ class EncoderPlan:
         fine_split = word_cache and (runs_exact if fine_split is None else fine_split)
         bare = None
         if fine_split:
-            pb, proto = _proto(model)
+            proto = _proto(model)
             proto.normalizer_spec.add_dummy_prefix = False
             bare = proto.SerializeToString()
         return cls(word_cache, fine_split, bare)

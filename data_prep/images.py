@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 
 from megalm.cliparse import Parser
-from megalm.diffusion.data import load_image_manifest, read_split
 from megalm.errors import UserError
 from megalm.fsio import atomic_write, fsync_dir, sha256_file
 
@@ -51,6 +50,9 @@ def wants_images(argv: list[str]) -> bool:
 
 def verify(out_dir: str) -> list[str]:
     """Re-check every shard against the manifest (size, sha256, rows, pixel width); one line per problem."""
+    # megalm.diffusion imports torch (2 s and ~190 MB in every prep worker): only verification needs it
+    from megalm.diffusion.data import load_image_manifest, read_split
+
     m = load_image_manifest(out_dir)
     problems = []
     for split, info in m.splits.items():

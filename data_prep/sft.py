@@ -24,11 +24,8 @@ import pyarrow as pa
 import sentencepiece as spm
 
 from megalm.cliparse import Parser
-from megalm.data.manifest import load_manifest
-from megalm.engine.layout import read_client_state
 from megalm.errors import UserError
 from megalm.fsio import atomic_write, fsync_dir
-from megalm.models.load import load_tokenizer
 
 from . import manifest as token_manifest
 from .chat import ChatTemplate, encode_example, parse_example
@@ -80,6 +77,11 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
 
 def _tokenizer_bytes(spec: str) -> bytes:
     """--tokenizer: a .model file, a shard directory (its tokenizer) or a megalm checkpoint."""
+    # These import torch (2 s and ~190 MB): only a shard directory or checkpoint as --tokenizer needs them
+    from megalm.data.manifest import load_manifest
+    from megalm.engine.layout import read_client_state
+    from megalm.models.load import load_tokenizer
+
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, token_manifest.MANIFEST)):
         return load_bytes(load_manifest(spec).tokenizer.path)
     if os.path.isdir(spec):

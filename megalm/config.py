@@ -79,7 +79,7 @@ def check_fields(cls: type, data: Mapping[str, Any], source: str, prefix: str = 
     kept as is), without building `cls`: for a section completed later (a model config whose
     vocabulary comes from the data)."""
     if not isinstance(data, Mapping):
-        raise UserError(f"{source}: {prefix or 'config'}: expected a mapping, got {data!r}")
+        raise UserError(f"{_where(source, prefix)}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names, out = field_names(cls), {}
     for k, v in data.items():
@@ -91,6 +91,10 @@ def check_fields(cls: type, data: Mapping[str, Any], source: str, prefix: str = 
         else:
             out[k] = _coerce(v, hints[k], key, source)
     return out
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: {key}" if key else source
 
 
 def _join(prefix: str, key: str) -> str:
@@ -111,11 +115,13 @@ def _build(cls: type, data: Any, prefix: str, source: str, internal: dict[str, A
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     def bad(expected: str) -> UserError:
-        return UserError(f"{source}: {key or 'config'}: expected {expected}, got {value!r}")
+        return UserError(f"{_where(source, key)}: expected {expected}, got {value!r}")
 
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"{key}: config fields are one type or `X | None`, not {tp}")
         return None if value is None else _coerce(value, args[0], key, source)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, source)
@@ -153,7 +159,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, str):
             raise bad("a string")
         return value
-    return value
+    if tp is Any:
+        return value
+    raise TypeError(f"{key}: no coercion for a config field of type {tp}")
 
 
 def read_yaml(path: str | Path, what: str = "config", name: str | None = None) -> dict[str, Any]:

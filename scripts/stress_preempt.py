@@ -53,7 +53,7 @@ def main() -> int:
             ok = {
                 "completed": info.get("JobState") == "COMPLETED" and summary.get("finished") is True,
                 "requeued_once": info.get("Restarts") == "1",
-                "resumed_from_signal_step": f"resumed from step {pause + 1} " in log  # the step in flight completes,
+                "resumed_from_signal_step": f"resumed from step {pause + 1} " in log,  # the step in flight completes
                 "identical_weights": summary.get("weights_sha256") == reference,
             }
             for key, good in ok.items():

@@ -122,3 +122,27 @@ def test_every_validated_config_dataclass_is_a_section():
     found = _config_dataclasses()
     assert len(found) >= 15, found  # TrainConfig's sections, LLMConfig, DiTConfig, LoRA, prep...
     assert [name for name, ok in found if not ok] == []
+
+
+def test_a_field_type_without_a_coercion_is_a_programming_error():
+    @dataclass
+    class Odd(Section):
+        either: int | str = 0
+
+    with pytest.raises(TypeError, match="either: config fields are one type or `X | None`"):
+        build(Odd, {"either": 1}, "run.yaml")
+
+
+def test_config_from_a_pipe_as_with_process_substitution(tmp_path):
+    """`megalm train <(generate-config)`: the path is not a regular file."""
+    import os
+
+    r, w = os.pipe()
+    os.write(w, b"data:\n  paths: [d]\ntrain:\n  steps: 3\n")
+    os.close(w)
+    try:
+        assert load_config(f"/dev/fd/{r}").train.steps == 3
+    finally:
+        os.close(r)
+    with pytest.raises(UserError, match=r"cannot read config \(Is a directory\)"):
+        load_config(str(tmp_path))

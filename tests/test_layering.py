@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 from collections import defaultdict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -142,3 +144,20 @@ def test_the_check_sees_a_silent_import(tmp_path):
     src.write_text("import os\n\n\ndef f():\n    import json\n\n    return json\n\n\n"
                    "def g():\n    # heavy: only g needs it\n    import csv\n    import gzip\n\n    return csv, gzip\n")
     assert lazy_imports(src) == [(5, "json", False), (12, "csv", True), (13, "gzip", True)]
+
+
+def _loaded_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint(' '.join(sys.modules))"],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    return set(out.split())
+
+
+def test_heavy_libraries_stay_out_of_what_does_not_need_them():
+    """torch costs `megalm prep` 2 s and ~190 MB in every worker; DeepSpeed costs seconds and must
+    not be imported before `megalm train` has chosen its accelerator (DS_ACCELERATOR)."""
+    light = _loaded_after("import megalm.cli, data_prep.cli, data_prep.pipeline, launcher.env")
+    assert "torch" not in light
+    cfg = _loaded_after("from megalm.train.config import load_config\n"
+                        "for t in ('lm', 'sft', 'diffusion'):\n"
+                        "    load_config(None, [f'task={t}', 'data.paths=[d]', 'train.steps=1'])")
+    assert "megalm.train.diffusion" in cfg and "deepspeed" not in cfg

@@ -312,7 +312,7 @@ def load_config(path: str | None, overrides: list[str] = (), *, world_size: int 
     path = _example_or_path(path) if path else path
     source = Path(path).name if path else "config"
     if path:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise UserError(f"{path}: cannot read config (no such file); shipped examples: "
                             f"{', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.yaml')))}")
         raw = read_yaml(path, name=source)
