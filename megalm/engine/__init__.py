@@ -9,6 +9,8 @@
   checkpointing.py     DeepSpeed's side of megalm.checkpoint's save/load protocol
   universal.py         conversion to a universal checkpoint when the data-parallel size changes
   muon_universal.py    Muon's momentum through that conversion
+  sequence.py          Ulysses sequence parallelism: DeepSpeed's DistributedAttention around the
+                       model's attention cores (not yet a `megalm train` option)
   layout.py            the one decoder of DeepSpeed's files in a checkpoint (client state, every
                        model tensor from ZeRO 0-3 and pipeline layouts), for resume, sample, export
 

@@ -85,6 +85,29 @@ class Norm(nn.Module):
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class AttentionCore(nn.Module):
+    """softmax(q kᵀ / √d + mask) v over [B, T, heads, D] tensors (mask None: causal). Heads are
+    independent, so sequence parallelism (megalm.engine.sequence) swaps this module for one that
+    runs it on every position of a slice of the heads."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        T = q.shape[2]
+        gqa = k.shape[1] != q.shape[1]
+        if gqa and mask is not None:
+            # SDPA's enable_gqa with a mask falls back to the O(T^2)-memory math kernel; copying
+            # the KV heads keeps the memory-efficient kernel eligible.
+            rep = q.shape[1] // k.shape[1]
+            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+        return y.transpose(1, 2)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads (n_kv_heads < n_heads: GQA; == 1: MQA)."""
 
@@ -95,7 +118,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.bias)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.bias)
-        self.dropout = config.dropout
+        self.core = AttentionCore(config.dropout)
         # QK-norm (OLMo-2 / modded-nanogpt): RMSNorm of each head's q and k, before RoPE, bounds
         # the attention logits so higher learning rates stay stable.
         self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm else None
@@ -117,24 +140,15 @@ class Attention(nn.Module):
             q, k = rms_norm(q, self.q_norm, self.norm_eps), rms_norm(k, self.k_norm, self.norm_eps)
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if cache is not None:
-            k, v = cache.update(k, v)  # the whole prefix so far, [B, Hk, S, D]
-        S = k.shape[2]
-        if mask is None and 1 < T < S:
-            # New queries appended to a cached prefix: causal aligned to the end of the keys
-            # (SDPA's is_causal would align to the start).
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        gqa = self.n_kv_heads != self.n_heads
-        if gqa and mask is not None:
-            # SDPA's enable_gqa with a mask falls back to the O(T^2)-memory math kernel; copying
-            # the KV heads keeps the memory-efficient kernel eligible.
-            rep = self.n_heads // self.n_kv_heads
-            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T == S and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            # The whole prefix so far (the cache holds [B, Hk, S, D]).
+            k, v = (t.transpose(1, 2) for t in cache.update(k.transpose(1, 2), v.transpose(1, 2)))
+            S = k.shape[1]
+            if mask is None and 1 < T < S:
+                # New queries appended to a cached prefix: causal aligned to the end of the keys
+                # (SDPA's is_causal would align to the start).
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        return self.wo(self.core(q, k, v, mask).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
