@@ -62,7 +62,7 @@ def validate_tree(obj: Any, source: str, prefix: str = "") -> None:
     try:
         obj.validate()
     except Invalid as exc:
-        raise UserError(f"{source}: {_join(prefix, exc.key)}: {exc.what}") from None
+        raise _named(exc, source, prefix) from None
 
 
 INTERNAL = {"config_key": False}  # field metadata: set by the program, never by a config file
@@ -97,6 +97,10 @@ def _where(source: str, key: str) -> str:
     return f"{source}: {key}" if key else source
 
 
+def _named(exc: Invalid, source: str, prefix: str) -> UserError:
+    return UserError(f"{source}: {_join(prefix, exc.key)}: {exc.what}")
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
@@ -110,7 +114,7 @@ def _build(cls: type, data: Any, prefix: str, source: str, internal: dict[str, A
     try:
         return cls(**values)
     except Invalid as exc:  # a section that checks itself when constructed (LLMConfig)
-        raise UserError(f"{source}: {_join(prefix, exc.key)}: {exc.what}") from None
+        raise _named(exc, source, prefix) from None
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

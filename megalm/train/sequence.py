@@ -11,7 +11,7 @@ import torch.nn as nn
 from megalm.data.batch import IGNORE_INDEX
 from megalm.engine.sequence import UlyssesCore
 from megalm.errors import UserError
-from megalm.models.llm import LLM, document_mask
+from megalm.models.llm import LLM, default_position_ids, document_mask
 
 
 class SequenceParallelLM(nn.Module):
@@ -41,7 +41,7 @@ class SequenceParallelLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            position_ids = default_position_ids(input_ids)
         mask = document_mask(doc_ids) if doc_ids is not None else None
         local_labels = self.local_slice(labels)
         local, total = torch.stack([(local_labels != IGNORE_INDEX).sum(), (labels != IGNORE_INDEX).sum()]).tolist()
