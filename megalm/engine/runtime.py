@@ -79,8 +79,9 @@ def pipeline_module(layers: list[nn.Module], stages: int,
 
 
 def initialize(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
-               lr_scheduler: Callable[[torch.optim.Optimizer], Any], pipeline: bool) -> Any:
-    """deepspeed.initialize; returns the DeepSpeedEngine (or PipelineEngine)."""
+               lr_scheduler: Callable[[torch.optim.Optimizer], Any], pipeline: bool, mpu: Any = None) -> Any:
+    """deepspeed.initialize; returns the DeepSpeedEngine (or PipelineEngine). `mpu`: the process
+    groups of model parallelism (megalm.engine.sequence.SequenceGroups), None for plain DP."""
     # DeepSpeed takes seconds to import: only the code paths that use it pay for it
     import deepspeed
 
@@ -91,7 +92,7 @@ def initialize(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: d
 
         groups.mpu = None
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
-                                           lr_scheduler=lr_scheduler)
+                                           lr_scheduler=lr_scheduler, mpu=mpu)
     return engine
 
 

@@ -7,7 +7,7 @@ unchanged; attention's heads are independent, so around each `AttentionCore` one
 turns the output back. Positions (RoPE, learned) are the global ones, and a document mask is
 built from the whole sequence's document ids.
 
-megalm.train.sequence applies it to an LLM; not a `megalm train` option yet (issue 21).
+megalm.train.sequence applies it to an LLM; `parallel.sequence_parallel` turns it on.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from deepspeed.sequence.layer import DistributedAttention
 
 
 class UlyssesCore(nn.Module):
@@ -24,6 +23,10 @@ class UlyssesCore(nn.Module):
     their local slice)."""
 
     def __init__(self, core: nn.Module, group: dist.ProcessGroup):
+        # DeepSpeed takes seconds to import and fixes its accelerator when imported: config loading
+        # (which reaches this module through the task) must not pay for it
+        from deepspeed.sequence.layer import DistributedAttention
+
         super().__init__()
         self.core = core
         self.full_mask: torch.Tensor | None = None
@@ -35,3 +38,78 @@ class UlyssesCore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.exchange(q, k, v, 0)
+
+
+class SequenceGroups:
+    """The process groups of data × sequence parallelism, in the form DeepSpeed's `mpu` argument
+    takes (its Megatron-style model-parallel unit). Ranks are laid out sequence-innermost, as
+    Megatron does with its context-parallel groups: rank = dp_rank * sp + sp_rank, so a group's
+    all-to-alls stay inside a node when sp divides the GPUs per node.
+
+    DeepSpeed reduces gradients and partitions ZeRO state over the sequence-data-parallel group
+    (every rank here), dividing by the data-parallel size only: the group's loss shares add up."""
+
+    def __init__(self, sp: int):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % sp:
+            raise ValueError(f"world size {world} is not a multiple of sequence_parallel={sp}")
+        self.sp, self.dp = sp, world // sp
+        self.sp_rank, self.dp_rank = rank % sp, rank // sp
+        # new_group is collective: every rank creates every group, in the same order.
+        self.sp_group = self.dp_group = None
+        for d in range(self.dp):
+            g = dist.new_group(list(range(d * sp, (d + 1) * sp)))
+            if d == self.dp_rank:
+                self.sp_group = g
+        for s in range(sp):
+            g = dist.new_group(list(range(s, world, sp)))
+            if s == self.sp_rank:
+                self.dp_group = g
+        self.seq_dp_group = dist.new_group(list(range(world)))
+        # No model parallelism: each rank is its own model-parallel group (DeepSpeed reduces norms
+        # over it).
+        self.mp_group = None
+        for r in range(world):
+            g = dist.new_group([r])
+            if r == rank:
+                self.mp_group = g
+
+    # -- what DeepSpeed asks of an mpu (deepspeed.utils.groups) --------------------------------
+    def get_sequence_parallel_group(self) -> dist.ProcessGroup:
+        return self.sp_group
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.sp
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.sp_rank
+
+    def get_sequence_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.seq_dp_group
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.sp * self.dp
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return dist.get_rank()
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.dp_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(range(self.sp_rank, self.sp * self.dp, self.sp))
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.mp_group

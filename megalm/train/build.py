@@ -16,6 +16,7 @@ from launcher.env import set_accelerator_default
 from megalm.engine.config import to_deepspeed_config
 from megalm.engine.muon import guarded_muon
 from megalm.engine.runtime import before_optimizer_step, clip_with_norm, data_parallel, initialize, pipeline_module
+from megalm.engine.sequence import SequenceGroups
 from megalm.train.config import TrainConfig
 from megalm.train.guard import GuardedAdamW, StepGuard
 from megalm.train.muon import muon_param_groups
@@ -59,6 +60,10 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
     model = task.build_model()
     flops = task.flops_per_token(model)
     pipeline = cfg.parallel.pipeline_stages > 1
+    groups = None
+    if cfg.parallel.sequence_parallel > 1:
+        groups = SequenceGroups(cfg.parallel.sequence_parallel)
+        task.apply_sequence_parallel(model, groups.sp_group)
     module = _stages(cfg, task, model, guard) if pipeline else model
     o = cfg.optimizer
     if o.name == "muon":
@@ -74,9 +79,11 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
               "and less optimizer state", file=sys.stderr, flush=True)
     total = cfg.total_steps()
     engine = initialize(module, optimizer, to_deepspeed_config(cfg, world_size),
-                        lambda opt: LRSchedule(opt, total, o), pipeline)
+                        lambda opt: LRSchedule(opt, total, o), pipeline, mpu=groups)
     if cfg.megalm_grad_norm():
         clip_with_norm(engine.optimizer, lambda: guard.grad_norm)
     if pipeline:  # train_batch runs forward, backward and the optimizer inside DeepSpeed
         before_optimizer_step(engine, guard.decide)
+    if groups is not None:  # the ranks of a sequence-parallel group read the same batches
+        return Built(engine, pipeline, groups.dp_rank, groups.dp, True, flops)
     return Built(engine, pipeline, *data_parallel(engine, world_size, pipeline), flops)

@@ -91,16 +91,30 @@ class BatchSection(Section):
 class ParallelSection(Section):
     zero_stage: int = 1
     pipeline_stages: int = 1
+    # Ulysses (DeepSpeed's DistributedAttention): each rank of a group holds seq_len/N positions of
+    # every sequence; attention exchanges heads for positions (all-to-all). world = DP × N.
+    sequence_parallel: int = 1
     activation_checkpointing: bool = False  # recompute every block in backward (done by the model)
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise Invalid("zero_stage", f"expected 0, 1, 2 or 3, got {self.zero_stage}")
-        positive(self, "pipeline_stages")
+        positive(self, "pipeline_stages", "sequence_parallel")
+        if self.sequence_parallel > 1 and self.pipeline_stages > 1:
+            raise Invalid("sequence_parallel", f"sequence parallelism ({self.sequence_parallel}) cannot be combined "
+                          f"with pipeline_stages={self.pipeline_stages} (DeepSpeed's pipeline engine takes no "
+                          f"sequence-parallel groups); use one of them")
         if self.pipeline_stages > 1 and self.zero_stage > 1:
             raise Invalid("zero_stage", f"ZeRO-{self.zero_stage} cannot be combined with pipeline parallelism "
                           f"(pipeline_stages={self.pipeline_stages}); DeepSpeed allows ZeRO 0 or 1 with pipelines")
+        if self.sequence_parallel > 1 and self.zero_stage == 3:
+            # Its reduce-scatter averages gradients over the sequence-parallel ranks as well, where
+            # ZeRO-1/2 sum them: the group's loss shares would reach Adam as 1/N of the gradient
+            # (checked: tests/distributed/test_sequence_parallel.py).
+            raise Invalid("zero_stage", f"ZeRO-3 cannot be combined with sequence_parallel="
+                          f"{self.sequence_parallel} (DeepSpeed 0.19's ZeRO-3 scales sequence-parallel gradients "
+                          f"by 1/{self.sequence_parallel}); use zero_stage 1 or 2")
         if self.offload_optimizer and self.zero_stage == 0:
             raise Invalid("offload_optimizer", "needs parallel.zero_stage >= 1")
 
@@ -203,8 +217,12 @@ class TrainConfig(Section):
     source: str = field(default="config", metadata=INTERNAL)  # the file, for error messages
 
     # ---- derived -------------------------------------------------------------------------
+    def model_parallel_size(self) -> int:
+        """Ranks that share one data-parallel replica's work (pipeline stages × sequence parallel)."""
+        return self.parallel.pipeline_stages * self.parallel.sequence_parallel
+
     def dp_size(self, world_size: int) -> int:
-        return world_size // self.parallel.pipeline_stages
+        return world_size // self.model_parallel_size()
 
     def grad_accum(self, world_size: int) -> int:
         return self.batch.global_batch // (self.batch.micro_batch * self.dp_size(world_size))
@@ -257,6 +275,16 @@ class TrainConfig(Section):
         if self.lora.enabled and self.optimizer.name == "muon":
             # Muon picks matrices by name and shape: it would take the adapters and the frozen base.
             raise Invalid("optimizer.name", "muon is not supported with lora yet; use adamw")
+        sp = self.parallel.sequence_parallel
+        if sp > 1 and not task_class(self.task).sequence_parallel:
+            raise Invalid("parallel.sequence_parallel", f"task {self.task} does not run sequence-parallel; "
+                          f"expected 1, got {sp}")
+        if sp > 1 and self.optimizer.name == "muon":
+            raise Invalid("optimizer.name", "muon is not supported with parallel.sequence_parallel > 1 yet; "
+                          "use adamw")
+        if self.data.seq_len % sp:
+            raise Invalid("data.seq_len", f"{self.data.seq_len} positions do not split evenly over "
+                          f"parallel.sequence_parallel={sp}")
         o, zero = self.optimizer, self.parallel.zero_stage
         if o.name == "muon" and zero > 0 and o.grad_clip > 0:
             # ZeRO 1-3 write Muon's orthogonalised update into the gradient before DeepSpeed takes
@@ -272,12 +300,11 @@ class TrainConfig(Section):
                             "fp16); use bf16 or fp32 on a CPU-only run")
 
     def validate_world(self, world_size: int) -> None:
-        pp = self.parallel.pipeline_stages
-        if world_size % pp:
-            raise self._err(
-                "parallel.pipeline_stages",
-                f"world size {world_size} is not a multiple of pipeline_stages={pp}",
-            )
+        pp, sp = self.parallel.pipeline_stages, self.parallel.sequence_parallel
+        if world_size % (pp * sp):
+            key = "parallel.pipeline_stages" if sp == 1 else "parallel.sequence_parallel"
+            raise self._err(key, f"world size {world_size} is not a multiple of pipeline_stages × "
+                            f"sequence_parallel ({pp} × {sp})")
         dp, mb = self.dp_size(world_size), self.batch.micro_batch
         if self.batch.global_batch % (mb * dp):
             raise self._err(

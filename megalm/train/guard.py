@@ -38,7 +38,10 @@ class StepGuard:
         self.poison = False  # test hook: this step's losses become NaN (set by the loop)
         self._sum: torch.Tensor | None = None  # device: sum of finite micro-batch losses
         self._nonfinite: torch.Tensor | None = None  # device: count of non-finite ones
-        self._count = 0
+        self._count = 0.0
+        # Ranks whose recorded losses are shares of one micro batch's loss (sequence parallelism):
+        # each counts 1/shares of a micro batch, so the reduced mean is per micro batch.
+        self.loss_shares = 1
         self.pending_signal = 0  # set from a signal handler; folded into the next decision
         self.stop_signal = 0  # the reduced decision: a signal number any rank received, or 0
         self.last_loss = float("nan")
@@ -52,7 +55,7 @@ class StepGuard:
         self.begun = False  # a training step has begun (before: the engine is still being built)
 
     def begin_step(self, poison: bool = False, step: int = 0) -> None:
-        self._sum, self._nonfinite, self._count = None, None, 0
+        self._sum, self._nonfinite, self._count = None, None, 0.0
         self.step = step
         if self.watch is not None:  # from here until the reduction returns, peers are awaited
             self.watch.arrive(step)
@@ -73,7 +76,7 @@ class StepGuard:
         bad = (~finite).to(torch.float64)
         self._sum = part if self._sum is None else self._sum + part
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
-        self._count += 1
+        self._count += 1 / self.loss_shares
         return loss
 
     def _reduced(self, grad_sumsq: torch.Tensor | None) -> list[float]:
@@ -82,7 +85,7 @@ class StepGuard:
         sumsq = [] if grad_sumsq is None else [grad_sumsq.to(self.device, torch.float64).reshape(())]
         t = torch.stack([
             zero if self._sum is None else self._sum.to(self.device).reshape(()),
-            zero + float(self._count),
+            zero + self._count,
             zero if self._nonfinite is None else self._nonfinite.to(self.device).reshape(()),
             *(zero + f for f in flags),
             *sumsq,

@@ -63,6 +63,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, task: Task, *, rank: int, world_size: int):
         self.cfg, self.task, self.rank, self.world = cfg, task, rank, world_size
         self.guard = StepGuard(cfg.bad_steps, stop_signals=STOP_SIGNALS)
+        self.guard.loss_shares = cfg.parallel.sequence_parallel
         self.stops = StopRequests(self.guard, rank)
         self.b = build(cfg, task, self.guard, world_size)
         self.engine = self.b.engine
@@ -245,9 +246,9 @@ class Trainer:
                         sums[k, 0] += self.engine.eval_batch(iter(chunk)).detach().double() * gas  # DP-averaged
                         sums[k, 1] += gas
                 else:
-                    for mb in micro:
+                    for mb in micro:  # a sequence-parallel rank's loss is its share of the micro batch's
                         sums[k, 0] += self.task.loss(self.engine, mb).detach().double()
-                        sums[k, 1] += 1
+                        sums[k, 1] += 1 / self.cfg.parallel.sequence_parallel
         finally:
             self.engine.train()
             self.guard.recording = True

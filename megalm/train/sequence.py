@@ -1,34 +1,48 @@
-"""A plain LLM trained with Ulysses sequence parallelism (megalm.engine.sequence): its attention
-cores are swapped from outside, the model itself is unchanged. Exact against one rank
-(tests/train/test_sequence.py); not a `megalm train` option yet (issue 21)."""
+"""A plain LLM trained with Ulysses sequence parallelism (megalm.engine.sequence), applied from
+outside and in place: the attention cores are swapped and two forward hooks slice the micro batch,
+so the module, its parameter names and its checkpoints stay those of the plain model (a run saved
+at sequence_parallel=2 resumes, samples and exports like any other). Exact against one rank
+(tests/train/test_sequence.py, tests/train/test_sequence_train.py)."""
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from megalm.data.batch import IGNORE_INDEX
 from megalm.engine.sequence import UlyssesCore
 from megalm.errors import UserError
 from megalm.models.llm import LLM, default_position_ids, document_mask
 
+_FORWARD = inspect.signature(LLM.forward)
 
-class SequenceParallelLM(nn.Module):
-    """`model` with its attention cores exchanged over `group`. forward takes the whole micro batch
-    (every rank of the group the same) and returns this rank's share of the mean loss: the shares
-    of the group add up to the one-rank loss, and so do their gradients."""
+
+def check_heads(n_heads: int, n_kv_heads: int, sp: int) -> None:
+    """Each rank attends over heads/sp whole heads: both head counts must split evenly."""
+    if n_kv_heads % sp or n_heads % sp:
+        raise UserError(f"parallel.sequence_parallel: {sp} must divide model.n_heads ({n_heads}) and "
+                        f"model.n_kv_heads ({n_kv_heads})")
+
+
+class SequenceParallel:
+    """Applied to `model` over `group`: model(...) then takes the whole micro batch (every rank of
+    the group the same) and returns this rank's share of the mean loss. The shares of the group
+    add up to the one-rank loss, and so do their gradients; DeepSpeed's reduction over the
+    sequence-data-parallel group sums them (it divides by the data-parallel size only)."""
 
     def __init__(self, model: LLM, group: dist.ProcessGroup):
-        super().__init__()
         c, sp = model.config, dist.get_world_size(group)
-        if c.n_kv_heads % sp or c.n_heads % sp:
-            raise UserError(f"parallel.sequence_parallel: {sp} must divide model.n_heads ({c.n_heads}) and "
-                            f"model.n_kv_heads ({c.n_kv_heads})")
+        check_heads(c.n_heads, c.n_kv_heads, sp)
         self.model, self.group, self.sp, self.rank = model, group, sp, dist.get_rank(group)
         self.cores = [UlyssesCore(block.attention.core, group) for block in model.layers]
         for block, core in zip(model.layers, self.cores):
             block.attention.core = core
+        self._share: torch.Tensor | None = None
+        model.register_forward_pre_hook(self._slice, with_kwargs=True)
+        model.register_forward_hook(self._weigh)
 
     def local_slice(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's positions of a [B, T, ...] tensor."""
@@ -38,24 +52,33 @@ class SequenceParallelLM(nn.Module):
         n = T // self.sp
         return t[:, self.rank * n:(self.rank + 1) * n]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _slice(self, module: LLM, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        a = _FORWARD.bind(module, *args, **kwargs).arguments
+        input_ids, labels = a["input_ids"], a.get("labels")
+        position_ids = a.get("position_ids")
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
+        doc_ids = a.get("doc_ids")
         mask = document_mask(doc_ids) if doc_ids is not None else None
-        local_labels = self.local_slice(labels)
-        local, total = torch.stack([(local_labels != IGNORE_INDEX).sum(), (labels != IGNORE_INDEX).sum()]).tolist()
-        if local == 0:
-            # Still a loss with a backward: the group's ranks meet in each exchange's backward too.
-            local_labels = local_labels.clone()
-            local_labels[0, 0] = 0
         for core in self.cores:
             core.full_mask = mask
-        try:
-            loss = self.model(self.local_slice(input_ids), self.local_slice(position_ids), None, local_labels)
-        finally:
-            for core in self.cores:
-                core.full_mask = None
-        # The model's loss is the mean over this slice's targets; weighted by the slice's share of
-        # the micro batch's targets, the group's shares add up to the whole-sequence mean.
-        return loss * (local / max(total, 1))
+        self._share = None
+        if labels is not None:
+            local_labels = self.local_slice(labels)
+            local = (local_labels != IGNORE_INDEX).sum()
+            total = (labels != IGNORE_INDEX).sum().clamp(min=1)
+            # A slice without targets still needs a loss with a backward: the group's ranks meet
+            # in each exchange's backward too. A dummy target, weighted 0 below (no host read).
+            local_labels = local_labels.clone()
+            local_labels[0, 0] = torch.where(local == 0, torch.zeros_like(local_labels[0, 0]), local_labels[0, 0])
+            # The model's loss is the mean over this slice's targets; weighted by the slice's share
+            # of the micro batch's targets, the group's shares add up to the whole-sequence mean.
+            self._share = local / total
+            labels = local_labels
+        return (self.local_slice(input_ids), self.local_slice(position_ids), None, labels), {}
+
+    def _weigh(self, module: LLM, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        for core in self.cores:
+            core.full_mask = None
+        share, self._share = self._share, None
+        return output if share is None else output * share.to(output.dtype)

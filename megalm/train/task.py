@@ -26,6 +26,7 @@ from megalm.models.pipeline import pipeline_layers
 from megalm.models.presets import load_preset
 from megalm.train.config import TrainConfig, task_class
 from megalm.train.init_from import load_init_weights
+from megalm.train.sequence import SequenceParallel, check_heads
 
 Batch = dict[str, torch.Tensor]
 
@@ -80,6 +81,7 @@ class Task(abc.ABC):
     # The dataclass whose fields the `model:` section may set (besides `preset`), checked when the
     # config loads; None leaves the section to the task.
     model_config_class: ClassVar[type | None] = None
+    sequence_parallel: ClassVar[bool] = False  # apply_sequence_parallel is implemented
 
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
@@ -119,6 +121,11 @@ class Task(abc.ABC):
         """The hook the loop calls around steps and checkpoints (built once the engine exists)."""
         return TaskHook()
 
+    def apply_sequence_parallel(self, model: nn.Module, group: Any) -> None:
+        """Make `model` (in place, parameter names unchanged) take whole micro batches and return
+        this rank's share of the loss over the sequence-parallel process group `group`."""
+        raise UserError(f"parallel.sequence_parallel: task {self.name} does not run sequence-parallel")
+
     # Pipeline parallelism: the model as a layer list, the loss on the last stage's output, and how
     # a micro batch splits into (first-stage inputs, last-stage labels). A task without these
     # refuses parallel.pipeline_stages > 1 when it is built.
@@ -142,6 +149,7 @@ class LMTask(Task):
 
     name = "lm"
     model_config_class = LLMConfig
+    sequence_parallel = True
     shard_kind = "text"  # the manifest `kind` this task reads
 
     def __init__(self, cfg: TrainConfig):
@@ -172,6 +180,12 @@ class LMTask(Task):
             raise UserError(f"{self.cfg.source}: parallel.pipeline_stages: {stages} stages for a model of "
                             f"{layers} pipeline layers (embedding, {mc.n_layers} blocks, head); expected at most "
                             f"{layers}")
+        sp = self.cfg.parallel.sequence_parallel
+        if sp > 1:
+            try:
+                check_heads(mc.n_heads, mc.n_kv_heads, sp)
+            except UserError as exc:
+                raise UserError(f"{self.cfg.source}: {exc}") from None
         if self.cfg.data.seq_len > mc.max_seq_len:
             if mc.positions == "learned" or "max_seq_len" in fields:
                 raise UserError(f"{self.cfg.source}: data.seq_len: {self.cfg.data.seq_len} exceeds "
@@ -201,6 +215,9 @@ class LMTask(Task):
 
     def flops_per_token(self, model: nn.Module) -> int:
         return int(model.flops_per_token(self.cfg.data.seq_len))
+
+    def apply_sequence_parallel(self, model: nn.Module, group: Any) -> None:
+        SequenceParallel(model, group)
 
     def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
         return pipeline_layers(model, fused_loss=True)

@@ -159,3 +159,36 @@ def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str,
     out["evalfail_tags"] = published_tags(os.path.abspath("runs/evalfail/checkpoints"))
     gc.collect()
     return out
+
+
+SEQUENCE_MODES: dict[str, list[str]] = {
+    "sp2-zero1": ["parallel.zero_stage=1", "parallel.sequence_parallel=2"],
+    "sp2-zero2": ["parallel.zero_stage=2", "parallel.sequence_parallel=2"],
+    "sp2-zero1-bf16": ["parallel.zero_stage=1", "parallel.sequence_parallel=2", "precision.dtype=bf16"],
+}
+SEQUENCE_MODEL = ["model.n_kv_heads=2"]  # both head counts split over 2 sequence-parallel ranks
+
+
+def sequence_parallel(workdir: str, shards: str, modes: list[str], handover: bool = True) -> dict[str, Any]:
+    """Per mode: 4 straight steps, and 2 steps + a new engine resuming + 2 steps; then (`handover`)
+    a sequence-parallel checkpoint resumed as plain data parallelism (sequence_parallel=1)."""
+    os.chdir(workdir)
+    out: dict[str, Any] = {}
+    for mode in modes:
+        base = small_overrides(shards, f"{mode}-straight") + SEQUENCE_MODEL + SEQUENCE_MODES[mode]
+        straight = train(base, extra=lambda t: {"guard_reductions": t.guard.reductions,
+                                                "dp": [t.b.dp_rank, t.b.dp_world]})
+        split = small_overrides(shards, f"{mode}-split") + SEQUENCE_MODEL + SEQUENCE_MODES[mode]
+        first = train(split + ["debug.max_steps_this_run=2"])
+        second = train(split)
+        out[mode] = {"straight": straight, "first": first, "second": second,
+                     "straight_losses": [r["loss"] for r in train_records(straight["run_dir"])],
+                     "split_losses": [r["loss"] for r in train_records(second["run_dir"])]}
+    if not handover:
+        return out
+    first = train(small_overrides(shards, "sp-then-dp") + SEQUENCE_MODEL + SEQUENCE_MODES["sp2-zero1"]
+                  + ["debug.max_steps_this_run=2"])
+    second = train(small_overrides(shards, "sp-then-dp") + SEQUENCE_MODEL + ["parallel.zero_stage=1"])
+    out["sp_then_dp"] = {"first": first, "second": second,
+                         "losses": [r["loss"] for r in train_records(second["run_dir"])]}
+    return out

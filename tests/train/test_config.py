@@ -71,6 +71,34 @@ def test_zero2_with_pipeline_is_rejected():
     assert "pipeline" in error_of("parallel.pipeline_stages=2", world_size=3)
 
 
+@pytest.mark.parametrize("overrides, world, expected", [
+    (["parallel.sequence_parallel=2", "parallel.pipeline_stages=2"], None,
+     "config: parallel.sequence_parallel: sequence parallelism (2) cannot be combined with pipeline_stages=2 "
+     "(DeepSpeed's pipeline engine takes no sequence-parallel groups); use one of them"),
+    (["parallel.sequence_parallel=2", "parallel.zero_stage=3"], None,
+     "config: parallel.zero_stage: ZeRO-3 cannot be combined with sequence_parallel=2 (DeepSpeed 0.19's ZeRO-3 "
+     "scales sequence-parallel gradients by 1/2); use zero_stage 1 or 2"),
+    (["parallel.sequence_parallel=0"], None, "config: parallel.sequence_parallel: expected a positive number, got 0"),
+    (["parallel.sequence_parallel=3", "data.seq_len=64"], None,
+     "config: data.seq_len: 64 positions do not split evenly over parallel.sequence_parallel=3"),
+    (["parallel.sequence_parallel=2", "task=diffusion"], None,
+     "config: parallel.sequence_parallel: task diffusion does not run sequence-parallel; expected 1, got 2"),
+    (["parallel.sequence_parallel=2", "optimizer.name=muon", "optimizer.grad_clip=0"], None,
+     "config: optimizer.name: muon is not supported with parallel.sequence_parallel > 1 yet; use adamw"),
+    (["parallel.sequence_parallel=4"], 6,
+     "config: parallel.sequence_parallel: world size 6 is not a multiple of pipeline_stages × sequence_parallel "
+     "(1 × 4)"),
+])
+def test_impossible_sequence_parallel_layouts_are_refused(overrides, world, expected):
+    assert error_of(*overrides, world_size=world) == expected
+
+
+def test_sequence_parallel_shares_the_data_parallel_batch():
+    cfg = cfg_of("parallel.sequence_parallel=2", "batch.micro_batch=2", "batch.global_batch=8", world_size=4)
+    assert cfg.dp_size(4) == 2 and cfg.grad_accum(4) == 2
+    assert to_deepspeed_config(cfg, 4)["gradient_accumulation_steps"] == 2
+
+
 def test_raw_deepspeed_overrides_never_replace_what_megalm_sets():
     msg = error_of("deepspeed={train_batch_size: 64}", world_size=1)
     assert "deepspeed.train_batch_size" in msg and "set batch.global_batch instead" in msg

@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism (megalm.train.sequence) on 2 real gloo ranks: the group's loss shares and gradients add up
+"""Ulysses sequence parallelism (megalm.train.sequence, applied in place) on 2 real gloo ranks: the group's loss shares and gradients add up
 to the one-rank model's (fp64; bound 1e-10, reduction-order error only), with document masks,
 grouped KV heads and a slice that holds no target."""
 
@@ -41,12 +41,12 @@ def _worker(rank: int, world: int, port: int, case: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     from megalm.engine.runtime import init_distributed
-    from megalm.train.sequence import SequenceParallelLM
+    from megalm.train.sequence import SequenceParallel
 
     init_distributed()
     if case == "indivisible":  # 1 KV head cannot be split over 2 ranks: refused before any exchange
         try:
-            SequenceParallelLM(LLM(LLMConfig(**dict(CONFIG, n_kv_heads=1))), dist.group.WORLD)
+            SequenceParallel(LLM(LLMConfig(**dict(CONFIG, n_kv_heads=1))), dist.group.WORLD)
             error = ""
         except UserError as exc:
             error = str(exc)
@@ -58,9 +58,10 @@ def _worker(rank: int, world: int, port: int, case: str, out: str) -> None:
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    sp = SequenceParallelLM(copy.deepcopy(model), dist.group.WORLD)
+    sp = SequenceParallel(copy.deepcopy(model), dist.group.WORLD)
     sp.model.zero_grad(set_to_none=True)
-    share = sp(batch["input_ids"], batch["labels"], batch.get("position_ids"), batch.get("doc_ids"))
+    share = sp.model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                     doc_ids=batch.get("doc_ids"))
     share.backward()
     loss = share.detach().clone()
     dist.all_reduce(loss)
@@ -69,7 +70,9 @@ def _worker(rank: int, world: int, port: int, case: str, out: str) -> None:
         g = p.grad.clone()
         dist.all_reduce(g)
         worst = max(worst, (g - ref_grads[n]).abs().max().item())
-    _finish(out, rank, {"loss": loss.item(), "ref": ref.item(), "grad_err": worst, "share": share.item()})
+    names = [n for n, _ in sp.model.named_parameters()] == [n for n, _ in model.named_parameters()]
+    _finish(out, rank, {"loss": loss.item(), "ref": ref.item(), "grad_err": worst, "share": share.item(),
+                        "same_names": names})
 
 
 def _finish(out: str, rank: int, result: dict) -> None:
@@ -90,6 +93,7 @@ def test_two_ranks_give_the_one_rank_loss_and_gradients(tmp_path, case):
     for k in range(2):
         assert abs(r[k]["loss"] - r[k]["ref"]) < 1e-10, r
         assert r[k]["grad_err"] < 1e-10, r
+        assert r[k]["same_names"], "applied in place: the parameter names stay the plain model's"
     if case == "empty_slice":
         assert r[1]["share"] == 0.0 and r[0]["share"] > 0
 
