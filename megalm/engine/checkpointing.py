@@ -36,8 +36,13 @@ class DeepSpeedCheckpointManager(CheckpointManager):
     def dp_size(self, engine) -> int:
         return int(getattr(engine, "seq_dp_world_size", None) or engine.dp_world_size)
 
+    @staticmethod
+    def tp_size(engine) -> int:
+        return int(getattr(engine, "mp_world_size", 1) or 1)  # AutoTP: the model-parallel size is TP's
+
     def layout(self, engine) -> dict[str, Any]:
-        return {"dp_world_size": self.dp_size(engine), "zero_stage": int(engine.zero_optimization_stage()),
+        return {"dp_world_size": self.dp_size(engine), "tensor_parallel": self.tp_size(engine),
+                "zero_stage": int(engine.zero_optimization_stage()),
                 "pipeline_stages": int(getattr(engine, "num_stages", 1)),
                 "deepspeed_version": metadata.version("deepspeed")}
 
@@ -63,8 +68,11 @@ class DeepSpeedCheckpointManager(CheckpointManager):
     def write_states(self, engine, root: str, state: dict, files: dict[str, bytes], async_save: bool
                      ) -> tuple[MegalmCheckpointEngine, list[FileEntry], Pending, list[WriteError]]:
         ce = self._install(engine)
-        # Kept at the top level of the model-states file: ds_to_universal asserts it is there.
-        state = {**state, UNIVERSAL_INFO_KEY: dict(UNIVERSAL_INFO)}
+        # Kept at the top level of the model-states file: ds_to_universal asserts it is there. Under
+        # tensor parallelism AutoTP's schema (which slices merge how) must be the one saved: the
+        # client state is written over DeepSpeed's own entry.
+        tp_info = getattr(getattr(engine, "module", None), UNIVERSAL_INFO_KEY, None)
+        state = {**state, UNIVERSAL_INFO_KEY: dict(tp_info) if tp_info else dict(UNIVERSAL_INFO)}
         ce.begin(root, async_save)
         # DeepSpeed (rank 0, ZeRO saves) copies its consolidation scripts into the directory it is
         # given, i.e. our root, on every save, non-atomically and outside any manifest. Send them
@@ -92,7 +100,8 @@ class DeepSpeedCheckpointManager(CheckpointManager):
 
     def read_states(self, engine, tag: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
         self._install(engine)
-        load_dir, universal = self.dir, layout.conversion_needed(manifest, self.dp_size(engine))
+        load_dir, universal = self.dir, layout.conversion_needed(manifest, self.dp_size(engine),
+                                                                             self.tp_size(engine))
         if universal:
             status = None
             if self.rank == 0:

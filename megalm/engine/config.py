@@ -45,10 +45,16 @@ def to_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
             "loss_scale": prec.loss_scale,
             "initial_scale_power": prec.initial_scale_power,
         }
+    for key, owner in _PARALLELISM.items():  # set by megalm when it builds the engine, never raw
+        if key in cfg.deepspeed:
+            raise cfg._err(f"deepspeed.{key}", f"megalm sets this itself (from {owner}); set {owner} instead")
     _refuse_overrides(cfg, ds, cfg.deepspeed)
     return _merge(ds, cfg.deepspeed)
 
 
+# DeepSpeed's model-parallel keys: megalm builds the groups (and AutoTP's plan) itself.
+_PARALLELISM = {"tensor_parallel": "parallel.tensor_parallel", "sequence_parallel_size": "parallel.sequence_parallel",
+                "data_parallel_size": "parallel.tensor_parallel or parallel.sequence_parallel"}
 # DeepSpeed keys megalm writes -> the megalm key that sets them (others: megalm's own choice).
 _OWNERS = {"train_micro_batch_size_per_gpu": "batch.micro_batch", "gradient_accumulation_steps": "batch.global_batch",
            "train_batch_size": "batch.global_batch", "gradient_clipping": "optimizer.grad_clip",

@@ -16,6 +16,8 @@ Layouts:
   flattened parameter padded to a multiple of the DP size (p = ceil(numel / dp)), and those
   pieces lie back to back in the rank's `fp32_flat_groups` (concatenated across groups).
 - Pipeline: one `layer_NN-model_states.pt` per layer of the model's pipeline layer list.
+- Tensor parallelism: each of the above per TP rank (`mp_rank_NN` in the names), each holding its
+  slice of the split weights; the client state's `tensor_parallel` plan says which and along what.
 Parameters frozen during training (LoRA's base weights) come from `frozen_param_fragments`; a
 parameter stored once under two names (a tied head) is `shared_params`' second name.
 
@@ -41,11 +43,12 @@ from megalm.checkpoint.layout import CLIENT_KEYS
 from megalm.checkpoint.reader import CheckpointReader
 from megalm.checkpoint.reader import resolve as resolve_with
 from megalm.checkpoint.unpickle import check_dir, safe_load
+from megalm.engine.tensor import merge_items, split_dim
 from megalm.errors import UserError
 
 Item = tuple[str, torch.Tensor]
 MODEL_STATES = "mp_rank_00_model_states.pt"  # holds the client state (non-pipeline; ZeRO-3: rank 0's copy)
-_RANK_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_(model|optim)_states\.pt$")
+_RANK_RE = r"zero_pp_rank_(\d+)_mp_rank_{mp:02d}_(model|optim)_states\.pt$"
 PipelineMap = list[tuple[str, str, str]]  # (layer file, name inside it, plain model name)
 
 
@@ -127,13 +130,19 @@ class StateTensors:
     `pipeline`: for a pipeline checkpoint, a callable giving its PipelineMap (the model's layer list)."""
 
     def __init__(self, tag_dir: str, meta: dict[str, Any], release_bytes: int = 128 << 20,
-                 pipeline: Callable[[], PipelineMap] | None = None):
+                 pipeline: Callable[[], PipelineMap] | None = None, mp_rank: int | None = None):
         self.tag_dir = tag_dir
         self.meta = meta
         self.release_bytes = release_bytes
         self._pipeline = pipeline
         self._files: dict[str, Any] = {}
         self._touched = 0
+        # Tensor parallelism: one reader per TP rank's files (`mp_rank`), their slices put together
+        # by the plan the trainer saved (megalm.engine.tensor.split_dim).
+        self.tp_plan = meta.get("tensor_parallel") if mp_rank is None else None
+        self.mp_rank = mp_rank or 0
+        self._parts = [StateTensors(tag_dir, meta, max(1, release_bytes // self.tp_plan["size"]), pipeline, m)
+                       for m in range(self.tp_plan["size"])] if self.tp_plan else []
         parallel = meta.get("config", {}).get("parallel", {})
         if parallel.get("pipeline_stages", 1) > 1:
             self.layout = "pipeline"
@@ -162,8 +171,8 @@ class StateTensors:
 
     def _model_states_name(self) -> str:
         if self.layout == "zero3":
-            return "zero_pp_rank_0_mp_rank_00_model_states.pt"
-        return MODEL_STATES
+            return f"zero_pp_rank_0_mp_rank_{self.mp_rank:02d}_model_states.pt"
+        return f"mp_rank_{self.mp_rank:02d}_model_states.pt"
 
     def _states(self) -> dict[str, Any]:
         return self._load(self._model_states_name())
@@ -171,7 +180,7 @@ class StateTensors:
     def _rank_files(self, kind: str) -> list[str]:
         found = {}
         for path in glob.glob(os.path.join(self.tag_dir, f"*_{kind}_states.pt")):
-            match = _RANK_RE.search(os.path.basename(path))
+            match = re.search(_RANK_RE.format(mp=self.mp_rank), os.path.basename(path))
             if match:
                 found[int(match.group(1))] = os.path.basename(path)
         if sorted(found) != list(range(len(found))) or not found:
@@ -190,6 +199,9 @@ class StateTensors:
     def items(self) -> Iterator[Item]:
         """(name, tensor) in the model's state-dict order, contiguous, in the stored (master)
         dtype. A tensor may be a view of the memory-mapped file: copy it before changing it."""
+        if self._parts:
+            yield from merge_items([part.items() for part in self._parts], self.tp_plan)
+            return
         reads = {"zero0": self._zero0_items, "zero12": self._zero12_items, "zero3": self._zero3_items,
                  "pipeline": self._pipeline_items}[self.layout]
         try:
@@ -209,6 +221,8 @@ class StateTensors:
         """State-dict names in order, without reading any tensor data."""
         if self.layout == "pipeline":
             return [plain for _, _, plain in self._pipeline()]
+        if self._parts:
+            return self._parts[0].names()
         states = self._states()
         return list(states["module"].keys()) if states.get("module") else \
             [n for group in states["param_shapes"] for n in group]
@@ -218,6 +232,12 @@ class StateTensors:
         merge folds away), from the files' shape records (no data read)."""
         if self.layout == "pipeline":
             return sum(self._load(f)[local].numel() for f, local, name in self._pipeline() if not skip(name))
+        if self._parts:  # split tensors: every rank's slice; whole ones: rank 0's copy
+            def split(name: str) -> bool:
+                return split_dim(name, self.tp_plan) is not None
+
+            return (sum(p.numel(lambda n: skip(n) or not split(n)) for p in self._parts)
+                    + self._parts[0].numel(lambda n: skip(n) or split(n)))
         states = self._states()
         if self.layout == "zero3":
             shapes = {n: s for group in states["param_shapes"] for n, s in group.items()}
@@ -328,9 +348,17 @@ def has_partitioned_optimizer(manifest: dict[str, Any]) -> bool:
     return any(f["path"].endswith("optim_states.pt") for f in manifest["files"])
 
 
-def conversion_needed(manifest: dict[str, Any], dp_world_size: int) -> bool:
-    """A checkpoint whose optimizer state is split per DP rank, loaded on another DP size."""
-    return has_partitioned_optimizer(manifest) and int(manifest["dp_world_size"]) != dp_world_size
+def conversion_needed(manifest: dict[str, Any], dp_world_size: int, tensor_parallel: int = 1) -> bool:
+    """A checkpoint whose optimizer state is split per DP rank, loaded on another DP size or
+    tensor-parallel size (DeepSpeed's universal form merges AutoTP's slices too). A ZeRO-0
+    checkpoint saved with tensor parallelism cannot change its TP size (nothing converts it)."""
+    saved_tp = int(manifest.get("tensor_parallel", 1))
+    if saved_tp != tensor_parallel and not has_partitioned_optimizer(manifest):
+        raise UserError(f"parallel.tensor_parallel: a ZeRO-0 checkpoint saved with tensor_parallel={saved_tp} resumes "
+                        f"only at tensor_parallel={saved_tp}, got {tensor_parallel} (ZeRO 1-3 checkpoints change "
+                        f"the TP size through universal conversion)")
+    return has_partitioned_optimizer(manifest) and (int(manifest["dp_world_size"]) != dp_world_size
+                                                    or saved_tp != tensor_parallel)
 
 
 def weights(tag_dir: str, meta: dict[str, Any], model: nn.Module,

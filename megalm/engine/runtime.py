@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from launcher.diagnose import install_stack_dump
 from launcher.env import discover, set_accelerator_default
+from megalm.engine.tensor import reset_tensor_groups
 from megalm.engine.version import check_deepspeed
 
 
@@ -91,6 +92,8 @@ def initialize(module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: d
         from deepspeed.utils import groups
 
         groups.mpu = None
+        if mpu is not groups:  # an engine without tensor parallelism after one with it
+            reset_tensor_groups()
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=lr_scheduler, mpu=mpu)
     return engine

@@ -71,7 +71,7 @@ def ensure_universal(ckpt_dir: str, tag: str) -> str:
     os.makedirs(work)
     # ds_to_universal also writes `latest_universal` next to its output: keep that inside `work`.
     out = os.path.join(work, tag)
-    print(f"converting checkpoint {source} to a universal checkpoint (DP size changed)", file=sys.stderr,
+    print(f"converting checkpoint {source} to a universal checkpoint (data- or tensor-parallel size changed)", file=sys.stderr,
           flush=True)
     _convert(prepare_source(source, work), out)  # Muon's momentum rides as Adam's exp_avg
     complete_directory(out, [], {"source_tag": tag, "source_marker": source_marker})

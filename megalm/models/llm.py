@@ -131,9 +131,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
                 cache=None, ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # Heads by what the projections return: under tensor parallelism a rank holds a slice of them.
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         if self.ve_lambdas is not None:
             v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
         if self.q_norm is not None:
@@ -148,7 +149,7 @@ class Attention(nn.Module):
                 # New queries appended to a cached prefix: causal aligned to the end of the keys
                 # (SDPA's is_causal would align to the start).
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        return self.wo(self.core(q, k, v, mask).reshape(B, T, self.n_heads * self.head_dim))
+        return self.wo(self.core(q, k, v, mask).reshape(B, T, -1))
 
 
 class MLP(nn.Module):

@@ -17,6 +17,7 @@ from megalm.engine.config import to_deepspeed_config
 from megalm.engine.muon import guarded_muon
 from megalm.engine.runtime import before_optimizer_step, clip_with_norm, data_parallel, initialize, pipeline_module
 from megalm.engine.sequence import SequenceGroups
+from megalm.engine.tensor import autotp_config, tensor_groups
 from megalm.train.config import TrainConfig
 from megalm.train.guard import GuardedAdamW, StepGuard
 from megalm.train.muon import muon_param_groups
@@ -32,6 +33,7 @@ class Built:
     dp_world: int
     is_first_stage: bool
     flops_per_token: int  # model FLOPs per trained token (computed before ZeRO-3 partitions params)
+    tp_plan: dict[str, Any] | None = None  # tensor parallelism: which weights are split how (checkpoints)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -60,10 +62,16 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
     model = task.build_model()
     flops = task.flops_per_token(model)
     pipeline = cfg.parallel.pipeline_stages > 1
-    groups = None
+    ds_config = to_deepspeed_config(cfg, world_size)
+    mpu: Any = None  # the model-parallel groups handed to DeepSpeed
+    tp_plan = None
     if cfg.parallel.sequence_parallel > 1:
-        groups = SequenceGroups(cfg.parallel.sequence_parallel)
-        task.apply_sequence_parallel(model, groups.sp_group)
+        mpu = SequenceGroups(cfg.parallel.sequence_parallel)
+        task.apply_sequence_parallel(model, mpu.sp_group)
+    elif cfg.parallel.tensor_parallel > 1:  # DeepSpeed splits the model inside initialize
+        mpu = tensor_groups(cfg.parallel.tensor_parallel)
+        tp_plan = task.tensor_parallel_plan()
+        ds_config["tensor_parallel"] = autotp_config(tp_plan)
     module = _stages(cfg, task, model, guard) if pipeline else model
     o = cfg.optimizer
     if o.name == "muon":
@@ -78,12 +86,12 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
               "benchmarks/opcount_cpu.py); parallel.zero_stage=1 holds the same weights and gradients per GPU "
               "and less optimizer state", file=sys.stderr, flush=True)
     total = cfg.total_steps()
-    engine = initialize(module, optimizer, to_deepspeed_config(cfg, world_size),
-                        lambda opt: LRSchedule(opt, total, o), pipeline, mpu=groups)
+    engine = initialize(module, optimizer, ds_config, lambda opt: LRSchedule(opt, total, o), pipeline, mpu=mpu)
     if cfg.megalm_grad_norm():
         clip_with_norm(engine.optimizer, lambda: guard.grad_norm)
     if pipeline:  # train_batch runs forward, backward and the optimizer inside DeepSpeed
         before_optimizer_step(engine, guard.decide)
-    if groups is not None:  # the ranks of a sequence-parallel group read the same batches
-        return Built(engine, pipeline, groups.dp_rank, groups.dp, True, flops)
+    if mpu is not None:  # the ranks of a sequence- or tensor-parallel group read the same batches
+        return Built(engine, pipeline, mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size(), True, flops,
+                     tp_plan)
     return Built(engine, pipeline, *data_parallel(engine, world_size, pipeline), flops)

@@ -94,13 +94,24 @@ class ParallelSection(Section):
     # Ulysses (DeepSpeed's DistributedAttention): each rank of a group holds seq_len/N positions of
     # every sequence; attention exchanges heads for positions (all-to-all). world = DP × N.
     sequence_parallel: int = 1
+    # Megatron-style tensor parallelism by DeepSpeed AutoTP: the attention and MLP matrices of each
+    # block are split over N ranks (column then row, one all-reduce each in forward and backward).
+    tensor_parallel: int = 1
     activation_checkpointing: bool = False  # recompute every block in backward (done by the model)
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise Invalid("zero_stage", f"expected 0, 1, 2 or 3, got {self.zero_stage}")
-        positive(self, "pipeline_stages", "sequence_parallel")
+        positive(self, "pipeline_stages", "sequence_parallel", "tensor_parallel")
+        if self.tensor_parallel > 1 and self.sequence_parallel > 1:
+            raise Invalid("tensor_parallel", f"tensor_parallel={self.tensor_parallel} cannot be combined with "
+                          f"sequence_parallel={self.sequence_parallel} (DeepSpeed 0.19's AutoTP replaces the "
+                          f"model-parallel groups with its own data × tensor ones); use one of them")
+        if self.tensor_parallel > 1 and self.pipeline_stages > 1:
+            raise Invalid("tensor_parallel", f"tensor_parallel={self.tensor_parallel} cannot be combined with "
+                          f"pipeline_stages={self.pipeline_stages} (DeepSpeed's pipeline engine builds its own "
+                          f"model-parallel grid); use one of them")
         if self.sequence_parallel > 1 and self.pipeline_stages > 1:
             raise Invalid("sequence_parallel", f"sequence parallelism ({self.sequence_parallel}) cannot be combined "
                           f"with pipeline_stages={self.pipeline_stages} (DeepSpeed's pipeline engine takes no "
@@ -218,8 +229,9 @@ class TrainConfig(Section):
 
     # ---- derived -------------------------------------------------------------------------
     def model_parallel_size(self) -> int:
-        """Ranks that share one data-parallel replica's work (pipeline stages × sequence parallel)."""
-        return self.parallel.pipeline_stages * self.parallel.sequence_parallel
+        """Ranks that share one data-parallel replica's work (pipeline × sequence × tensor parallel)."""
+        p = self.parallel
+        return p.pipeline_stages * p.sequence_parallel * p.tensor_parallel
 
     def dp_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size()
@@ -234,7 +246,10 @@ class TrainConfig(Section):
         megalm takes one multi-tensor norm over the reduced partition gradients, folded into the
         step's one reduction, and DeepSpeed clips with it."""
         p = self.parallel
+        # Under tensor parallelism the replicated parameters' gradients lie on every TP rank; summing
+        # the ranks' shares would count them N times. DeepSpeed's own norm knows which are split.
         return (p.zero_stage in (1, 2, 3) and p.pipeline_stages == 1 and not p.offload_optimizer
+                and p.tensor_parallel == 1
                 and self.optimizer.name == "adamw" and self.precision.dtype in ("bf16", "fp32"))
 
     def total_steps(self) -> int:
@@ -282,6 +297,14 @@ class TrainConfig(Section):
         if sp > 1 and self.optimizer.name == "muon":
             raise Invalid("optimizer.name", "muon is not supported with parallel.sequence_parallel > 1 yet; "
                           "use adamw")
+        tp = self.parallel.tensor_parallel
+        if tp > 1 and not task_class(self.task).tensor_parallel:
+            raise Invalid("parallel.tensor_parallel", f"task {self.task} does not run tensor-parallel; "
+                          f"expected 1, got {tp}")
+        if tp > 1 and self.optimizer.name == "muon":
+            raise Invalid("optimizer.name", "muon is not supported with parallel.tensor_parallel > 1 yet; use adamw")
+        if tp > 1 and self.lora.enabled:
+            raise Invalid("lora.rank", "LoRA is not supported with parallel.tensor_parallel > 1 yet")
         if self.data.seq_len % sp:
             raise Invalid("data.seq_len", f"{self.data.seq_len} positions do not split evenly over "
                           f"parallel.sequence_parallel={sp}")
@@ -300,11 +323,12 @@ class TrainConfig(Section):
                             "fp16); use bf16 or fp32 on a CPU-only run")
 
     def validate_world(self, world_size: int) -> None:
-        pp, sp = self.parallel.pipeline_stages, self.parallel.sequence_parallel
-        if world_size % (pp * sp):
-            key = "parallel.pipeline_stages" if sp == 1 else "parallel.sequence_parallel"
-            raise self._err(key, f"world size {world_size} is not a multiple of pipeline_stages × "
-                            f"sequence_parallel ({pp} × {sp})")
+        p = self.parallel
+        if world_size % self.model_parallel_size():
+            key = ("parallel.tensor_parallel" if p.tensor_parallel > 1 else
+                   "parallel.sequence_parallel" if p.sequence_parallel > 1 else "parallel.pipeline_stages")
+            raise self._err(key, f"world size {world_size} is not a multiple of pipeline_stages × sequence_parallel "
+                            f"× tensor_parallel ({p.pipeline_stages} × {p.sequence_parallel} × {p.tensor_parallel})")
         dp, mb = self.dp_size(world_size), self.batch.micro_batch
         if self.batch.global_batch % (mb * dp):
             raise self._err(

@@ -114,6 +114,8 @@ class Trainer:
                 "skip_plan": dict(self.skip_plan), "rollbacks": self.rollbacks,
                 "config": self.cfg.to_dict(), "data": data, "world_size": self.world,
                 "megalm_version": megalm.__version__,
+                # how the weights are split over tensor-parallel ranks: readers put them together
+                **({"tensor_parallel": self.b.tp_plan} if self.b.tp_plan else {}),
                 **({"task_state": self.task_hook.state_dict()} if self.task_hook.carries_state else {})}
 
     def restore(self, cs: dict[str, Any]) -> None:

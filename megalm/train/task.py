@@ -26,6 +26,7 @@ from megalm.models.pipeline import pipeline_layers
 from megalm.models.presets import load_preset
 from megalm.train.config import TrainConfig, task_class
 from megalm.train.init_from import load_init_weights
+from megalm.train import tensor
 from megalm.train.sequence import SequenceParallel, check_heads
 
 Batch = dict[str, torch.Tensor]
@@ -82,6 +83,7 @@ class Task(abc.ABC):
     # config loads; None leaves the section to the task.
     model_config_class: ClassVar[type | None] = None
     sequence_parallel: ClassVar[bool] = False  # apply_sequence_parallel is implemented
+    tensor_parallel: ClassVar[bool] = False  # tensor_parallel_plan is implemented
 
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
@@ -126,6 +128,10 @@ class Task(abc.ABC):
         this rank's share of the loss over the sequence-parallel process group `group`."""
         raise UserError(f"parallel.sequence_parallel: task {self.name} does not run sequence-parallel")
 
+    def tensor_parallel_plan(self) -> dict[str, Any]:
+        """megalm.train.tensor.plan(): which weights DeepSpeed AutoTP splits how (saved in checkpoints)."""
+        raise UserError(f"parallel.tensor_parallel: task {self.name} does not run tensor-parallel")
+
     # Pipeline parallelism: the model as a layer list, the loss on the last stage's output, and how
     # a micro batch splits into (first-stage inputs, last-stage labels). A task without these
     # refuses parallel.pipeline_stages > 1 when it is built.
@@ -150,6 +156,7 @@ class LMTask(Task):
     name = "lm"
     model_config_class = LLMConfig
     sequence_parallel = True
+    tensor_parallel = True
     shard_kind = "text"  # the manifest `kind` this task reads
 
     def __init__(self, cfg: TrainConfig):
@@ -180,12 +187,14 @@ class LMTask(Task):
             raise UserError(f"{self.cfg.source}: parallel.pipeline_stages: {stages} stages for a model of "
                             f"{layers} pipeline layers (embedding, {mc.n_layers} blocks, head); expected at most "
                             f"{layers}")
-        sp = self.cfg.parallel.sequence_parallel
-        if sp > 1:
-            try:
+        sp, tp = self.cfg.parallel.sequence_parallel, self.cfg.parallel.tensor_parallel
+        try:
+            if sp > 1:
                 check_heads(mc.n_heads, mc.n_kv_heads, sp)
-            except UserError as exc:
-                raise UserError(f"{self.cfg.source}: {exc}") from None
+            if tp > 1:
+                tensor.check_model(mc.n_heads, mc.n_kv_heads, mc.ffn_hidden, mc.value_embeds, tp)
+        except UserError as exc:
+            raise UserError(f"{self.cfg.source}: {exc}") from None
         if self.cfg.data.seq_len > mc.max_seq_len:
             if mc.positions == "learned" or "max_seq_len" in fields:
                 raise UserError(f"{self.cfg.source}: data.seq_len: {self.cfg.data.seq_len} exceeds "
@@ -218,6 +227,9 @@ class LMTask(Task):
 
     def apply_sequence_parallel(self, model: nn.Module, group: Any) -> None:
         SequenceParallel(model, group)
+
+    def tensor_parallel_plan(self) -> dict[str, Any]:
+        return tensor.plan(self.cfg.parallel.tensor_parallel)
 
     def pipeline_layers(self, model: nn.Module) -> list[nn.Module]:
         return pipeline_layers(model, fused_loss=True)

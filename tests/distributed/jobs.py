@@ -169,26 +169,60 @@ SEQUENCE_MODES: dict[str, list[str]] = {
 SEQUENCE_MODEL = ["model.n_kv_heads=2"]  # both head counts split over 2 sequence-parallel ranks
 
 
-def sequence_parallel(workdir: str, shards: str, modes: list[str], handover: bool = True) -> dict[str, Any]:
-    """Per mode: 4 straight steps, and 2 steps + a new engine resuming + 2 steps; then (`handover`)
-    a sequence-parallel checkpoint resumed as plain data parallelism (sequence_parallel=1)."""
+def model_parallel(workdir: str, shards: str, modes: list[str], resume_modes: list[str],
+                   handover: bool = False) -> dict[str, Any]:
+    """Per mode of SEQUENCE_MODES / TENSOR_MODES: 4 straight steps; per mode of `resume_modes` also
+    2 steps + a new engine resuming + 2 steps; then (`handover`) the layout changes of a checkpoint
+    (tensor_handover, sequence_handover)."""
     os.chdir(workdir)
     out: dict[str, Any] = {}
     for mode in modes:
-        base = small_overrides(shards, f"{mode}-straight") + SEQUENCE_MODEL + SEQUENCE_MODES[mode]
-        straight = train(base, extra=lambda t: {"guard_reductions": t.guard.reductions,
-                                                "dp": [t.b.dp_rank, t.b.dp_world]})
-        split = small_overrides(shards, f"{mode}-split") + SEQUENCE_MODEL + SEQUENCE_MODES[mode]
-        first = train(split + ["debug.max_steps_this_run=2"])
-        second = train(split)
-        out[mode] = {"straight": straight, "first": first, "second": second,
-                     "straight_losses": [r["loss"] for r in train_records(straight["run_dir"])],
-                     "split_losses": [r["loss"] for r in train_records(second["run_dir"])]}
-    if not handover:
-        return out
+        extra = SEQUENCE_MODEL + {**SEQUENCE_MODES, **TENSOR_MODES}[mode]
+        straight = train(small_overrides(shards, f"{mode}-straight") + extra,
+                         extra=lambda t: {"guard_reductions": t.guard.reductions, "dp": [t.b.dp_rank, t.b.dp_world]})
+        out[mode] = {"straight": straight,
+                     "straight_losses": [r["loss"] for r in train_records(straight["run_dir"])]}
+        if mode in resume_modes:
+            first = train(small_overrides(shards, f"{mode}-split") + extra + ["debug.max_steps_this_run=2"])
+            second = train(small_overrides(shards, f"{mode}-split") + extra)
+            out[mode].update(first=first, second=second,
+                             split_losses=[r["loss"] for r in train_records(second["run_dir"])])
+    if handover:
+        out.update(tensor_handover(workdir, shards), sp_then_dp=sequence_handover(workdir, shards))
+    return out
+
+
+def sequence_handover(workdir: str, shards: str) -> dict[str, Any]:
+    """A sequence-parallel checkpoint resumed as plain data parallelism (sequence_parallel=1)."""
+    os.chdir(workdir)
     first = train(small_overrides(shards, "sp-then-dp") + SEQUENCE_MODEL + SEQUENCE_MODES["sp2-zero1"]
                   + ["debug.max_steps_this_run=2"])
     second = train(small_overrides(shards, "sp-then-dp") + SEQUENCE_MODEL + ["parallel.zero_stage=1"])
-    out["sp_then_dp"] = {"first": first, "second": second,
-                         "losses": [r["loss"] for r in train_records(second["run_dir"])]}
+    return {"first": first, "second": second, "losses": [r["loss"] for r in train_records(second["run_dir"])]}
+
+
+TENSOR_MODES: dict[str, list[str]] = {
+    "tp2-zero0": ["parallel.zero_stage=0", "parallel.tensor_parallel=2"],
+    "tp2-zero1": ["parallel.zero_stage=1", "parallel.tensor_parallel=2"],
+    "tp2-zero2": ["parallel.zero_stage=2", "parallel.tensor_parallel=2"],
+    "tp2-zero3": ["parallel.zero_stage=3", "parallel.tensor_parallel=2"],
+    "tp2-zero1-bf16": ["parallel.zero_stage=1", "parallel.tensor_parallel=2", "precision.dtype=bf16"],
+}
+
+
+def tensor_handover(workdir: str, shards: str) -> dict[str, Any]:
+    """2 steps at tensor_parallel=2 resumed for 2 more at 1 (ZeRO-1: universal conversion), and the
+    other way round; a ZeRO-0 TP checkpoint refused at another TP size."""
+    os.chdir(workdir)
+    out: dict[str, Any] = {}
+    for name, before, after in [("tp-then-dp", TENSOR_MODES["tp2-zero1"], ["parallel.zero_stage=1"]),
+                                ("dp-then-tp", ["parallel.zero_stage=1"], TENSOR_MODES["tp2-zero1"])]:
+        first = train(small_overrides(shards, name) + SEQUENCE_MODEL + before + ["debug.max_steps_this_run=2"])
+        second = train(small_overrides(shards, name) + SEQUENCE_MODEL + after)
+        out[name] = {"first": first, "second": second,
+                     "losses": [r["loss"] for r in train_records(second["run_dir"])]}
+    train(small_overrides(shards, "tp-zero0") + SEQUENCE_MODEL + TENSOR_MODES["tp2-zero0"]
+          + ["debug.max_steps_this_run=2"])
+    out["zero0_refused"] = _attempt(lambda: train(small_overrides(shards, "tp-zero0") + SEQUENCE_MODEL
+                                                  + ["parallel.zero_stage=0"]))
     return out

@@ -6,7 +6,7 @@ import gc
 import os
 from typing import Any
 
-from tests.distributed.jobs import MODES, small_overrides, train
+from tests.distributed.jobs import MODES, SEQUENCE_MODEL, TENSOR_MODES, small_overrides, train
 
 # ZeRO-3 with an untied head; a 2-stage pipeline with tied embeddings (the head's copy of the
 # embedding lives on the last stage).
@@ -15,6 +15,8 @@ LAYOUTS: dict[str, list[str]] = {
     "pp2": MODES["pp2"] + ["model.tie_embeddings=true"],
     # bf16 training: DeepSpeed names the files bf16_zero_pp_rank_*; the export defaults to bf16.
     "zero1-bf16": MODES["zero1"] + ["precision.dtype=bf16"],
+    # Tensor parallelism: each rank's files hold its slices; the export puts them together.
+    "tp2": TENSOR_MODES["tp2-zero2"] + SEQUENCE_MODEL,
 }
 # Parameters frozen during training (as LoRA freezes its base weights): DeepSpeed keeps them out of
 # the flat partitions, in `frozen_param_fragments`.

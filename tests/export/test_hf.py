@@ -1,5 +1,5 @@
 """`megalm export --format hf` verified by transformers itself: from_pretrained on exports of a
-ZeRO-3 and a 2-stage pipeline checkpoint, fp32 logits within 1e-4 of megalm's, 32 greedy tokens
+ZeRO-3, a 2-stage pipeline and a tensor-parallel (2 ranks, ZeRO-2) checkpoint, fp32 logits within 1e-4 of megalm's, 32 greedy tokens
 identical, AutoTokenizer ids identical to sentencepiece's, sharded safetensors + index."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ SAMPLE = ("The list of items is returned by the function; each item names a buil
           "Numbers 1234, \u00e9l\u00e8ve na\u00efve, tabs\tand\nlines.")
 
 
-@pytest.fixture(scope="module", params=["zero3", "pp2"])
+@pytest.fixture(scope="module", params=["zero3", "pp2", "tp2"])
 def exported(request, trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / request.param
     assert megalm_main(["export", trained[request.param], "--format", "hf", "--out", str(out),
@@ -69,7 +69,7 @@ def test_autotokenizer_ids_equal_sentencepiece(exported):
 def test_streamed_tensors_equal_the_consolidated_model(exported, trained):
     name, _, model, _ = exported
     src = CheckpointTensors(trained[name], release_bytes=1)  # drop the mappings after every tensor
-    assert src.layout == {"zero3": "zero3", "pp2": "pipeline"}[name]
+    assert src.layout == {"zero3": "zero3", "pp2": "pipeline", "tp2": "zero12"}[name]
     items = list(src.items())
     ref = model.state_dict()
     assert [n for n, _ in items] == list(ref)

@@ -87,16 +87,39 @@ def test_zero2_with_pipeline_is_rejected():
      "config: optimizer.name: muon is not supported with parallel.sequence_parallel > 1 yet; use adamw"),
     (["parallel.sequence_parallel=4"], 6,
      "config: parallel.sequence_parallel: world size 6 is not a multiple of pipeline_stages × sequence_parallel "
-     "(1 × 4)"),
+     "× tensor_parallel (1 × 4 × 1)"),
+    (["parallel.tensor_parallel=4"], 6,
+     "config: parallel.tensor_parallel: world size 6 is not a multiple of pipeline_stages × sequence_parallel "
+     "× tensor_parallel (1 × 1 × 4)"),
+    (["parallel.tensor_parallel=2", "parallel.sequence_parallel=2"], None,
+     "config: parallel.tensor_parallel: tensor_parallel=2 cannot be combined with sequence_parallel=2 (DeepSpeed "
+     "0.19's AutoTP replaces the model-parallel groups with its own data × tensor ones); use one of them"),
+    (["parallel.tensor_parallel=2", "parallel.pipeline_stages=2"], None,
+     "config: parallel.tensor_parallel: tensor_parallel=2 cannot be combined with pipeline_stages=2 (DeepSpeed's "
+     "pipeline engine builds its own model-parallel grid); use one of them"),
+    (["parallel.tensor_parallel=2", "task=diffusion"], None,
+     "config: parallel.tensor_parallel: task diffusion does not run tensor-parallel; expected 1, got 2"),
+    (["parallel.tensor_parallel=2", "optimizer.name=muon", "optimizer.grad_clip=0"], None,
+     "config: optimizer.name: muon is not supported with parallel.tensor_parallel > 1 yet; use adamw"),
+    (["parallel.tensor_parallel=2", "task=sft", "lora.rank=4"], None,
+     "config: lora.rank: LoRA is not supported with parallel.tensor_parallel > 1 yet"),
+    (["deepspeed={tensor_parallel: {autotp_size: 2}}"], 2,
+     "config: deepspeed.tensor_parallel: megalm sets this itself (from parallel.tensor_parallel); set "
+     "parallel.tensor_parallel instead"),
+    (["deepspeed={sequence_parallel_size: 2}"], 2,
+     "config: deepspeed.sequence_parallel_size: megalm sets this itself (from parallel.sequence_parallel); set "
+     "parallel.sequence_parallel instead"),
 ])
-def test_impossible_sequence_parallel_layouts_are_refused(overrides, world, expected):
+def test_impossible_model_parallel_layouts_are_refused(overrides, world, expected):
     assert error_of(*overrides, world_size=world) == expected
 
 
-def test_sequence_parallel_shares_the_data_parallel_batch():
-    cfg = cfg_of("parallel.sequence_parallel=2", "batch.micro_batch=2", "batch.global_batch=8", world_size=4)
+@pytest.mark.parametrize("key", ["sequence_parallel", "tensor_parallel"])
+def test_model_parallel_ranks_share_the_data_parallel_batch(key):
+    cfg = cfg_of(f"parallel.{key}=2", "batch.micro_batch=2", "batch.global_batch=8", world_size=4)
     assert cfg.dp_size(4) == 2 and cfg.grad_accum(4) == 2
     assert to_deepspeed_config(cfg, 4)["gradient_accumulation_steps"] == 2
+    assert cfg.megalm_grad_norm() is (key == "sequence_parallel")  # TP: DeepSpeed's norm knows the slices
 
 
 def test_raw_deepspeed_overrides_never_replace_what_megalm_sets():

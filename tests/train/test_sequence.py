@@ -37,47 +37,48 @@ def _batch(case: str) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _worker(rank: int, world: int, port: int, case: str, out: str) -> None:
+CASES = ["documents", "causal", "empty_slice"]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    """Every case in one process group (a 2-rank start costs seconds)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     from megalm.engine.runtime import init_distributed
     from megalm.train.sequence import SequenceParallel
 
     init_distributed()
-    if case == "indivisible":  # 1 KV head cannot be split over 2 ranks: refused before any exchange
-        try:
-            SequenceParallel(LLM(LLMConfig(**dict(CONFIG, n_kv_heads=1))), dist.group.WORLD)
-            error = ""
-        except UserError as exc:
-            error = str(exc)
-        _finish(out, rank, {"error": error})
-    torch.manual_seed(0)
-    model = LLM(LLMConfig(**CONFIG)).double()
-    batch = _batch(case)
-    ref = model(batch["input_ids"], batch.get("position_ids"), batch.get("doc_ids"), batch["labels"])
-    ref.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    results = {}
+    try:  # 1 KV head cannot be split over 2 ranks: refused before any exchange
+        SequenceParallel(LLM(LLMConfig(**dict(CONFIG, n_kv_heads=1))), dist.group.WORLD)
+        results["indivisible"] = {"error": ""}
+    except UserError as exc:
+        results["indivisible"] = {"error": str(exc)}
+    for case in CASES:
+        torch.manual_seed(0)
+        model = LLM(LLMConfig(**CONFIG)).double()
+        batch = _batch(case)
+        ref = model(batch["input_ids"], batch.get("position_ids"), batch.get("doc_ids"), batch["labels"])
+        ref.backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    sp = SequenceParallel(copy.deepcopy(model), dist.group.WORLD)
-    sp.model.zero_grad(set_to_none=True)
-    share = sp.model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                     doc_ids=batch.get("doc_ids"))
-    share.backward()
-    loss = share.detach().clone()
-    dist.all_reduce(loss)
-    worst = 0.0
-    for n, p in sp.model.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)
-        worst = max(worst, (g - ref_grads[n]).abs().max().item())
-    names = [n for n, _ in sp.model.named_parameters()] == [n for n, _ in model.named_parameters()]
-    _finish(out, rank, {"loss": loss.item(), "ref": ref.item(), "grad_err": worst, "share": share.item(),
-                        "same_names": names})
-
-
-def _finish(out: str, rank: int, result: dict) -> None:
+        sp = SequenceParallel(copy.deepcopy(model), dist.group.WORLD)
+        sp.model.zero_grad(set_to_none=True)
+        share = sp.model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                         doc_ids=batch.get("doc_ids"))
+        share.backward()
+        loss = share.detach().clone()
+        dist.all_reduce(loss)
+        worst = 0.0
+        for n, p in sp.model.named_parameters():
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            worst = max(worst, (g - ref_grads[n]).abs().max().item())
+        names = [n for n, _ in sp.model.named_parameters()] == [n for n, _ in model.named_parameters()]
+        results[case] = {"loss": loss.item(), "ref": ref.item(), "grad_err": worst, "share": share.item(),
+                         "same_names": names}
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
-        json.dump(result, f)
+        json.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
     # A gloo rank sometimes aborts in C++ teardown at interpreter exit ("terminate called without
@@ -86,10 +87,16 @@ def _finish(out: str, rank: int, result: dict) -> None:
     os._exit(0)
 
 
-@pytest.mark.parametrize("case", ["documents", "causal", "empty_slice"])
-def test_two_ranks_give_the_one_rank_loss_and_gradients(tmp_path, case):
-    mp.spawn(_worker, args=(2, free_port(), case, str(tmp_path)), nprocs=2, join=True)
-    r = [json.loads((tmp_path / f"{k}.json").read_text()) for k in range(2)]
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp")
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"{k}.json").read_text()) for k in range(2)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_give_the_one_rank_loss_and_gradients(results, case):
+    r = [results[k][case] for k in range(2)]
     for k in range(2):
         assert abs(r[k]["loss"] - r[k]["ref"]) < 1e-10, r
         assert r[k]["grad_err"] < 1e-10, r
@@ -98,8 +105,7 @@ def test_two_ranks_give_the_one_rank_loss_and_gradients(tmp_path, case):
         assert r[1]["share"] == 0.0 and r[0]["share"] > 0
 
 
-def test_heads_must_split_over_the_group(tmp_path):
-    mp.spawn(_worker, args=(2, free_port(), "indivisible", str(tmp_path)), nprocs=2, join=True)
+def test_heads_must_split_over_the_group(results):
     for k in range(2):
-        error = json.loads((tmp_path / f"{k}.json").read_text())["error"]
+        error = results[k]["indivisible"]["error"]
         assert error == ("parallel.sequence_parallel: 2 must divide model.n_heads (4) and model.n_kv_heads (1)"), error
