@@ -31,7 +31,9 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, leaving: bool = False) -> int:
+    """Run the verb in `argv` (default: the command line). `leaving`: the process exits right after
+    without the interpreter's teardown (`run`), so a LEAVE_WITHOUT_TEARDOWN verb skips its own."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(VERBS[verb][0])
     try:
+        if leaving and verb in LEAVE_WITHOUT_TEARDOWN:
+            return int(module.main(rest, teardown=False) or 0)
         return int(module.main(rest) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -60,18 +64,21 @@ LEAVE_WITHOUT_TEARDOWN = ("train",)
 
 def run() -> NoReturn:
     """The `megalm` program (console script and `python -m megalm.cli`): `main`, then exit."""
-    code = main()
-    if sys.argv[1:2] and sys.argv[1] in LEAVE_WITHOUT_TEARDOWN:
+    leaving = bool(sys.argv[1:2]) and sys.argv[1] in LEAVE_WITHOUT_TEARDOWN
+    code = main(leaving=leaving)
+    if leaving:
         leave(code)
     sys.exit(code)
 
 
 def leave(code: int) -> NoReturn:
     """Exit without the interpreter's teardown. A training rank has put everything on disk by now
-    (checkpoints published, metrics and TensorBoard closed, summary written) and destroyed its
-    process group; teardown adds only a race in torch/DeepSpeed C++ destructors that sometimes
-    aborts a finished rank with SIGABRT ("terminate called without an active exception", seen
-    once in seven CPU suite runs on 2026-12-06), turning a finished job into a failed one (134)."""
+    (checkpoints published, metrics and TensorBoard closed, summary written) and met every other
+    rank in a last barrier; destroying the process group and the interpreter's teardown add only
+    a race in torch/gloo C++ destructors that sometimes aborts a finished rank with SIGABRT
+    ("terminate called without an active exception": once in seven CPU suite runs on 2026-12-06
+    at interpreter exit, then once more inside destroy_process_group while its peer was still
+    alive), turning a finished job into a failed one (134)."""
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()  # mpirun reports a rank that exits without it as failed

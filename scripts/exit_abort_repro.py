@@ -2,13 +2,15 @@
 """Reproduces the exit-time abort of gloo ranks ("terminate called without an active exception",
 SIGABRT after all work is done and the process group destroyed), for whoever hunts its cause.
 
-    python scripts/exit_abort_repro.py [RUNS] [sp] [grads]
+    python scripts/exit_abort_repro.py [RUNS] [sp] [grads] [exit]
 
 Each run spawns 2 gloo ranks that train one step of a tiny LLM in fp64 and exit. Measured on the
 2-core CPU machine (2026-12-06, torch 2.13.0+cpu, DeepSpeed 0.19.8): with `sp grads` (Ulysses
 sequence parallelism's all-to-alls in the backward, then one all-reduce per gradient) 1 to 3 of 20
-runs aborted; with only one of the two, 0 of 20. tests/train/test_sequence.py leaves its workers with
-os._exit(0) once their results are written because of this.
+runs aborted; with only one of the two, 0 of 20. `exit`: leave with os._exit(0) right after
+destroy_process_group (as `megalm train` does), to tell an abort inside it from one in the
+interpreter's teardown. tests/train/test_sequence.py leaves its workers with os._exit(0) once their
+results are written because of this.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ def run(rank: int, world: int, port: int, flags: list[str]) -> None:
     from megalm.engine.runtime import init_distributed
     from megalm.models.config import LLMConfig
     from megalm.models.llm import LLM
-    from megalm.train.sequence import SequenceParallelLM
+    from megalm.train.sequence import SequenceParallel
 
     init_distributed()
     model = LLM(LLMConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,
                           max_seq_len=64)).double()
     ids = torch.randint(0, 61, (2, 16))
     if "sp" in flags:
-        SequenceParallelLM(model, dist.group.WORLD)(ids, ids).backward()
+        SequenceParallel(model, dist.group.WORLD)
+        model(ids, labels=ids).backward()
     else:
         model(ids, None, None, ids).backward()
     if "grads" in flags:
@@ -44,6 +47,9 @@ def run(rank: int, world: int, port: int, flags: list[str]) -> None:
             dist.all_reduce(p.grad)
     dist.barrier()
     dist.destroy_process_group()
+    if "exit" in flags:
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def main() -> None:

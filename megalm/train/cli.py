@@ -29,7 +29,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], teardown: bool = True) -> int:
+    """`teardown=False`: the process exits right after (megalm.cli.leave), so the process group is
+    left as it is after the last barrier instead of destroyed."""
     args = _parse(argv)
     # Validate everything we can before any process group exists (errors are one line).
     cfg = load_config(args.config, args.overrides, world_size=discover().world_size)
@@ -50,7 +52,8 @@ def main(argv: list[str]) -> int:
     if rank == 0:
         print(json.dumps(json_safe(summary)), flush=True)
     dist.barrier()
-    dist.destroy_process_group()
+    if teardown:
+        dist.destroy_process_group()
     if summary["stopped_by_signal"] and not summary["finished"]:
         return 128 + summary["stopped_by_signal"]  # checkpointed; the scheduler may requeue us
     return 0

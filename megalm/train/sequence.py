@@ -78,7 +78,7 @@ class SequenceParallel:
         return (self.local_slice(input_ids), self.local_slice(position_ids), None, labels), {}
 
     def _weigh(self, module: LLM, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        for core in self.cores:
-            core.full_mask = None
+        # The cores keep this forward's mask until the next one sets its own: activation
+        # checkpointing runs the attention again during backward and needs the same mask.
         share, self._share = self._share, None
         return output if share is None else output * share.to(output.dtype)

@@ -165,6 +165,8 @@ SEQUENCE_MODES: dict[str, list[str]] = {
     "sp2-zero1": ["parallel.zero_stage=1", "parallel.sequence_parallel=2"],
     "sp2-zero2": ["parallel.zero_stage=2", "parallel.sequence_parallel=2"],
     "sp2-zero1-bf16": ["parallel.zero_stage=1", "parallel.sequence_parallel=2", "precision.dtype=bf16"],
+    # every block recomputed in backward: its all-to-alls run again there
+    "sp2-zero1-ckpt": ["parallel.zero_stage=1", "parallel.sequence_parallel=2", "parallel.activation_checkpointing=true"],
 }
 SEQUENCE_MODEL = ["model.n_kv_heads=2"]  # both head counts split over 2 sequence-parallel ranks
 
@@ -207,6 +209,7 @@ TENSOR_MODES: dict[str, list[str]] = {
     "tp2-zero2": ["parallel.zero_stage=2", "parallel.tensor_parallel=2"],
     "tp2-zero3": ["parallel.zero_stage=3", "parallel.tensor_parallel=2"],
     "tp2-zero1-bf16": ["parallel.zero_stage=1", "parallel.tensor_parallel=2", "precision.dtype=bf16"],
+    "tp2-zero3-ckpt": ["parallel.zero_stage=3", "parallel.tensor_parallel=2", "parallel.activation_checkpointing=true"],
 }
 
 

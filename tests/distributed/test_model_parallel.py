@@ -1,6 +1,7 @@
 """Model parallelism in the trainer on real gloo ranks: `parallel.tensor_parallel: 2` (DeepSpeed
 AutoTP, Megatron's column/row split) under ZeRO 0/1/2/3 and `parallel.sequence_parallel: 2`
-(Ulysses) under ZeRO 1/2, on 2 ranks, and each as 2 data-parallel × 2 on 4 ranks:
+(Ulysses) under ZeRO 1/2, with and without activation checkpointing, on 2 ranks, and each as 2
+data-parallel × 2 on 4 ranks:
 - the losses and final weights of the single-process reference (fp32; bound 1e-5 as for the other
   layouts: reduction order only; bf16: 2e-2), with document masks (the corpus packs several
   documents a row);

@@ -1,6 +1,7 @@
-"""Run on 2 real gloo ranks: build megalm's DeepSpeed engine for each (dtype, ZeRO stage) and
-measure what this rank really holds after one step: parameter bytes (ZeRO-3: its partition) and
-optimizer-state bytes (fp32 master partition + AdamW moments of the inner optimizer)."""
+"""Run on 2 real gloo ranks: build megalm's DeepSpeed engine for each (dtype, ZeRO stage, tensor
+parallel, sequence parallel) and measure what this rank really holds after one step: parameter
+bytes (ZeRO-3: its partition; TP: its slices) and optimizer-state bytes (fp32 master partition +
+AdamW moments of the inner optimizer)."""
 
 from __future__ import annotations
 
@@ -47,16 +48,18 @@ def measure(workdir: str, shards: str, cases: list[list[Any]]) -> dict[str, Any]
 
     os.chdir(workdir)
     out = {}
-    for dtype, zero in cases:
-        name = f"{dtype}-z{zero}"
+    for dtype, zero, tp, sp in cases:
+        name = f"{dtype}-z{zero}-tp{tp}-sp{sp}"
         over = small_overrides(shards, name, steps=1) + [
             f"precision.dtype={dtype}", f"parallel.zero_stage={zero}", "model.dim=128", "model.n_layers=4",
-            "model.n_heads=4", "model.n_kv_heads=2"]
+            "model.n_heads=4", "model.n_kv_heads=2", f"parallel.tensor_parallel={tp}",
+            f"parallel.sequence_parallel={sp}"]
         cfg = load_config(None, over, world_size=dist.get_world_size())
         trainer = Trainer(cfg, LMTask(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())
         trainer.train_step(trainer.next_batch())
-        out[name] = _measure(trainer.engine, zero) | {"dtype": dtype, "zero": zero,
-                                                      "skipped": trainer.guard.skipped_total}
+        out[name] = _measure(trainer.engine, zero) | {"dtype": dtype, "zero": zero, "tp": tp, "sp": sp,
+                                                      "skipped": trainer.guard.skipped_total,
+                                                      "model": trainer.task.fingerprint()["model_config"]}
         trainer.close()
         del trainer
         gc.collect()

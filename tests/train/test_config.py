@@ -238,5 +238,6 @@ def test_shipped_example_by_name_and_unknown_name_lists_them(tmp_path, monkeypat
     assert load_config("demo", ["data.paths=[d]"]).name == "demo"
     assert load_config("diffusion-digits", ["data.paths=[d]"]).task == "diffusion"
     with pytest.raises(UserError, match=r"^nope: cannot read config .*shipped examples: demo, diffusion-digits, "
-                                        r"gpt2-124m, llama3-1b, recipe-gpt2-124m, recipe-tiny, sft-tiny$"):
+                                        r"gpt2-124m, llama3-1b, llama3-70b-32k, llama3-70b-8k, llama3-8b-128k, recipe-gpt2-124m, "
+                                        r"recipe-tiny, sft-tiny$"):
         load_config("nope")
