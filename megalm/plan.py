@@ -1,6 +1,6 @@
 """`megalm plan CONFIG --gpus N --gpu h100`: will it fit, and how fast? Per-GPU memory for
 parameters, gradients and optimizer states under each layout megalm trains with (ZeRO stage ×
-one of pipeline stages, tensor parallelism or sequence parallelism, the rest data parallel),
+pipeline stages, or tensor and/or sequence parallelism, the rest data parallel),
 activations for the micro batch (with and without activation checkpointing), the largest micro
 batch that fits, communication per step, and step time / tokens per second from the model's
 FLOPs at an assumed MFU; the fastest layout that fits is named below the table.
@@ -143,8 +143,8 @@ def comm_bytes(m: LLMConfig, seq: int, micro: int, accum: int, dtype: str, zero:
     model = 0.0
     if tp > 1:
         model += layers * accum * 4 * 2 * (tp - 1) / tp * act
-    if sp > 1:
-        qkvo = (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim / m.dim * act
+    if sp > 1:  # each all-to-all carries this TP rank's heads
+        qkvo = (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim / m.dim * act / tp
         model += layers * accum * 2 * (sp - 1) / sp * qkvo
     return dp, model
 
@@ -174,19 +174,22 @@ class Row:
 
 
 def layouts(m: LLMConfig, seq: int, gpus: int, gpu: GPU) -> list[tuple[int, int, int, int]]:
-    """(zero, pp, tp, sp) megalm can run: one model-parallel kind at a time, as the trainer allows
-    (ZeRO <= 1 with pipelines, ZeRO 1/2 with sequence parallelism); TP and SP inside a node."""
+    """(zero, pp, tp, sp) megalm can run: pipelines alone (ZeRO <= 1, as DeepSpeed requires), or
+    tensor and/or sequence parallelism inside a node (ZeRO 1/2 once sequence parallelism is on)."""
     out = []
     for pp in (1, 2, 4, 8, 16, 32, 64):
         if pp <= m.n_layers and gpus % pp == 0:
             out += [(zero, pp, 1, 1) for zero in ((0, 1, 2, 3) if pp == 1 else (0, 1))]
-    for k in (2, 4, 8):
-        if k > gpu.per_node or gpus % k or m.n_heads % k or m.n_kv_heads % k:
-            continue
-        if m.ffn_hidden % k == 0 and not m.value_embeds:
-            out += [(zero, 1, k, 1) for zero in (0, 1, 2, 3)]
-        if seq % k == 0:
-            out += [(zero, 1, 1, k) for zero in (1, 2)]
+    for tp in (1, 2, 4, 8):
+        for sp in (1, 2, 4, 8):
+            k = tp * sp
+            if k == 1 or k > gpu.per_node or gpus % k or m.n_heads % k or m.n_kv_heads % k:
+                continue
+            if tp > 1 and (m.ffn_hidden % tp or m.value_embeds):
+                continue
+            if seq % sp:
+                continue
+            out += [(zero, 1, tp, sp) for zero in ((1, 2) if sp > 1 else (0, 1, 2, 3))]
     return out
 
 

@@ -1,10 +1,15 @@
 """DeepSpeed AutoTP training: its tensor-parallel process groups and config section.
 
-DeepSpeed keeps the data × tensor groups in module globals (deepspeed.utils.groups) and creates
-them once per process; megalm creates them explicitly before each engine (and clears them for an
-engine without TP), so engines of different layouts can follow each other in one process (tests,
-`megalm` jobs that build several). The layout is DeepSpeed's: tensor-innermost, rank =
-dp_rank * tp + tp_rank, so a TP group's all-reduces stay inside a node when tp divides its GPUs.
+DeepSpeed keeps the data × tensor groups in module globals (deepspeed.utils.groups), creates them
+once per process, and under AutoTP uses that module as the engine's model-parallel unit (`mpu`),
+replacing any other. megalm creates the groups explicitly before each engine (and clears them for
+an engine without TP), so engines of different layouts can follow each other in one process
+(tests, jobs that build several). With sequence parallelism too, the module also gets the
+sequence-parallel queries DeepSpeed asks an mpu for, so its ZeRO partitions over data ×
+sequence ranks and sums the sequence-parallel loss shares (as with megalm.engine.sequence alone).
+
+Layout, tensor-innermost (TP's all-reduces are the most frequent), then sequence, then data:
+rank = (dp_rank * sp + sp_rank) * tp + tp_rank.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# The mpu queries DeepSpeed makes for sequence parallelism (deepspeed.utils.groups._get_sequence_*).
+_SEQUENCE_QUERIES = ("get_sequence_parallel_group", "get_sequence_parallel_world_size", "get_sequence_parallel_rank",
+                     "get_sequence_data_parallel_group", "get_sequence_data_parallel_world_size",
+                     "get_sequence_data_parallel_rank")
+
 
 def _groups() -> Any:
     # DeepSpeed takes seconds to import and fixes its accelerator when imported: only engine
@@ -26,22 +36,49 @@ def _groups() -> Any:
 
 
 def reset_tensor_groups() -> None:
-    """Forget the TP groups a previous engine in this process created."""
+    """Forget the TP (and TP × SP) groups a previous engine in this process created."""
     g = _groups()
     g._TENSOR_MODEL_PARALLEL_GROUP = g._MODEL_PARALLEL_GROUP = g._DATA_PARALLEL_GROUP = None
     g._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE = g._MPU_TENSOR_MODEL_PARALLEL_RANK = None
+    for name in _SEQUENCE_QUERIES:
+        g.__dict__.pop(name, None)
 
 
-def tensor_groups(tp: int) -> Any:
-    """Collective. DeepSpeed's groups module holding fresh data × tensor groups of size `tp`: the
-    `mpu` for deepspeed.initialize (its batch arithmetic then counts data-parallel ranks only)."""
-    world = dist.get_world_size()
-    if world % tp:
-        raise ValueError(f"world size {world} is not a multiple of tensor_parallel={tp}")
+def _new_groups(rank_lists: list[list[int]]) -> dist.ProcessGroup:
+    """Collective (every rank creates every group, in the same order): the group holding this rank."""
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
+
+
+def tensor_groups(tp: int, sp: int = 1) -> Any:
+    """Collective. DeepSpeed's groups module holding fresh tensor (size `tp`), sequence (`sp`) and
+    data-parallel groups: the `mpu` for deepspeed.initialize (its batch arithmetic then counts
+    data-parallel ranks only)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % (tp * sp):
+        raise ValueError(f"world size {world} is not a multiple of tensor_parallel × sequence_parallel ({tp} × {sp})")
+    dp = world // (tp * sp)
+
+    def at(d: int, s: int, t: int) -> int:
+        return (d * sp + s) * tp + t
+
     reset_tensor_groups()
     g = _groups()
     # Explicit new_group calls rather than a DeviceMesh split: the same on gloo and NCCL.
-    g._init_tp_groups_with_new_group(tensor_model_parallel_size=tp, data_parallel_size=world // tp)
+    g._TENSOR_MODEL_PARALLEL_GROUP = g._MODEL_PARALLEL_GROUP = _new_groups(
+        [[at(d, s, t) for t in range(tp)] for d in range(dp) for s in range(sp)])
+    g._DATA_PARALLEL_GROUP = _new_groups([[at(d, s, t) for d in range(dp)] for s in range(sp) for t in range(tp)])
+    if sp > 1:
+        sp_group = _new_groups([[at(d, s, t) for s in range(sp)] for d in range(dp) for t in range(tp)])
+        zero_group = _new_groups([[at(d, s, t) for d in range(dp) for s in range(sp)] for t in range(tp)])
+        sp_rank = rank // tp % sp
+        answers = (sp_group, sp, sp_rank, zero_group, dp * sp, rank // (tp * sp) * sp + sp_rank)
+        for name, value in zip(_SEQUENCE_QUERIES, answers):
+            setattr(g, name, lambda value=value: value)
     return g
 
 

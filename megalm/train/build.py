@@ -65,13 +65,16 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
     ds_config = to_deepspeed_config(cfg, world_size)
     mpu: Any = None  # the model-parallel groups handed to DeepSpeed
     tp_plan = None
-    if cfg.parallel.sequence_parallel > 1:
-        mpu = SequenceGroups(cfg.parallel.sequence_parallel)
-        task.apply_sequence_parallel(model, mpu.sp_group)
-    elif cfg.parallel.tensor_parallel > 1:  # DeepSpeed splits the model inside initialize
-        mpu = tensor_groups(cfg.parallel.tensor_parallel)
+    tp, sp = cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel
+    if tp > 1:  # DeepSpeed splits the model inside initialize
+        mpu = tensor_groups(tp, sp)
         tp_plan = task.tensor_parallel_plan()
         ds_config["tensor_parallel"] = autotp_config(tp_plan)
+        if sp > 1:
+            task.apply_sequence_parallel(model, mpu.get_sequence_parallel_group())
+    elif sp > 1:
+        mpu = SequenceGroups(sp)
+        task.apply_sequence_parallel(model, mpu.sp_group)
     module = _stages(cfg, task, model, guard) if pipeline else model
     o = cfg.optimizer
     if o.name == "muon":

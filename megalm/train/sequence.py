@@ -20,10 +20,11 @@ from megalm.models.llm import LLM, default_position_ids, document_mask
 _FORWARD = inspect.signature(LLM.forward)
 
 
-def check_heads(n_heads: int, n_kv_heads: int, sp: int) -> None:
-    """Each rank attends over heads/sp whole heads: both head counts must split evenly."""
-    if n_kv_heads % sp or n_heads % sp:
-        raise UserError(f"parallel.sequence_parallel: {sp} must divide model.n_heads ({n_heads}) and "
+def check_heads(n_heads: int, n_kv_heads: int, sp: int, tp: int = 1) -> None:
+    """Each rank attends over heads/(sp·tp) whole heads: both head counts must split evenly."""
+    if n_kv_heads % (sp * tp) or n_heads % (sp * tp):
+        by = f"{sp} × tensor_parallel {tp}" if tp > 1 else f"{sp}"
+        raise UserError(f"parallel.sequence_parallel: {by} must divide model.n_heads ({n_heads}) and "
                         f"model.n_kv_heads ({n_kv_heads})")
 
 

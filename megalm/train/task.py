@@ -189,10 +189,10 @@ class LMTask(Task):
                             f"{layers}")
         sp, tp = self.cfg.parallel.sequence_parallel, self.cfg.parallel.tensor_parallel
         try:
-            if sp > 1:
-                check_heads(mc.n_heads, mc.n_kv_heads, sp)
             if tp > 1:
                 tensor.check_model(mc.n_heads, mc.n_kv_heads, mc.ffn_hidden, mc.value_embeds, tp)
+            if sp > 1:  # each TP rank's heads are split again over the SP group
+                check_heads(mc.n_heads, mc.n_kv_heads, sp, tp)
         except UserError as exc:
             raise UserError(f"{self.cfg.source}: {exc}") from None
         if self.cfg.data.seq_len > mc.max_seq_len:

@@ -179,7 +179,8 @@ def model_parallel(workdir: str, shards: str, modes: list[str], resume_modes: li
     os.chdir(workdir)
     out: dict[str, Any] = {}
     for mode in modes:
-        extra = SEQUENCE_MODEL + {**SEQUENCE_MODES, **TENSOR_MODES}[mode]
+        extra = (TENSOR_SEQUENCE_MODEL + TENSOR_SEQUENCE_MODES[mode] if mode in TENSOR_SEQUENCE_MODES
+                 else SEQUENCE_MODEL + {**SEQUENCE_MODES, **TENSOR_MODES}[mode])
         straight = train(small_overrides(shards, f"{mode}-straight") + extra,
                          extra=lambda t: {"guard_reductions": t.guard.reductions, "dp": [t.b.dp_rank, t.b.dp_world]})
         out[mode] = {"straight": straight,
@@ -211,6 +212,13 @@ TENSOR_MODES: dict[str, list[str]] = {
     "tp2-zero1-bf16": ["parallel.zero_stage=1", "parallel.tensor_parallel=2", "precision.dtype=bf16"],
     "tp2-zero3-ckpt": ["parallel.zero_stage=3", "parallel.tensor_parallel=2", "parallel.activation_checkpointing=true"],
 }
+# Both at once (4 ranks: TP 2 × SP 2; on 8, also 2 data-parallel groups).
+TENSOR_SEQUENCE_MODES: dict[str, list[str]] = {
+    "tp2sp2-zero1": ["parallel.zero_stage=1", "parallel.tensor_parallel=2", "parallel.sequence_parallel=2"],
+    "tp2sp2-zero2-ckpt": ["parallel.zero_stage=2", "parallel.tensor_parallel=2", "parallel.sequence_parallel=2",
+                          "parallel.activation_checkpointing=true"],
+}
+TENSOR_SEQUENCE_MODEL = ["model.n_heads=4", "model.n_kv_heads=4"]  # 4 heads: one per TP × SP rank
 
 
 def tensor_handover(workdir: str, shards: str) -> dict[str, Any]:
@@ -229,3 +237,4 @@ def tensor_handover(workdir: str, shards: str) -> dict[str, Any]:
     out["zero0_refused"] = _attempt(lambda: train(small_overrides(shards, "tp-zero0") + SEQUENCE_MODEL
                                                   + ["parallel.zero_stage=0"]))
     return out
+

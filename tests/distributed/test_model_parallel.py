@@ -1,7 +1,7 @@
 """Model parallelism in the trainer on real gloo ranks: `parallel.tensor_parallel: 2` (DeepSpeed
 AutoTP, Megatron's column/row split) under ZeRO 0/1/2/3 and `parallel.sequence_parallel: 2`
-(Ulysses) under ZeRO 1/2, with and without activation checkpointing, on 2 ranks, and each as 2
-data-parallel × 2 on 4 ranks:
+(Ulysses) under ZeRO 1/2, with and without activation checkpointing, on 2 ranks; each as 2
+data-parallel × 2, and both at once (TP 2 × SP 2, ZeRO 1/2), on 4 ranks:
 - the losses and final weights of the single-process reference (fp32; bound 1e-5 as for the other
   layouts: reduction order only; bf16: 2e-2), with document masks (the corpus packs several
   documents a row);
@@ -27,7 +27,8 @@ from megalm.train.config import load_config
 from megalm.train.task import LMTask
 from tests.distributed.corpus import make_corpus
 from tests.distributed.helper import assert_exact_resume, run_distributed
-from tests.distributed.jobs import SEQUENCE_MODEL, SEQUENCE_MODES, TENSOR_MODES, small_overrides
+from tests.distributed.jobs import (SEQUENCE_MODEL, SEQUENCE_MODES, TENSOR_MODES, TENSOR_SEQUENCE_MODEL,
+                                    TENSOR_SEQUENCE_MODES, small_overrides)
 from tests.distributed.reference import reference_run
 
 pytestmark = pytest.mark.timeout(900)
@@ -51,9 +52,12 @@ def job(tmp_path_factory):
 @pytest.fixture(scope="module")
 def job4(job, tmp_path_factory):
     work = tmp_path_factory.mktemp("work4")
-    return run_distributed("tests.distributed.jobs:model_parallel",
-                           {"workdir": str(work), "shards": job["shards"], "modes": ["tp2-zero1", "sp2-zero1"],
-                            "resume_modes": ["tp2-zero1"]}, nproc=4)
+    ranks = run_distributed("tests.distributed.jobs:model_parallel",
+                            {"workdir": str(work), "shards": job["shards"],
+                             "modes": ["tp2-zero1", "sp2-zero1", *TENSOR_SEQUENCE_MODES],
+                             "resume_modes": ["tp2-zero1", "tp2sp2-zero1"]}, nproc=4)
+    losses, model = reference_run(small_overrides(job["shards"], "reference4") + TENSOR_SEQUENCE_MODEL)
+    return {"work": work, "ranks": ranks, "reference_losses": losses, "reference_model": model}
 
 
 @pytest.mark.parametrize("mode", FP32)
@@ -101,12 +105,26 @@ def test_zero0_tensor_parallel_checkpoint_keeps_its_size(job):
 
 @pytest.mark.parametrize("mode", ["tp2-zero1", "sp2-zero1"])
 def test_four_ranks_two_data_parallel_groups(job, job4, mode):
-    assert [r[mode]["straight"]["dp"] for r in job4] == [[0, 2], [0, 2], [1, 2], [1, 2]]
-    assert job4[0][mode]["straight_losses"] == pytest.approx(job["reference_losses"], abs=1e-5, rel=0)
+    assert [r[mode]["straight"]["dp"] for r in job4["ranks"]] == [[0, 2], [0, 2], [1, 2], [1, 2]]
+    assert job4["ranks"][0][mode]["straight_losses"] == pytest.approx(job["reference_losses"], abs=1e-5, rel=0)
 
 
-def test_four_ranks_resume_exactly(job4):
-    assert_exact_resume(job4[0]["tp2-zero1"])
+@pytest.mark.parametrize("mode", list(TENSOR_SEQUENCE_MODES))
+def test_tensor_and_sequence_parallel_together(job4, mode):
+    """4 ranks, one data-parallel group: 2 TP ranks each split their heads again over 2 SP ranks."""
+    r = job4["ranks"][0][mode]
+    assert [x[mode]["straight"]["dp"] for x in job4["ranks"]] == [[0, 1]] * 4
+    assert r["straight_losses"] == pytest.approx(job4["reference_losses"], abs=1e-5, rel=0)
+    model, meta = load_model(os.path.join(job4["work"], "runs", f"{mode}-straight", "checkpoints"))
+    assert meta["tensor_parallel"]["size"] == 2
+    ref = job4["reference_model"].state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, ref[name].float(), atol=2e-5, rtol=0, msg=f"{mode}: {name}")
+
+
+@pytest.mark.parametrize("mode", ["tp2-zero1", "tp2sp2-zero1"])
+def test_four_ranks_resume_exactly(job4, mode):
+    assert_exact_resume(job4["ranks"][0][mode])
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -119,10 +137,12 @@ def test_four_ranks_resume_exactly(job4):
      "embeddings would need the same split as wv); expected 0"),
     (["parallel.sequence_parallel=2"], "config: parallel.sequence_parallel: 2 must divide model.n_heads (2) and "
                                        "model.n_kv_heads (1)"),
+    (["parallel.sequence_parallel=2", "parallel.tensor_parallel=2", "model.n_kv_heads=2"],
+     "config: parallel.sequence_parallel: 2 × tensor_parallel 2 must divide model.n_heads (2) and model.n_kv_heads (2)"),
 ])
 def test_models_that_do_not_split_are_refused(tmp_path, overrides, expected):
     shards = make_corpus(str(tmp_path / "shards"))
-    cfg = load_config(None, small_overrides(shards, "split") + overrides, world_size=2)
+    cfg = load_config(None, small_overrides(shards, "split") + overrides, world_size=4)
     with pytest.raises(UserError) as exc:
         LMTask(cfg)
     assert str(exc.value) == expected

@@ -87,6 +87,10 @@ def test_fastest_layouts_for_llama3():
     # 8B at 128k: 128k tokens of activations per GPU do not fit; Ulysses splits the sequence.
     best = _best("llama3-8b", 512, 131072)
     assert best.sp == 8 and best.fits_ckpt, best
+    rows = _rows("llama3-8b", 512, "data.seq_len=131072", "batch.global_batch=64")
+    tpsp = next(r for r in rows if (r.tp, r.sp, r.zero) == (2, 4, 1))  # both at once, inside a node
+    sp8 = next(r for r in rows if (r.tp, r.sp, r.zero) == (1, 8, 1))
+    assert tpsp.params_gib < 0.6 * sp8.params_gib and tpsp.act_ckpt_gib < 2 * sp8.act_ckpt_gib  # embeddings stay whole
     # 70B at 8k on 256-1024 GPUs: tensor parallelism inside the node (ZeRO-3 alone would gather
     # 141 GB of weights every micro batch over the network).
     for gpus in (256, 512, 1024):
@@ -95,7 +99,8 @@ def test_fastest_layouts_for_llama3():
     zero3 = next(r for r in _rows("llama3-70b", 512, "batch.global_batch=1024") if r.zero == 3 and r.tp == 1 and
                  r.pipeline == 1)
     assert zero3.step_s > _best("llama3-70b", 512, 8192).step_s
-    # 70B at 128k on 64 GPUs: no layout megalm runs fits (TP x SP together is not available).
+    # 70B at 128k on 64 GPUs: no layout megalm runs fits (TP × SP stays inside a node: 8 KV heads;
+    # ZeRO-3 with SP is refused).
     assert _best("llama3-70b", 64, 131072) is None
 
 

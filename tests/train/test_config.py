@@ -77,7 +77,7 @@ def test_zero2_with_pipeline_is_rejected():
      "(DeepSpeed's pipeline engine takes no sequence-parallel groups); use one of them"),
     (["parallel.sequence_parallel=2", "parallel.zero_stage=3"], None,
      "config: parallel.zero_stage: ZeRO-3 cannot be combined with sequence_parallel=2 (DeepSpeed 0.19's ZeRO-3 "
-     "scales sequence-parallel gradients by 1/2); use zero_stage 1 or 2"),
+     "trains sequence-parallel ranks off the one-rank result: measured); use zero_stage 1 or 2"),
     (["parallel.sequence_parallel=0"], None, "config: parallel.sequence_parallel: expected a positive number, got 0"),
     (["parallel.sequence_parallel=3", "data.seq_len=64"], None,
      "config: data.seq_len: 64 positions do not split evenly over parallel.sequence_parallel=3"),
@@ -91,9 +91,6 @@ def test_zero2_with_pipeline_is_rejected():
     (["parallel.tensor_parallel=4"], 6,
      "config: parallel.tensor_parallel: world size 6 is not a multiple of pipeline_stages × sequence_parallel "
      "× tensor_parallel (1 × 1 × 4)"),
-    (["parallel.tensor_parallel=2", "parallel.sequence_parallel=2"], None,
-     "config: parallel.tensor_parallel: tensor_parallel=2 cannot be combined with sequence_parallel=2 (DeepSpeed "
-     "0.19's AutoTP replaces the model-parallel groups with its own data × tensor ones); use one of them"),
     (["parallel.tensor_parallel=2", "parallel.pipeline_stages=2"], None,
      "config: parallel.tensor_parallel: tensor_parallel=2 cannot be combined with pipeline_stages=2 (DeepSpeed's "
      "pipeline engine builds its own model-parallel grid); use one of them"),
@@ -112,6 +109,12 @@ def test_zero2_with_pipeline_is_rejected():
 ])
 def test_impossible_model_parallel_layouts_are_refused(overrides, world, expected):
     assert error_of(*overrides, world_size=world) == expected
+
+
+def test_tensor_and_sequence_parallel_compose():
+    cfg = cfg_of("parallel.sequence_parallel=2", "parallel.tensor_parallel=2", "batch.micro_batch=2",
+                 "batch.global_batch=8", world_size=8)
+    assert cfg.dp_size(8) == 2 and cfg.grad_accum(8) == 2
 
 
 @pytest.mark.parametrize("key", ["sequence_parallel", "tensor_parallel"])
