@@ -175,7 +175,7 @@ class Row:
 
 def layouts(m: LLMConfig, seq: int, gpus: int, gpu: GPU) -> list[tuple[int, int, int, int]]:
     """(zero, pp, tp, sp) megalm can run: pipelines alone (ZeRO <= 1, as DeepSpeed requires), or
-    tensor and/or sequence parallelism inside a node (ZeRO 1/2 once sequence parallelism is on)."""
+    tensor and/or sequence parallelism inside a node (ZeRO 1/2 when both)."""
     out = []
     for pp in (1, 2, 4, 8, 16, 32, 64):
         if pp <= m.n_layers and gpus % pp == 0:
@@ -189,7 +189,7 @@ def layouts(m: LLMConfig, seq: int, gpus: int, gpu: GPU) -> list[tuple[int, int,
                 continue
             if seq % sp:
                 continue
-            out += [(zero, 1, tp, sp) for zero in ((1, 2) if sp > 1 else (0, 1, 2, 3))]
+            out += [(zero, 1, tp, sp) for zero in ((1, 2) if sp > 1 and tp > 1 else (0, 1, 2, 3))]
     return out
 
 

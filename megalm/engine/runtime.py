@@ -154,6 +154,21 @@ def local_grad_sumsq(engine: Any) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
 
 
+def backward_factor(engine: Any) -> float:
+    """What each rank's loss is multiplied by before backward so the reduced gradient is the sum
+    of the sequence-parallel ranks' shares, averaged over data parallelism. ZeRO-0/1/2 divide the
+    reduction over the data × sequence ranks by the data-parallel size only; ZeRO-3's
+    reduce-scatter divides by all of them, so its shares are scaled back by N there."""
+    sp = int(getattr(engine, "sequence_parallel_size", 1) or 1)
+    if sp == 1 or engine.zero_optimization_stage() != 3:
+        return 1.0
+    if not engine.zero_reduce_scatter():
+        # DeepSpeed's other ZeRO-3 reduction (small contiguous buckets) divides by the data-parallel
+        # size only, and large buckets still take the reduce-scatter: no single factor holds.
+        raise RuntimeError("ZeRO-3 with sequence parallelism needs zero_optimization.reduce_scatter (megalm's default)")
+    return float(sp)
+
+
 def global_grad_norm(engine: Any) -> float | None:
     """The gradient norm DeepSpeed took at its last step, when it took one."""
     g = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None

@@ -47,7 +47,8 @@ class SequenceGroups:
     all-to-alls stay inside a node when sp divides the GPUs per node.
 
     DeepSpeed reduces gradients and partitions ZeRO state over the sequence-data-parallel group
-    (every rank here), dividing by the data-parallel size only: the group's loss shares add up."""
+    (every rank here), dividing by the data-parallel size only (ZeRO-0/1/2; ZeRO-3 by all of
+    them: megalm.engine.runtime.backward_factor): the group's loss shares add up."""
 
     def __init__(self, sp: int):
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -94,7 +95,12 @@ class SequenceGroups:
         return dist.get_rank()
 
     def get_data_parallel_group(self) -> dist.ProcessGroup:
-        return self.dp_group
+        # The group ZeRO-3 partitions parameters over when it converts the model
+        # (deepspeed.runtime.zero.parameter_offload asks the mpu for it): it must be the one its
+        # reduce-scatter and optimizer partitions use, the data × sequence ranks. With the pure
+        # data-parallel group, parameters stayed whole while gradients were scattered (measured:
+        # another loss curve from the first update). Batch arithmetic asks the world size below.
+        return self.seq_dp_group
 
     def get_data_parallel_world_size(self) -> int:
         return self.dp

@@ -113,3 +113,21 @@ def merge_items(parts: list[Iterator[tuple[str, torch.Tensor]]], tp_plan: dict[s
         name = entries[0][0]
         dim = split_dim(name, tp_plan)
         yield name, entries[0][1] if dim is None else torch.cat([t for _, t in entries], dim)
+
+
+def grad_norm(module: torch.nn.Module, tp_plan: dict[str, Any] | None) -> torch.Tensor:
+    """Collective over the tensor-parallel group when `tp_plan` is set. The global gradient norm of
+    `module` from the gradients each rank holds: split parameters contribute every rank's slice,
+    whole ones (the same on every TP rank) once. No host read."""
+    named = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
+    if not named:
+        return torch.zeros(())
+    if tp_plan is None:
+        return torch.nn.utils.get_total_norm([g for _, g in named])
+    split = [g for n, g in named if split_dim(n, tp_plan) is not None]
+    whole = [g for n, g in named if split_dim(n, tp_plan) is None]
+    zero = torch.zeros((), device=named[0][1].device)
+    sumsq = torch.stack([torch.nn.utils.get_total_norm(split).square() if split else zero,
+                         torch.nn.utils.get_total_norm(whole).square() if whole else zero])
+    dist.all_reduce(sumsq[:1], group=_groups().get_tensor_model_parallel_group())
+    return sumsq.sum().sqrt()

@@ -116,13 +116,13 @@ class ParallelSection(Section):
         if self.pipeline_stages > 1 and self.zero_stage > 1:
             raise Invalid("zero_stage", f"ZeRO-{self.zero_stage} cannot be combined with pipeline parallelism "
                           f"(pipeline_stages={self.pipeline_stages}); DeepSpeed allows ZeRO 0 or 1 with pipelines")
-        if self.sequence_parallel > 1 and self.zero_stage == 3:
-            # Measured on 2 gloo ranks (DeepSpeed 0.19.8): the loss curve and the weights leave the
-            # one-rank reference from the first update, with or without scaling the shares back
-            # for ZeRO-3's reduce-scatter averaging; ZeRO-1/2 match it to 1e-6.
-            raise Invalid("zero_stage", f"ZeRO-3 cannot be combined with sequence_parallel="
-                          f"{self.sequence_parallel} (DeepSpeed 0.19's ZeRO-3 trains sequence-parallel ranks off the "
-                          f"one-rank result: measured); use zero_stage 1 or 2")
+        if self.sequence_parallel > 1 and self.tensor_parallel > 1 and self.zero_stage in (0, 3):
+            # ZeRO-3 partitions parameters over DeepSpeed's data-parallel group, which under AutoTP is
+            # its own groups module's: megalm widens that group to data × sequence ranks only for
+            # sequence parallelism alone (megalm.engine.sequence). ZeRO-0: not tested together.
+            raise Invalid("zero_stage", f"ZeRO-{self.zero_stage} cannot be combined with tensor_parallel="
+                          f"{self.tensor_parallel} and sequence_parallel={self.sequence_parallel} together; "
+                          f"use zero_stage 1 or 2")
         if self.offload_optimizer and self.zero_stage == 0:
             raise Invalid("offload_optimizer", "needs parallel.zero_stage >= 1")
 

@@ -25,7 +25,9 @@ import megalm
 from megalm.errors import UserError
 from megalm.data.prefetch import Prefetcher
 from megalm.engine.checkpointing import DeepSpeedCheckpointManager
-from megalm.engine.runtime import device_of, gathered, global_grad_norm, local_grad_sumsq, loss_scale
+from megalm.engine.tensor import grad_norm
+from megalm.engine.runtime import (backward_factor, device_of, gathered, global_grad_norm, local_grad_sumsq,
+                                   loss_scale)
 from megalm.fsio import atomic_write
 from megalm.train.build import build
 from megalm.train.config import TrainConfig
@@ -89,11 +91,13 @@ class Trainer:
         self.skip_plan: dict[int, int] = {}  # data_step -> global batches to skip before drawing it
         self.last_eval = float("nan")
         self._saved_step = -1
-        # DeepSpeed reports no grad norm for plain fp32 data parallelism; compute it ourselves there.
+        # DeepSpeed reports no grad norm for plain fp32 data parallelism; compute it ourselves there
+        # (under tensor parallelism from every rank's slices: megalm.engine.tensor.grad_norm).
         self._own_grad_norm = (not self.b.pipeline and cfg.parallel.zero_stage == 0
                                and cfg.precision.dtype == "fp32")
         self._gnorm: torch.Tensor | None = None  # stays on the device until a log line reads it
         self._guard_norm = cfg.megalm_grad_norm()  # ZeRO-1/2/3: the guard's reduction carries the norm
+        self._backward_factor = backward_factor(self.engine)  # ZeRO-3 × sequence parallelism: N
         self.peak_flops = peak_flops(cfg.precision.dtype, cfg.logging.peak_flops)
         if self.peak_flops is None and torch.cuda.is_available() and rank == 0:
             _warn(f"no peak FLOP/s known for {torch.cuda.get_device_name()} in {cfg.precision.dtype}: MFU is "
@@ -211,13 +215,12 @@ class Trainer:
         else:
             for i, mb in enumerate(micro):
                 loss = self.guard.record(self.task.loss(self.engine, mb))
-                self.engine.backward(loss)
+                self.engine.backward(loss * self._backward_factor if self._backward_factor != 1 else loss)
                 if i == len(micro) - 1:
                     # Before the optimizer runs, on every rank; carries the gradient norm (ZeRO-1/2/3).
                     self.guard.decide(local_grad_sumsq(self.engine) if self._guard_norm else None)
                     if self._own_grad_norm:
-                        self._gnorm = torch.nn.utils.get_total_norm(
-                            [p.grad for p in self.engine.module.parameters() if p.grad is not None])
+                        self._gnorm = grad_norm(self.engine.module, self.b.tp_plan)
                 self.engine.step()
         if not self.guard.decided:  # a DeepSpeed that stepped without our hook would have skipped the check
             raise RuntimeError("step guard: no decision this step (DeepSpeed ran no optimizer step?)")

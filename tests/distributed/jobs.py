@@ -164,6 +164,8 @@ def trainer_checks(workdir: str, shards: str, no_valid_shards: str) -> dict[str,
 SEQUENCE_MODES: dict[str, list[str]] = {
     "sp2-zero1": ["parallel.zero_stage=1", "parallel.sequence_parallel=2"],
     "sp2-zero2": ["parallel.zero_stage=2", "parallel.sequence_parallel=2"],
+    "sp2-zero3": ["parallel.zero_stage=3", "parallel.sequence_parallel=2"],
+    "sp2-zero0": ["parallel.zero_stage=0", "parallel.sequence_parallel=2"],
     "sp2-zero1-bf16": ["parallel.zero_stage=1", "parallel.sequence_parallel=2", "precision.dtype=bf16"],
     # every block recomputed in backward: its all-to-alls run again there
     "sp2-zero1-ckpt": ["parallel.zero_stage=1", "parallel.sequence_parallel=2", "parallel.activation_checkpointing=true"],
@@ -184,7 +186,8 @@ def model_parallel(workdir: str, shards: str, modes: list[str], resume_modes: li
         straight = train(small_overrides(shards, f"{mode}-straight") + extra,
                          extra=lambda t: {"guard_reductions": t.guard.reductions, "dp": [t.b.dp_rank, t.b.dp_world]})
         out[mode] = {"straight": straight,
-                     "straight_losses": [r["loss"] for r in train_records(straight["run_dir"])]}
+                     "straight_losses": [r["loss"] for r in train_records(straight["run_dir"])],
+                     "straight_grad_norms": [r["grad_norm"] for r in train_records(straight["run_dir"])]}
         if mode in resume_modes:
             first = train(small_overrides(shards, f"{mode}-split") + extra + ["debug.max_steps_this_run=2"])
             second = train(small_overrides(shards, f"{mode}-split") + extra)

@@ -1,10 +1,10 @@
 """Model parallelism in the trainer on real gloo ranks: `parallel.tensor_parallel: 2` (DeepSpeed
-AutoTP, Megatron's column/row split) under ZeRO 0/1/2/3 and `parallel.sequence_parallel: 2`
-(Ulysses) under ZeRO 1/2, with and without activation checkpointing, on 2 ranks; each as 2
-data-parallel × 2, and both at once (TP 2 × SP 2, ZeRO 1/2), on 4 ranks:
-- the losses and final weights of the single-process reference (fp32; bound 1e-5 as for the other
-  layouts: reduction order only; bf16: 2e-2), with document masks (the corpus packs several
-  documents a row);
+AutoTP, Megatron's column/row split) and `parallel.sequence_parallel: 2` (Ulysses), each under
+ZeRO 0/1/2/3, with and without activation checkpointing, on 2 ranks; each as 2 data-parallel × 2,
+and both at once (TP 2 × SP 2, ZeRO 1/2), on 4 ranks:
+- the losses, gradient norms (before clipping) and final weights of the single-process reference
+  (fp32; bound 1e-5 as for the other layouts: reduction order only; bf16: 2e-2), with document
+  masks (the corpus packs several documents a row);
 - N steps + a new engine resuming + N steps == 2N straight steps, bit for bit;
 - the ranks of a TP or SP group read the same batches (one data-parallel share);
 - checkpoints keep the plain model's names; the weights read back (megalm.engine.layout, the reader
@@ -34,7 +34,7 @@ from tests.distributed.reference import reference_run
 pytestmark = pytest.mark.timeout(900)
 MODES = [*TENSOR_MODES, *SEQUENCE_MODES]
 FP32 = [m for m in MODES if "bf16" not in m]
-RESUMED = ["tp2-zero1", "tp2-zero3", "tp2-zero1-bf16", "sp2-zero1", "sp2-zero2"]
+RESUMED = ["tp2-zero1", "tp2-zero3", "tp2-zero1-bf16", "sp2-zero1", "sp2-zero2", "sp2-zero3"]
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,10 @@ def job(tmp_path_factory):
     ranks = run_distributed("tests.distributed.jobs:model_parallel",
                             {"workdir": str(work), "shards": shards, "modes": MODES, "resume_modes": RESUMED,
                              "handover": True}, nproc=2)
-    losses, model = reference_run(small_overrides(shards, "reference") + SEQUENCE_MODEL)
+    norms: list[float] = []
+    losses, model = reference_run(small_overrides(shards, "reference") + SEQUENCE_MODEL, grad_norms=norms)
     return {"work": work, "shards": shards, "ranks": ranks, "reference_losses": losses, "reference_model": model,
-            **ranks[0]}
+            "reference_grad_norms": norms, **ranks[0]}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def job4(job, tmp_path_factory):
     work = tmp_path_factory.mktemp("work4")
     ranks = run_distributed("tests.distributed.jobs:model_parallel",
                             {"workdir": str(work), "shards": job["shards"],
-                             "modes": ["tp2-zero1", "sp2-zero1", *TENSOR_SEQUENCE_MODES],
+                             "modes": ["tp2-zero1", "sp2-zero1", "sp2-zero3", *TENSOR_SEQUENCE_MODES],
                              "resume_modes": ["tp2-zero1", "tp2sp2-zero1"]}, nproc=4)
     losses, model = reference_run(small_overrides(job["shards"], "reference4") + TENSOR_SEQUENCE_MODEL)
     return {"work": work, "ranks": ranks, "reference_losses": losses, "reference_model": model}
@@ -63,6 +64,8 @@ def job4(job, tmp_path_factory):
 @pytest.mark.parametrize("mode", FP32)
 def test_matches_single_process_reference(job, mode):
     assert job[mode]["straight_losses"] == pytest.approx(job["reference_losses"], abs=1e-5, rel=0)
+    # The norm sees a gradient scale Adam hides (ZeRO-3's reduce-scatter averages SP shares too).
+    assert job[mode]["straight_grad_norms"] == pytest.approx(job["reference_grad_norms"], rel=1e-4)
     model, meta = load_model(os.path.join(job["work"], "runs", f"{mode}-straight", "checkpoints"))
     assert meta["step"] == 4 and (meta.get("tensor_parallel") or {}).get("size", 1) == (2 if "tp" in mode else 1)
     ref = job["reference_model"].state_dict()
@@ -103,7 +106,7 @@ def test_zero0_tensor_parallel_checkpoint_keeps_its_size(job):
                               "universal conversion)"}
 
 
-@pytest.mark.parametrize("mode", ["tp2-zero1", "sp2-zero1"])
+@pytest.mark.parametrize("mode", ["tp2-zero1", "sp2-zero1", "sp2-zero3"])
 def test_four_ranks_two_data_parallel_groups(job, job4, mode):
     assert [r[mode]["straight"]["dp"] for r in job4["ranks"]] == [[0, 2], [0, 2], [1, 2], [1, 2]]
     assert job4["ranks"][0][mode]["straight_losses"] == pytest.approx(job["reference_losses"], abs=1e-5, rel=0)

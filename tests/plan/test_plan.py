@@ -99,12 +99,16 @@ def test_fastest_layouts_for_llama3():
     zero3 = next(r for r in _rows("llama3-70b", 512, "batch.global_batch=1024") if r.zero == 3 and r.tp == 1 and
                  r.pipeline == 1)
     assert zero3.step_s > _best("llama3-70b", 512, 8192).step_s
-    # 70B at 128k on 64 GPUs: no layout megalm runs fits (TP × SP stays inside a node: 8 KV heads;
-    # ZeRO-3 with SP is refused).
-    assert _best("llama3-70b", 64, 131072) is None
+    # 70B at 128k: only ZeRO-3 with sequence parallelism fits (weights partitioned over every
+    # rank, 128k positions split over the node), from 64 GPUs on.
+    for gpus in (64, 512):
+        best = _best("llama3-70b", gpus, 131072)
+        assert best.zero == 3 and best.sp >= 4 and best.tp == 1, best
+    assert not any(r.fits_ckpt for r in _rows("llama3-70b", 64, "data.seq_len=131072", "batch.global_batch=64")
+                   if r.sp == 1)
 
 
-MODEL_PARALLEL_EXAMPLES = ["llama3-70b-8k", "llama3-70b-32k", "llama3-8b-128k"]
+MODEL_PARALLEL_EXAMPLES = ["llama3-70b-8k", "llama3-70b-32k", "llama3-70b-128k", "llama3-8b-128k"]
 
 
 @pytest.mark.parametrize("name", MODEL_PARALLEL_EXAMPLES)

@@ -75,9 +75,9 @@ def test_zero2_with_pipeline_is_rejected():
     (["parallel.sequence_parallel=2", "parallel.pipeline_stages=2"], None,
      "config: parallel.sequence_parallel: sequence parallelism (2) cannot be combined with pipeline_stages=2 "
      "(DeepSpeed's pipeline engine takes no sequence-parallel groups); use one of them"),
-    (["parallel.sequence_parallel=2", "parallel.zero_stage=3"], None,
-     "config: parallel.zero_stage: ZeRO-3 cannot be combined with sequence_parallel=2 (DeepSpeed 0.19's ZeRO-3 "
-     "trains sequence-parallel ranks off the one-rank result: measured); use zero_stage 1 or 2"),
+    (["parallel.sequence_parallel=2", "parallel.tensor_parallel=2", "parallel.zero_stage=3"], None,
+     "config: parallel.zero_stage: ZeRO-3 cannot be combined with tensor_parallel=2 and sequence_parallel=2 "
+     "together; use zero_stage 1 or 2"),
     (["parallel.sequence_parallel=0"], None, "config: parallel.sequence_parallel: expected a positive number, got 0"),
     (["parallel.sequence_parallel=3", "data.seq_len=64"], None,
      "config: data.seq_len: 64 positions do not split evenly over parallel.sequence_parallel=3"),
@@ -241,6 +241,7 @@ def test_shipped_example_by_name_and_unknown_name_lists_them(tmp_path, monkeypat
     assert load_config("demo", ["data.paths=[d]"]).name == "demo"
     assert load_config("diffusion-digits", ["data.paths=[d]"]).task == "diffusion"
     with pytest.raises(UserError, match=r"^nope: cannot read config .*shipped examples: demo, diffusion-digits, "
-                                        r"gpt2-124m, llama3-1b, llama3-70b-32k, llama3-70b-8k, llama3-8b-128k, recipe-gpt2-124m, "
+                                        r"gpt2-124m, llama3-1b, llama3-70b-128k, llama3-70b-32k, llama3-70b-8k, llama3-8b-128k, "
+                                        r"recipe-gpt2-124m, "
                                         r"recipe-tiny, sft-tiny$"):
         load_config("nope")
