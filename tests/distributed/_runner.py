@@ -29,4 +29,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Leave like `megalm train` (megalm.cli.leave): the result is on disk, and the interpreter's
+    # teardown only adds the torch/gloo destructor race that sometimes aborts a finished rank
+    # ("terminate called without an active exception": the export job's 2 ranks, once on 2026-12-06).
+    from megalm.cli import leave
+
+    leave(main())
