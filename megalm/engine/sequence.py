@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from megalm.engine.tensor import new_groups
+
 
 class UlyssesCore(nn.Module):
     """An attention core (megalm.models.llm.AttentionCore) run on all positions of heads/sp heads.
@@ -56,24 +58,11 @@ class SequenceGroups:
             raise ValueError(f"world size {world} is not a multiple of sequence_parallel={sp}")
         self.sp, self.dp = sp, world // sp
         self.sp_rank, self.dp_rank = rank % sp, rank // sp
-        # new_group is collective: every rank creates every group, in the same order.
-        self.sp_group = self.dp_group = None
-        for d in range(self.dp):
-            g = dist.new_group(list(range(d * sp, (d + 1) * sp)))
-            if d == self.dp_rank:
-                self.sp_group = g
-        for s in range(sp):
-            g = dist.new_group(list(range(s, world, sp)))
-            if s == self.sp_rank:
-                self.dp_group = g
-        self.seq_dp_group = dist.new_group(list(range(world)))
+        self.sp_group = new_groups([list(range(d * sp, (d + 1) * sp)) for d in range(self.dp)])
+        self.seq_dp_group = new_groups([list(range(world))])
         # No model parallelism: each rank is its own model-parallel group (DeepSpeed reduces norms
         # over it).
-        self.mp_group = None
-        for r in range(world):
-            g = dist.new_group([r])
-            if r == rank:
-                self.mp_group = g
+        self.mp_group = new_groups([[r] for r in range(world)])
 
     # -- what DeepSpeed asks of an mpu (deepspeed.utils.groups) --------------------------------
     def get_sequence_parallel_group(self) -> dist.ProcessGroup:
@@ -109,7 +98,7 @@ class SequenceGroups:
         return self.dp_rank
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return list(range(self.sp_rank, self.sp * self.dp, self.sp))
+        return list(range(self.sp * self.dp))  # get_data_parallel_group's ranks
 
     def get_model_parallel_world_size(self) -> int:
         return 1

@@ -44,7 +44,7 @@ def reset_tensor_groups() -> None:
         g.__dict__.pop(name, None)
 
 
-def _new_groups(rank_lists: list[list[int]]) -> dist.ProcessGroup:
+def new_groups(rank_lists: list[list[int]]) -> dist.ProcessGroup:
     """Collective (every rank creates every group, in the same order): the group holding this rank."""
     mine = None
     for ranks in rank_lists:
@@ -69,12 +69,12 @@ def tensor_groups(tp: int, sp: int = 1) -> Any:
     reset_tensor_groups()
     g = _groups()
     # Explicit new_group calls rather than a DeviceMesh split: the same on gloo and NCCL.
-    g._TENSOR_MODEL_PARALLEL_GROUP = g._MODEL_PARALLEL_GROUP = _new_groups(
+    g._TENSOR_MODEL_PARALLEL_GROUP = g._MODEL_PARALLEL_GROUP = new_groups(
         [[at(d, s, t) for t in range(tp)] for d in range(dp) for s in range(sp)])
-    g._DATA_PARALLEL_GROUP = _new_groups([[at(d, s, t) for d in range(dp)] for s in range(sp) for t in range(tp)])
+    g._DATA_PARALLEL_GROUP = new_groups([[at(d, s, t) for d in range(dp)] for s in range(sp) for t in range(tp)])
     if sp > 1:
-        sp_group = _new_groups([[at(d, s, t) for s in range(sp)] for d in range(dp) for t in range(tp)])
-        zero_group = _new_groups([[at(d, s, t) for d in range(dp) for s in range(sp)] for t in range(tp)])
+        sp_group = new_groups([[at(d, s, t) for s in range(sp)] for d in range(dp) for t in range(tp)])
+        zero_group = new_groups([[at(d, s, t) for d in range(dp) for s in range(sp)] for t in range(tp)])
         sp_rank = rank // tp % sp
         answers = (sp_group, sp, sp_rank, zero_group, dp * sp, rank // (tp * sp) * sp + sp_rank)
         for name, value in zip(_SEQUENCE_QUERIES, answers):
