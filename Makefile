@@ -69,6 +69,8 @@ gpu-wheels: venv
 # Training speed on one GPU against a nanoGPT-style loop, eager and compiled (benchmarks/train_gpu.py):
 # builds the ops, then writes BENCH_OUT. DeepSpeed comes from the carried .whl/ (make gpu-wheels).
 BENCH_OUT ?= benchmarks/results/train_gpu.json
+# Document-masked attention candidates (benchmarks/attention.py), measured in the same session.
+ATTENTION_OUT ?= benchmarks/results/attention_gpu.json
 GPU_PATH := PYTHONPATH=$(CURDIR):$(CURDIR)/.whl/site
 bench-gpu:
 	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu: $(PYTHON) sees no CUDA GPU')"
@@ -76,3 +78,4 @@ bench-gpu:
 		--target .whl/site .whl/*.whl || { echo "bench-gpu: no DeepSpeed for $(PYTHON) (make gpu-wheels, carry .whl/)"; exit 1; }
 	$(GPU_PATH) $(PYTHON) -m megalm.ops.build --strict
 	$(GPU_PATH) $(PYTHON) benchmarks/train_gpu.py --out $(BENCH_OUT)
+	$(GPU_PATH) $(PYTHON) benchmarks/attention.py --out $(ATTENTION_OUT)

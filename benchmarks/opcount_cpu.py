@@ -14,11 +14,11 @@ value by the host (.item(), .tolist(), bool(t)): each is a host sync on a GPU.
 
 Prints JSON: per ZeRO stage both counts, `kernels_ratio` (megalm / plain) and the ops megalm adds.
 
-Read with care: on CPU megalm's fused ops run their PyTorch references (FusedAdamW steps tensor
-by tensor and reads each CPU step counter with .item(); the CE checks labels on the host), so the
-CPU figure overstates what a GPU launches where the optimizer sees many tensors (ZeRO-0) and
-counts host reads of CPU-only scalars. What DeepSpeed adds per parameter (overflow checks, norms,
-bucket copies) runs the same on both.
+Read with care: on CPU megalm's fused ops run their PyTorch references. FusedAdamW's step is
+counted as the multi_tensor_adamw launches its CUDA path makes (host.cpp's batching), not as the
+reference's per-tensor ops; the model's fused ops (norms, CE, ...) are counted as their references'
+ops on both sides (the same module), and the CE checks labels on the host on CPU only. What
+DeepSpeed adds per parameter (overflow checks, norms, bucket copies) runs the same on both.
 """
 
 from __future__ import annotations
@@ -47,9 +47,30 @@ SHAPE = ["model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_head
          "batch.micro_batch=2", "batch.global_batch=8"]
 
 
+# megalm/ops/csrc/launch.h: one multi_tensor_adamw launch holds at most this many tensors and blocks.
+ADAM_MAX_TENSORS, ADAM_MAX_BLOCKS, ADAM_CHUNK = 24, 320, 65536
+
+
+def adamw_launches(numels: list[int]) -> int:
+    """Kernel launches of one multi_tensor_adamw call over tensors of these sizes (host.cpp's
+    batching: a launch when its tensor or block slots are full; a tensor may carry over)."""
+    launches = tensors = blocks = 0
+    for n in (n for n in numels if n):
+        tensors += 1
+        chunks = -(-n // ADAM_CHUNK)
+        for c in range(chunks):
+            blocks += 1
+            if blocks == ADAM_MAX_BLOCKS or (tensors == ADAM_MAX_TENSORS and c == chunks - 1):
+                launches += 1
+                tensors, blocks = (1 if c < chunks - 1 else 0), 0
+    return launches + (blocks > 0)
+
+
 def counter():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megalm.ops.adamw import FusedAdamW
 
     class Count(TorchDispatchMode):
         """aten ops reaching the dispatcher, and host reads: `.tolist()` reads the data without
@@ -59,6 +80,7 @@ def counter():
             super().__init__()
             self.ops: collections.Counter[str] = collections.Counter()
             self.reads: collections.Counter[str] = collections.Counter()  # host reads by call site
+            self._in_adamw = False
 
         def _read(self) -> None:
             self.ops[SYNC] += 1
@@ -66,7 +88,9 @@ def counter():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func.overloadpacket).split(".", 1)[-1]
-            if name == SYNC:
+            if self._in_adamw:
+                pass
+            elif name == SYNC:
                 self._read()
             elif name not in VIEWS:
                 self.ops[name] += 1
@@ -79,11 +103,31 @@ def counter():
                 self._read()
                 return real(t, *a, **kw)
 
+            # On CPU FusedAdamW steps tensor by tensor (its reference; reading each CPU step counter);
+            # on a GPU the same step is multi_tensor_adamw: counted as the launches that makes, as
+            # torch's fused AdamW in the plain loop counts as its one aten op per param group.
+            step_reference = self._step_reference = FusedAdamW._step_reference
+
+            def counted_step(opt, params, master_weights, hyper):
+                self._in_adamw = True
+                try:
+                    groups: dict[tuple, list[int]] = collections.defaultdict(list)
+                    for p in params:  # _step_cuda's launch groups: dtype, master copy, step count
+                        st = opt.state.get(p, {})
+                        has_master = master_weights and p.dtype in (torch.bfloat16, torch.float16)
+                        groups[(p.dtype, has_master, float(st["step"]) if st else 0.0)].append(p.numel())
+                    self.ops["multi_tensor_adamw"] += sum(adamw_launches(n) for n in groups.values())
+                    return step_reference(opt, params, master_weights, hyper)
+                finally:
+                    self._in_adamw = False
+
             torch.Tensor.tolist = tolist
+            FusedAdamW._step_reference = counted_step
             return super().__enter__()
 
         def __exit__(self, *exc):
             torch.Tensor.tolist = self._tolist
+            FusedAdamW._step_reference = self._step_reference
             return super().__exit__(*exc)
 
     return Count, torch

@@ -27,7 +27,8 @@ def to_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum(world_size),
         "train_batch_size": cfg.batch.global_batch,
-        "gradient_clipping": cfg.optimizer.grad_clip,
+        # megalm clips ZeRO-0 itself, with the norm its step guard already has (megalm_zero0).
+        "gradient_clipping": 0.0 if cfg.megalm_zero0() else cfg.optimizer.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # our loop logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
@@ -35,7 +36,11 @@ def to_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     }
     if force_ds_cpu_adam is not None:
         ds["zero_force_ds_cpu_optimizer"] = force_ds_cpu_adam
-    if prec.dtype == "bf16":
+    if prec.dtype == "bf16" and cfg.megalm_zero0():
+        # The model arrives in bf16 and megalm's AdamW keeps the fp32 masters (megalm.train.build):
+        # DeepSpeed runs as for fp32 and all-reduces the bf16 gradients as its bf16 mode would.
+        ds["communication_data_type"] = "bf16"
+    elif prec.dtype == "bf16":
         ds["bf16"] = {"enabled": True}
         if cfg.megalm_grad_norm():  # the guard skips a step with a non-finite gradient norm
             ds["bf16"]["check_grad_overflow"] = False
@@ -60,7 +65,8 @@ _OWNERS = {"train_micro_batch_size_per_gpu": "batch.micro_batch", "gradient_accu
            "train_batch_size": "batch.global_batch", "gradient_clipping": "optimizer.grad_clip",
            "zero_optimization.stage": "parallel.zero_stage", "zero_optimization.offload_optimizer":
            "parallel.offload_optimizer", "bf16.enabled": "precision.dtype", "fp16.enabled": "precision.dtype",
-           "fp16.loss_scale": "precision.loss_scale", "fp16.initial_scale_power": "precision.initial_scale_power"}
+           "fp16.loss_scale": "precision.loss_scale",
+           "communication_data_type": "precision.dtype", "fp16.initial_scale_power": "precision.initial_scale_power"}
 
 
 def _refuse_overrides(cfg: TrainConfig, ds: dict[str, Any], raw: dict[str, Any], prefix: str = "") -> None:

@@ -14,6 +14,7 @@ rank = (dp_rank * sp + sp_rank) * tp + tp_rank.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -113,6 +114,15 @@ def merge_items(parts: list[Iterator[tuple[str, torch.Tensor]]], tp_plan: dict[s
         name = entries[0][0]
         dim = split_dim(name, tp_plan)
         yield name, entries[0][1] if dim is None else torch.cat([t for _, t in entries], dim)
+
+
+def clip_grads(module: torch.nn.Module, norm: float, max_norm: float) -> None:
+    """Scale `module`'s gradients so their global norm (`norm`, already known on the host) is at
+    most `max_norm`, with DeepSpeed's ZeRO rule ((norm + 1e-6) / max_norm > 1 divides): one
+    multi-tensor launch, no host read."""
+    factor = (norm + 1e-6) / max_norm if max_norm > 0 and math.isfinite(norm) else 1.0
+    if factor > 1:
+        torch._foreach_div_([p.grad for p in module.parameters() if p.grad is not None], factor)
 
 
 def grad_norm(module: torch.nn.Module, tp_plan: dict[str, Any] | None) -> torch.Tensor:

@@ -4,15 +4,14 @@ the DeepSpeed engine megalm.engine builds around them."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from launcher.env import set_accelerator_default
+from megalm.errors import UserError
 from megalm.engine.config import to_deepspeed_config
 from megalm.engine.muon import guarded_muon
 from megalm.engine.runtime import before_optimizer_step, clip_with_norm, data_parallel, initialize, pipeline_module
@@ -76,18 +75,19 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
         mpu = SequenceGroups(sp)
         task.apply_sequence_parallel(model, mpu.sp_group)
     module = _stages(cfg, task, model, guard) if pipeline else model
+    master_weights = cfg.megalm_zero0() and cfg.precision.dtype == "bf16"
+    if master_weights:
+        # What DeepSpeed's bf16 mode would do, without its per-parameter wrapper: bf16 params
+        # (buffers keep their dtype), fp32 masters and moments in the optimizer.
+        for p in module.parameters():
+            p.data = p.data.to(torch.bfloat16)
     o = cfg.optimizer
     if o.name == "muon":
         optimizer = guarded_muon(muon_param_groups(model, o, module), guard.skip_update)
     else:
         optimizer = GuardedAdamW(_param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                 weight_decay=o.weight_decay)
+                                 weight_decay=o.weight_decay, master_weights=master_weights)
         optimizer.skip_update = guard.skip_update
-    if cfg.parallel.zero_stage == 0 and cfg.precision.dtype == "bf16" and not pipeline and dist.get_rank() == 0:
-        print("warning: parallel.zero_stage: 0 in bf16 runs DeepSpeed's unfused bf16 optimizer wrapper, which "
-              "checks and norms every parameter with a host read per step (~2x the kernels of ZeRO-1, "
-              "benchmarks/opcount_cpu.py); parallel.zero_stage=1 holds the same weights and gradients per GPU "
-              "and less optimizer state", file=sys.stderr, flush=True)
     total = cfg.total_steps()
     engine = initialize(module, optimizer, ds_config, lambda opt: LRSchedule(opt, total, o), pipeline, mpu=mpu)
     if cfg.megalm_grad_norm():
@@ -98,3 +98,18 @@ def build(cfg: TrainConfig, task: Task, guard: StepGuard, world_size: int) -> Bu
         return Built(engine, pipeline, mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size(), True, flops,
                      tp_plan)
     return Built(engine, pipeline, *data_parallel(engine, world_size, pipeline), flops)
+
+
+ZERO0_OPTIMIZER = "zero0_optimizer"  # client-state key: who owns a ZeRO-0 checkpoint's optimizer state
+
+
+def check_zero0_optimizer(cfg: TrainConfig, cs: dict[str, Any]) -> None:
+    """Refuse, in one line, a bf16 ZeRO-0 checkpoint whose optimizer state is DeepSpeed's bf16
+    wrapper's (megalm before it stepped ZeRO-0 itself): DeepSpeed would fail deep in its load."""
+    saved = cs.get("config", {})
+    if (cfg.megalm_zero0() and cfg.precision.dtype == "bf16" and cs.get(ZERO0_OPTIMIZER) != "megalm"
+            and saved.get("parallel", {}).get("zero_stage") == 0 and saved.get("precision", {}).get("dtype") == "bf16"):
+        raise UserError(f"parallel.zero_stage: this ZeRO-0 bf16 checkpoint holds DeepSpeed's bf16 optimizer wrapper "
+                        f"state (saved by megalm {cs.get('megalm_version', '?')}), which megalm's ZeRO-0 no longer "
+                        f"reads: resume it with the megalm that wrote it, or start a new run from its weights "
+                        f"with checkpoint.init_from=<that checkpoint>")

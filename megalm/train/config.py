@@ -249,6 +249,17 @@ class TrainConfig(Section):
                 and p.tensor_parallel == 1
                 and self.optimizer.name == "adamw" and self.precision.dtype in ("bf16", "fp32"))
 
+    def megalm_zero0(self) -> bool:
+        """Whether megalm, not DeepSpeed, runs ZeRO-0's optimizer side: AdamW without pipeline
+        stages in bf16/fp32. DeepSpeed then only all-reduces the whole gradients; megalm's AdamW
+        keeps the fp32 master weights of bf16 params, and megalm takes the gradient norm (one
+        multi-tensor norm, checked for inf/NaN in the step's one reduction) and clips with it.
+        DeepSpeed's own bf16 wrapper there checks, norms and copies every parameter with a host
+        read each (~2x the kernels of a plain loop, benchmarks/opcount_cpu.py)."""
+        p = self.parallel
+        return (p.zero_stage == 0 and p.pipeline_stages == 1 and self.optimizer.name == "adamw"
+                and self.precision.dtype in ("bf16", "fp32"))
+
     def total_steps(self) -> int:
         if self.train.steps:
             return self.train.steps

@@ -25,11 +25,11 @@ import megalm
 from megalm.errors import UserError
 from megalm.data.prefetch import Prefetcher
 from megalm.engine.checkpointing import DeepSpeedCheckpointManager
-from megalm.engine.tensor import grad_norm
+from megalm.engine.tensor import clip_grads, grad_norm
 from megalm.engine.runtime import (backward_factor, device_of, gathered, global_grad_norm, local_grad_sumsq,
                                    loss_scale)
 from megalm.fsio import atomic_write
-from megalm.train.build import build
+from megalm.train.build import ZERO0_OPTIMIZER, build, check_zero0_optimizer
 from megalm.train.config import TrainConfig
 from megalm.train.guard import StepGuard
 from megalm.train.init_from import model_differences
@@ -38,9 +38,6 @@ from megalm.train.muon import check_resumable
 from megalm.train.peak_flops import peak_flops
 from megalm.train.signals import STOP_SIGNALS, StopRequests
 from megalm.train.task import Batch, Task
-
-
-
 
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -91,12 +88,14 @@ class Trainer:
         self.skip_plan: dict[int, int] = {}  # data_step -> global batches to skip before drawing it
         self.last_eval = float("nan")
         self._saved_step = -1
-        # DeepSpeed reports no grad norm for plain fp32 data parallelism; compute it ourselves there
-        # (under tensor parallelism from every rank's slices: megalm.engine.tensor.grad_norm).
+        # The guard's reduction carries the gradient norm: ZeRO-1/2/3 the partitions' shares, ZeRO-0
+        # (megalm steps it: megalm_zero0) the whole norm, taken from every rank's TP slices.
+        self._guard_norm = cfg.megalm_grad_norm()
+        self._zero0 = cfg.megalm_zero0()
+        # DeepSpeed reports no grad norm for Muon's fp32 data parallelism; compute it ourselves there.
         self._own_grad_norm = (not self.b.pipeline and cfg.parallel.zero_stage == 0
-                               and cfg.precision.dtype == "fp32")
+                               and cfg.precision.dtype == "fp32" and not self._zero0)
         self._gnorm: torch.Tensor | None = None  # stays on the device until a log line reads it
-        self._guard_norm = cfg.megalm_grad_norm()  # ZeRO-1/2/3: the guard's reduction carries the norm
         self._backward_factor = backward_factor(self.engine)  # ZeRO-3 × sequence parallelism: N
         self.peak_flops = peak_flops(cfg.precision.dtype, cfg.logging.peak_flops)
         if self.peak_flops is None and torch.cuda.is_available() and rank == 0:
@@ -118,6 +117,8 @@ class Trainer:
                 "skip_plan": dict(self.skip_plan), "rollbacks": self.rollbacks,
                 "config": self.cfg.to_dict(), "data": data, "world_size": self.world,
                 "megalm_version": megalm.__version__,
+                # ZeRO-0's optimizer state is megalm's AdamW's (fp32 masters of bf16 params inside)
+                **({ZERO0_OPTIMIZER: "megalm"} if self._zero0 else {}),
                 # how the weights are split over tensor-parallel ranks: readers put them together
                 **({"tensor_parallel": self.b.tp_plan} if self.b.tp_plan else {}),
                 **({"task_state": self.task_hook.state_dict()} if self.task_hook.carries_state else {})}
@@ -159,6 +160,7 @@ class Trainer:
 
     def _resumable(self, cs: dict[str, Any]) -> None:
         self._same_model(cs)
+        check_zero0_optimizer(self.cfg, cs)
         check_resumable(cs.get("config", {}), int(cs.get("world_size", self.world)), self.b.dp_world)
 
     def _same_model(self, cs: dict[str, Any]) -> None:
@@ -217,8 +219,10 @@ class Trainer:
                 loss = self.guard.record(self.task.loss(self.engine, mb))
                 self.engine.backward(loss * self._backward_factor if self._backward_factor != 1 else loss)
                 if i == len(micro) - 1:
-                    # Before the optimizer runs, on every rank; carries the gradient norm (ZeRO-1/2/3).
-                    self.guard.decide(local_grad_sumsq(self.engine) if self._guard_norm else None)
+                    # Before the optimizer runs, on every rank; carries the gradient norm.
+                    self.guard.decide(self._grad_sumsq_share())
+                    if self._zero0:
+                        clip_grads(self.engine.module, self.guard.grad_norm, self.cfg.optimizer.grad_clip)
                     if self._own_grad_norm:
                         self._gnorm = grad_norm(self.engine.module, self.b.tp_plan)
                 self.engine.step()
@@ -228,6 +232,14 @@ class Trainer:
         if not self.guard.last_bad:
             self.tokens += self.tokens_per_step
         self.task_hook.after_step(self.step, applied=not self.guard.last_bad)
+
+    def _grad_sumsq_share(self) -> torch.Tensor | None:
+        """This rank's share of the squared global gradient norm (shares add up over all ranks)."""
+        if self._guard_norm:  # the rank's ZeRO partition
+            return local_grad_sumsq(self.engine)
+        if self._zero0:  # every rank holds the whole reduced gradients
+            return grad_norm(self.engine.module, self.b.tp_plan).square() / self.world
+        return None
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, list[float]]:
@@ -288,7 +300,7 @@ class Trainer:
     def _grad_norm(self) -> float:
         if self._own_grad_norm:
             return float(self._gnorm) if self._gnorm is not None else float("nan")
-        if self._guard_norm:
+        if self._guard_norm or self._zero0:
             return self.guard.grad_norm
         g = global_grad_norm(self.engine)
         return g if g is not None else float("nan")

@@ -15,6 +15,8 @@ MODES: dict[str, list[str]] = {
     "zero3": ["parallel.zero_stage=3"],
     "pp2": ["parallel.zero_stage=1", "parallel.pipeline_stages=2"],
 }
+# bf16: ZeRO-0 (megalm's AdamW with fp32 masters) beside ZeRO-1 (DeepSpeed's ZeRO optimizer).
+BF16_MODES: dict[str, list[str]] = {f"{m}-bf16": MODES[m] + ["precision.dtype=bf16"] for m in ("zero0", "zero1")}
 
 
 def small_overrides(shards: str, name: str, steps: int = 4) -> list[str]:
@@ -62,10 +64,11 @@ def train_modes(workdir: str, shards: str, modes: list[str]) -> dict[str, Any]:
     os.chdir(workdir)
     out: dict[str, Any] = {}
     for mode in modes:
-        straight = train(small_overrides(shards, f"{mode}-straight") + MODES[mode],
+        over = {**MODES, **BF16_MODES}[mode]
+        straight = train(small_overrides(shards, f"{mode}-straight") + over,
                          extra=lambda t: {"guard_reductions": t.guard.reductions})
-        first = train(small_overrides(shards, f"{mode}-split") + MODES[mode] + ["debug.max_steps_this_run=2"])
-        second = train(small_overrides(shards, f"{mode}-split") + MODES[mode])
+        first = train(small_overrides(shards, f"{mode}-split") + over + ["debug.max_steps_this_run=2"])
+        second = train(small_overrides(shards, f"{mode}-split") + over)
         out[mode] = {"straight": straight, "first": first, "second": second,
                      "straight_losses": [r["loss"] for r in train_records(straight["run_dir"])],
                      "straight_grad_norms": [r["grad_norm"] for r in train_records(straight["run_dir"])],

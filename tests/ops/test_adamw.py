@@ -84,21 +84,37 @@ def test_master_weights_follow_the_fp32_trajectory():
     assert p[0].item() == pytest.approx(1 - 30e-4, abs=8e-3) and p[0].item() < 1.0
 
 
-def test_state_dict_round_trip_continues_identically():
-    a, b = _params(seed=4), _params(seed=4)
-    opt_a = _run(FusedAdamW, a, 3, **HYPER)
-    opt_b = FusedAdamW(b, **HYPER)
+def _round_trip(dtype, **kw):
+    """3 steps, state_dict -> a fresh optimizer over equal params, then both take steps 3 and 4."""
+    a, b = _params(dtype, 4), _params(dtype, 4)
+    opt_a = _run(FusedAdamW, a, 3, **kw, **HYPER)
+    opt_b = FusedAdamW(b, **kw, **HYPER)
     with torch.no_grad():
         for pa, pb in zip(a, b):
             pb.copy_(pa)
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    loaded = [{k: v.dtype for k, v in opt_b.state[pb].items() if k != "step"} for pb in b]
     for s in range(3, 5):
         for pa, pb, gr in zip(a, b, _grads(s, a)):
             pa.grad, pb.grad = gr, gr.clone()
         opt_a.step()
         opt_b.step()
+    return a, b, opt_a, opt_b, loaded
+
+
+def test_state_dict_round_trip_continues_identically():
+    a, b, *_ = _round_trip(torch.float32)
     for pa, pb in zip(a, b):
         assert torch.equal(pa, pb)
+
+
+def test_master_weights_survive_a_state_dict_round_trip():
+    """torch's Optimizer.load_state_dict would round the fp32 masters and moments of bf16 params to
+    bf16 (and the next step would fail on mixed dtypes); they load as saved, and continue exactly."""
+    a, b, opt_a, opt_b, loaded = _round_trip(torch.bfloat16, master_weights=True)
+    assert loaded == [dict.fromkeys(("master", "exp_avg", "exp_avg_sq"), torch.float32)] * len(b)
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb) and torch.equal(opt_a.state[pa]["master"], opt_b.state[pb]["master"])
 
 
 def test_validates_hyperparameters():

@@ -9,7 +9,7 @@ from typing import Any
 
 
 def nonfinite_gradient(workdir: str, shards: str) -> dict[str, Any]:
-    """bf16 ZeRO-1/2/3 (DeepSpeed's own overflow check and norm off, megalm's norm on): a NaN gradient on
+    """bf16 ZeRO-0/1/2/3 (DeepSpeed's own overflow check and norm off, megalm's norm on): a NaN gradient on
     rank 0 only, with every loss finite, skips the step on both ranks and changes no weight."""
     import torch
     import torch.distributed as dist
@@ -21,7 +21,7 @@ def nonfinite_gradient(workdir: str, shards: str) -> dict[str, Any]:
 
     os.chdir(workdir)
     out: dict[str, Any] = {}
-    for zero in (1, 2, 3):
+    for zero in (0, 1, 2, 3):
         over = small_overrides(shards, f"nan-grad-z{zero}") + [f"parallel.zero_stage={zero}", "precision.dtype=bf16"]
         cfg = load_config(None, over, world_size=dist.get_world_size())
         t = Trainer(cfg, build_task(cfg), rank=dist.get_rank(), world_size=dist.get_world_size())

@@ -150,6 +150,38 @@ def test_deepspeed_config_is_generated():
     assert "zero_force_ds_cpu_optimizer" not in to_deepspeed_config(cfg_of(world_size=1), 1)
 
 
+def test_zero0_adamw_is_stepped_by_megalm():
+    """ZeRO-0 + AdamW: DeepSpeed only all-reduces (bf16 gradients in bf16, as its bf16 mode would);
+    megalm's AdamW keeps the masters and megalm clips, so DeepSpeed's wrapper and clip are off."""
+    ds = to_deepspeed_config(cfg_of("parallel.zero_stage=0", "optimizer.grad_clip=0.5", world_size=1), 1)
+    assert "bf16" not in ds and ds["communication_data_type"] == "bf16" and ds["gradient_clipping"] == 0.0
+    fp32 = to_deepspeed_config(cfg_of("parallel.zero_stage=0", "precision.dtype=fp32", world_size=1), 1)
+    assert "communication_data_type" not in fp32 and fp32["gradient_clipping"] == 0.0
+    # Elsewhere DeepSpeed keeps its own: pipelines, Muon, fp16 (loss scaling), ZeRO >= 1.
+    for over in (["parallel.pipeline_stages=2"], ["optimizer.name=muon"], ["precision.dtype=fp16"],
+                 ["parallel.zero_stage=1"]):
+        cfg = cfg_of(*(["parallel.zero_stage=0"] if "parallel.zero_stage=1" not in over else []), *over,
+                     world_size=2)
+        assert not cfg.megalm_zero0(), over
+        ds = to_deepspeed_config(cfg, 2)
+        assert ds["gradient_clipping"] == cfg.optimizer.grad_clip and "communication_data_type" not in ds, over
+    assert "precision.dtype" in error_of("parallel.zero_stage=0", "deepspeed={communication_data_type: fp32}",
+                                         world_size=1)
+
+
+def test_bf16_zero0_checkpoint_of_deepspeeds_wrapper_is_refused_in_one_line():
+    from megalm.train.build import ZERO0_OPTIMIZER, check_zero0_optimizer
+
+    cfg = cfg_of("parallel.zero_stage=0", world_size=1)
+    old = {"config": cfg.to_dict(), "megalm_version": "0.9"}  # saved before megalm stepped ZeRO-0 itself
+    with pytest.raises(UserError, match=r"^parallel.zero_stage: this ZeRO-0 bf16 checkpoint holds DeepSpeed's bf16 "
+                                        r"optimizer wrapper state \(saved by megalm 0.9\).*checkpoint.init_from="):
+        check_zero0_optimizer(cfg, old)
+    check_zero0_optimizer(cfg, {**old, ZERO0_OPTIMIZER: "megalm"})
+    check_zero0_optimizer(cfg_of("parallel.zero_stage=0", "precision.dtype=fp32", world_size=1),
+                          {"config": cfg_of("parallel.zero_stage=0", "precision.dtype=fp32", world_size=1).to_dict()})
+
+
 def test_tokens_budget_sets_steps():
     cfg = load_config(None, ["data.paths=[d]", "train.tokens=1000", "data.seq_len=10", "batch.global_batch=8"])
     assert cfg.total_steps() == 13  # ceil(1000 / 80)

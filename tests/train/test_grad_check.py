@@ -1,4 +1,4 @@
-"""At ZeRO-1/2/3 megalm, not DeepSpeed, checks the gradients for inf/NaN (one multi-tensor norm folded
+"""At ZeRO-0/1/2/3 megalm, not DeepSpeed, checks the gradients for inf/NaN (one multi-tensor norm folded
 into the step's one reduction): a non-finite gradient behind a finite loss must still skip the step."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def result(tmp_path_factory):
                            nproc=2)
 
 
-@pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3"])
 def test_nan_gradient_with_finite_loss_is_skipped_on_every_rank(result, zero):
     for rank in result:  # both ranks decide alike, though only rank 0's gradient was poisoned
         r = rank[zero]

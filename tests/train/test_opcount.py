@@ -18,31 +18,31 @@ from tests.distributed.helper import REPO, cpu_env
 pytestmark = pytest.mark.timeout(300)
 
 # Reads of a device value by the host that megalm's step may make beyond the plain loop's. On a GPU
-# only the guard's is a device sync: DeepSpeed's clip check reads the CPU tensor megalm hands it,
-# and the AdamW reference path (CPU only; the CUDA kernel takes bias corrections as arguments)
-# reads its CPU step counters.
-EXPECTED_READS = {"train/guard.py", "runtime/utils.py", "ops/adamw.py"}
+# only the guard's is a device sync: DeepSpeed's clip check reads the CPU tensor megalm hands it.
+# (FusedAdamW's step counts as the launches of its CUDA path, whose step counters are CPU tensors.)
+EXPECTED_READS = {"train/guard.py", "runtime/utils.py"}
 
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("opcount") / "opcount.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "opcount_cpu.py"), "--zero", "1", "2", "3",
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "opcount_cpu.py"), "--zero", "0", "1", "2", "3",
                            "--out", str(out)], env=cpu_env(), capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {r["zero_stage"]: r for r in json.loads(out.read_text())["rows"]}
 
 
-@pytest.mark.parametrize("zero", [1, 3])  # 1: the shipped configs' stage
+@pytest.mark.parametrize("zero", [0, 1, 3])  # 1: the shipped configs' stage
 def test_step_launches_at_most_1_2x_the_plain_loop(rows, zero):
     r = rows[zero]
     assert r["kernels_ratio"] <= 1.2, r
-    # DeepSpeed's per-parameter overflow check and per-parameter norms are gone.
-    for op in ("amax", "amin", "logical_not", "linalg_vector_norm"):
+    # DeepSpeed's per-parameter overflow check and per-parameter norms are gone (ZeRO-0: with its
+    # bf16 wrapper, whose per-parameter copies and scaling megalm's AdamW with masters replaces).
+    for op in ("amax", "amin", "logical_not", "linalg_vector_norm", "pow"):
         assert op not in r["megalm_extra_ops"], (op, r["megalm_extra_ops"])
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_one_device_read_per_step(rows, zero):
     ours, plain = rows[zero]["megalm"]["host_reads_by_site"], rows[zero]["plain_loop"]["host_reads_by_site"]
     extra = {site: n - plain.get(site, 0) for site, n in ours.items() if n > plain.get(site, 0)}
