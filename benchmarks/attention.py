@@ -16,7 +16,8 @@ D64, bf16, documents ~256 tokens; and the Llama-style 1B's: B8 H32 KV8 T2048 D64
 - `varlen`: torch.nn.attention.varlen.varlen_attn (FlashAttention varlen) over cu_seqlens, which
   megalm's loader can compute on the host with the batch (precomputed here, outside the timing).
 
-Per candidate: median fwd+bwd ms, peak memory above the inputs, the largest difference from the fp64
+Per candidate: median fwd+bwd ms, peak memory above the inputs (the dense mask, built once per
+forward for all layers, is reported apart as mask_mib), the largest difference from the fp64
 reference (output and input gradients) and whether it materialises a T x T mask; a candidate this
 torch cannot run says why instead. Documents are drawn from a fixed seed (lengths ~ exponential,
 mean --mean-doc, default 256, cut at the row end like megalm's packing).
@@ -178,6 +179,8 @@ def measure(shape: dict[str, int], dtype: torch.dtype, device: torch.device, ite
                 base = torch.cuda.memory_allocated()
             seconds = time_fwd_bwd(fn, q, k, v, iters)
             row = {"ms": round(seconds * 1e3, 4), "materialises_txt_mask": dense, "max_abs_error_vs_fp64": err}
+            if dense:  # built once per forward, outside the timing (shared by every layer)
+                row["mask_mib"] = round(B * T * T / 2**20, 1)
             if device.type == "cuda":
                 row["peak_memory_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
         except (RuntimeError, NotImplementedError, ImportError, TypeError) as exc:

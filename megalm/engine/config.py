@@ -53,6 +53,10 @@ def to_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     for key, owner in _PARALLELISM.items():  # set by megalm when it builds the engine, never raw
         if key in cfg.deepspeed:
             raise cfg._err(f"deepspeed.{key}", f"megalm sets this itself (from {owner}); set {owner} instead")
+    for key in ("bf16", "fp16", "torch_autocast"):  # a mode megalm did not choose would change what runs
+        if key in cfg.deepspeed and key not in ds:
+            raise cfg._err(f"deepspeed.{key}", f"megalm sets the precision itself (precision.dtype is "
+                                               f"{prec.dtype} here); set precision.dtype instead")
     _refuse_overrides(cfg, ds, cfg.deepspeed)
     return _merge(ds, cfg.deepspeed)
 

@@ -125,6 +125,12 @@ def clip_grads(module: torch.nn.Module, norm: float, max_norm: float) -> None:
         torch._foreach_div_([p.grad for p in module.parameters() if p.grad is not None], factor)
 
 
+def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all `grads` together, accumulated in fp32 whatever their dtype (bf16 norms
+    would quantise the logged norm and the clip factor)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+
+
 def grad_norm(module: torch.nn.Module, tp_plan: dict[str, Any] | None) -> torch.Tensor:
     """Collective over the tensor-parallel group when `tp_plan` is set. The global gradient norm of
     `module` from the gradients each rank holds: split parameters contribute every rank's slice,
@@ -133,11 +139,10 @@ def grad_norm(module: torch.nn.Module, tp_plan: dict[str, Any] | None) -> torch.
     if not named:
         return torch.zeros(())
     if tp_plan is None:
-        return torch.nn.utils.get_total_norm([g for _, g in named])
+        return _norm([g for _, g in named])
     split = [g for n, g in named if split_dim(n, tp_plan) is not None]
     whole = [g for n, g in named if split_dim(n, tp_plan) is None]
     zero = torch.zeros((), device=named[0][1].device)
-    sumsq = torch.stack([torch.nn.utils.get_total_norm(split).square() if split else zero,
-                         torch.nn.utils.get_total_norm(whole).square() if whole else zero])
+    sumsq = torch.stack([_norm(split).square() if split else zero, _norm(whole).square() if whole else zero])
     dist.all_reduce(sumsq[:1], group=_groups().get_tensor_model_parallel_group())
     return sumsq.sum().sqrt()

@@ -113,3 +113,11 @@ def use_cuda(backend: str, *tensors: torch.Tensor | None, kernel: str | None = N
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32 for accumulation; fp32/fp64 stay as they are (fp64 oracles stay exact)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def kernel_affine(x: torch.Tensor, *params: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """A norm's affine params as its kernels read them: as they are (contiguous) when they share
+    fp32 or x's own dtype — a bf16 model's weights then cost no cast kernel per call — else in fp32."""
+    dtypes = {p.dtype for p in params if p is not None}
+    keep = len(dtypes) <= 1 and dtypes <= {torch.float32, x.dtype}
+    return [None if p is None else (p if keep else p.float()).contiguous() for p in params]

@@ -57,13 +57,17 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
         """torch's load rounds every floating state tensor to its param's dtype: the fp32 masters
-        and moments of bf16/fp16 params would come back in bf16/fp16. They keep their own dtype."""
+        and moments of bf16/fp16 params would come back in bf16/fp16. A param's state saved with a
+        master keeps its dtypes; one saved without follows torch (moments in the param's dtype),
+        which is the layout the kernel expects of a param without a master."""
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for i, p in zip(ids, params):
-            for key, value in saved.get(i, {}).items():
+            if "master" not in saved.get(i, {}):
+                continue
+            for key, value in saved[i].items():
                 if key != "step" and torch.is_tensor(value) and value.dtype != self.state[p][key].dtype:
                     self.state[p][key] = value.detach().to(p.device, copy=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megalm.ops._backend import extension, upcast, use_cuda
+from megalm.ops._backend import extension, kernel_affine, upcast, use_cuda
 from megalm.ops.selftest import Case, compare, randn
 
 
@@ -21,10 +21,9 @@ class _LayerNormCUDA(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
-        f32 = lambda t: t.float().contiguous() if t is not None else None  # noqa: E731
-        w32, b32 = f32(weight), f32(bias)  # kernels take fp32 affine params
-        y, mean, rstd = extension().layer_norm_fwd(x2, w32, b32, eps)
-        ctx.save_for_backward(x2, w32, mean, rstd)
+        w, b = kernel_affine(x2, weight, bias)
+        y, mean, rstd = extension().layer_norm_fwd(x2, w, b, eps)
+        ctx.save_for_backward(x2, w, mean, rstd)
         ctx.shape, ctx.has_bias = shape, bias is not None
         ctx.w_dtype = weight.dtype if weight is not None else None
         ctx.b_dtype = bias.dtype if bias is not None else None
@@ -32,10 +31,11 @@ class _LayerNormCUDA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, w32, mean, rstd = ctx.saved_tensors
-        dx, dw, db = extension().layer_norm_bwd(dy.reshape(x2.shape).contiguous(), x2, w32,
+        x2, w, mean, rstd = ctx.saved_tensors
+        # dw, db arrive in the kernel weight's dtype: no cast when that is the params' own
+        dx, dw, db = extension().layer_norm_bwd(dy.reshape(x2.shape).contiguous(), x2, w,
                                                 mean, rstd, ctx.has_bias)
-        dw = dw.to(ctx.w_dtype) if w32 is not None else None
+        dw = dw.to(ctx.w_dtype) if w is not None else None
         db = db.to(ctx.b_dtype) if ctx.has_bias else None
         return dx.view(ctx.shape), dw, db, None
 

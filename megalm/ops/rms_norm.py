@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megalm.ops._backend import extension, upcast, use_cuda
+from megalm.ops._backend import extension, kernel_affine, upcast, use_cuda
 from megalm.ops.selftest import Case, compare, randn
 
 
@@ -21,9 +21,9 @@ class _RMSNormCUDA(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
-        w32 = weight.float().contiguous() if weight is not None else None  # kernels take fp32 [C]
-        y, rstd = extension().rms_norm_fwd(x2, w32, eps)
-        ctx.save_for_backward(x2, w32, rstd)
+        (w,) = kernel_affine(x2, weight)
+        y, rstd = extension().rms_norm_fwd(x2, w, eps)
+        ctx.save_for_backward(x2, w, rstd)
         ctx.shape, ctx.w_dtype = shape, (weight.dtype if weight is not None else None)
         return y.view(shape)
 

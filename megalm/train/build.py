@@ -104,12 +104,20 @@ ZERO0_OPTIMIZER = "zero0_optimizer"  # client-state key: who owns a ZeRO-0 check
 
 
 def check_zero0_optimizer(cfg: TrainConfig, cs: dict[str, Any]) -> None:
-    """Refuse, in one line, a bf16 ZeRO-0 checkpoint whose optimizer state is DeepSpeed's bf16
-    wrapper's (megalm before it stepped ZeRO-0 itself): DeepSpeed would fail deep in its load."""
+    """Refuse, in one line, a ZeRO-0 checkpoint whose optimizer state megalm's ZeRO-0 cannot take:
+    DeepSpeed's bf16 wrapper's (megalm before it stepped ZeRO-0 itself), or one of another
+    precision (bf16 state holds fp32 masters, fp32 state none): DeepSpeed would fail deep in its
+    load, or on a GPU step fp32 moments as bf16."""
     saved = cs.get("config", {})
-    if (cfg.megalm_zero0() and cfg.precision.dtype == "bf16" and cs.get(ZERO0_OPTIMIZER) != "megalm"
-            and saved.get("parallel", {}).get("zero_stage") == 0 and saved.get("precision", {}).get("dtype") == "bf16"):
-        raise UserError(f"parallel.zero_stage: this ZeRO-0 bf16 checkpoint holds DeepSpeed's bf16 optimizer wrapper "
-                        f"state (saved by megalm {cs.get('megalm_version', '?')}), which megalm's ZeRO-0 no longer "
-                        f"reads: resume it with the megalm that wrote it, or start a new run from its weights "
-                        f"with checkpoint.init_from=<that checkpoint>")
+    p = saved.get("parallel", {})
+    if not cfg.megalm_zero0() or p.get("zero_stage") != 0 or int(p.get("pipeline_stages", 1)) != 1:
+        return
+    dtype = saved.get("precision", {}).get("dtype")
+    init_from = "start a new run from its weights with checkpoint.init_from=<that checkpoint>"
+    if cs.get(ZERO0_OPTIMIZER) != "megalm" and dtype != "fp32":
+        raise UserError(f"parallel.zero_stage: this ZeRO-0 {dtype} checkpoint holds DeepSpeed's {dtype} optimizer "
+                        f"wrapper state (saved by megalm {cs.get('megalm_version', '?')}), which megalm's ZeRO-0 no "
+                        f"longer reads: resume it with the megalm that wrote it, or {init_from}")
+    if dtype != cfg.precision.dtype:
+        raise UserError(f"precision.dtype: this ZeRO-0 checkpoint was trained in {dtype}, whose optimizer state does "
+                        f"not carry over to {cfg.precision.dtype}: resume with precision.dtype={dtype}, or {init_from}")

@@ -9,9 +9,10 @@ parameters and optimizer state untouched (the engine then clears the grads).
 Losses stay on the device until the decision: `record` only adds tensors, and `decide` reads the
 reduced result back with one `.tolist()` — the step's single host synchronisation. The same
 reduction carries which stop signals any rank received, so stopping costs no second sync, and,
-at ZeRO-1/2/3, each rank's share of the squared gradient norm: the global norm arrives with the
-decision and a non-finite one marks the step bad (DeepSpeed's per-parameter overflow check and
-norms, ~10 kernels per parameter and host reads, are off there; it clips with this norm).
+with AdamW at ZeRO 0-3, each rank's share of the squared gradient norm: the global norm arrives with
+the decision and a non-finite one marks the step bad (DeepSpeed's per-parameter overflow check and
+norms, ~10 kernels per parameter and host reads, are off there; ZeRO 1-3 clip with this norm in
+DeepSpeed, ZeRO-0 in megalm).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ run says why), and the varlen offsets it hands FlashAttention match the document
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +17,14 @@ from megalm.models.llm import document_mask
 from tests.distributed.helper import REPO, cpu_env
 
 pytestmark = pytest.mark.timeout(300)
-sys.path.insert(0, REPO)
 
-from benchmarks.attention import cu_seqlens_of, doc_ids_for  # noqa: E402
+
+def _bench():
+    """benchmarks/attention.py as a module (benchmarks/ is scripts, not a package on sys.path)."""
+    spec = importlib.util.spec_from_file_location("attention_bench", os.path.join(REPO, "benchmarks", "attention.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_smoke_run(tmp_path):
@@ -36,8 +42,9 @@ def test_smoke_run(tmp_path):
 
 
 def test_varlen_offsets_describe_the_document_mask():
-    doc_ids = doc_ids_for(3, 50, mean=8.0, seed=5)
-    cu, longest = cu_seqlens_of(doc_ids)
+    bench = _bench()
+    doc_ids = bench.doc_ids_for(3, 50, mean=8.0, seed=5)
+    cu, longest = bench.cu_seqlens_of(doc_ids)
     mask = document_mask(doc_ids)[:, 0].reshape(3, 50, 50)
     # The block-diagonal causal mask the offsets stand for, over the flattened batch.
     flat = torch.zeros(150, 150, dtype=torch.bool)

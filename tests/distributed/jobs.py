@@ -216,6 +216,7 @@ TENSOR_MODES: dict[str, list[str]] = {
     "tp2-zero2": ["parallel.zero_stage=2", "parallel.tensor_parallel=2"],
     "tp2-zero3": ["parallel.zero_stage=3", "parallel.tensor_parallel=2"],
     "tp2-zero1-bf16": ["parallel.zero_stage=1", "parallel.tensor_parallel=2", "precision.dtype=bf16"],
+    "tp2-zero0-bf16": ["parallel.zero_stage=0", "parallel.tensor_parallel=2", "precision.dtype=bf16"],
     "tp2-zero3-ckpt": ["parallel.zero_stage=3", "parallel.tensor_parallel=2", "parallel.activation_checkpointing=true"],
 }
 # Both at once (4 ranks: TP 2 × SP 2; on 8, also 2 data-parallel groups).

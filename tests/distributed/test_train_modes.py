@@ -74,7 +74,8 @@ def test_bf16_zero0_trains_like_zero1(job):
     z0, z1 = (job["modes"][m] for m in ("zero0-bf16", "zero1-bf16"))
     assert z0["straight_losses"] == pytest.approx(z1["straight_losses"], abs=2e-2, rel=0)
     assert z0["straight_losses"] == pytest.approx(job["reference_losses"], abs=3e-2, rel=0)
-    assert z0["straight_grad_norms"] == pytest.approx(z1["straight_grad_norms"], rel=5e-2)
+    # Norms taken in fp32 on both (bf16 norms differed by ~2e-3 here).
+    assert z0["straight_grad_norms"] == pytest.approx(z1["straight_grad_norms"], rel=5e-4)
     m0, m1 = (load_model(_ckpt_root(job, m))[0].state_dict() for m in ("zero0-bf16", "zero1-bf16"))
     for name, t in m0.items():
         torch.testing.assert_close(t, m1[name], atol=2e-2, rtol=2e-2, msg=name)

@@ -117,6 +117,18 @@ def test_master_weights_survive_a_state_dict_round_trip():
         assert torch.equal(pa, pb) and torch.equal(opt_a.state[pa]["master"], opt_b.state[pb]["master"])
 
 
+def test_state_saved_without_masters_loads_in_the_params_dtype():
+    """A state without masters (fp32 training) loaded for bf16 params follows torch: moments in bf16,
+    the layout the kernel steps for a param without a master (fp32 moments would be misread)."""
+    a = _params(torch.float32, 6)
+    opt_a = _run(FusedAdamW, a, 2, **HYPER)
+    b = [torch.nn.Parameter(p.detach().bfloat16()) for p in a]
+    opt_b = FusedAdamW(b, master_weights=True, **HYPER)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    for pb in b:
+        assert "master" not in opt_b.state[pb] and opt_b.state[pb]["exp_avg"].dtype == torch.bfloat16
+
+
 def test_validates_hyperparameters():
     with pytest.raises(ValueError, match="betas"):
         FusedAdamW(_params(), lr=1e-3, betas=(0.9, 1.0))

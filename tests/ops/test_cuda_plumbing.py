@@ -27,24 +27,38 @@ def _rows(x):
     assert x.dim() == 2 and x.is_contiguous(), "x must be contiguous [R, C]"
 
 
+def _affine(x, *params):
+    """Norm params: contiguous, one dtype, fp32 or x's own (host.cpp affine_type); the grads come
+    back in it. A bf16 model's weights must arrive uncast (no cast kernel per call)."""
+    dtypes = {p.dtype for p in params if p is not None}
+    assert len(dtypes) <= 1 and dtypes <= {torch.float32, x.dtype}, dtypes
+    assert all(p is None or p.is_contiguous() for p in params)
+    return dtypes.pop() if dtypes else torch.float32
+
+
+def _f(t):
+    return t.float() if t is not None else None
+
+
 class ContractModel:
     """Each entry point of the extension, in torch, with the bindings' argument checks."""
 
     @staticmethod
     def rms_norm_fwd(x, w, eps):
-        _rows(x), _f32(w, "weight")
+        _rows(x), _affine(x, w)
         rstd = torch.rsqrt(x.float().pow(2).mean(-1) + eps)
-        y = x.float() * rstd[:, None] * (w if w is not None else 1.0)
+        y = x.float() * rstd[:, None] * (_f(w) if w is not None else 1.0)
         return y.to(x.dtype), rstd
 
     @staticmethod
     def rms_norm_bwd(dy, x, w, rstd):
-        _rows(x), _f32(w, "weight"), _f32(rstd, "rstd")
+        _rows(x), _f32(rstd, "rstd")
+        wt = _affine(x, w)
         assert dy.shape == x.shape and dy.dtype == x.dtype and dy.is_contiguous()
         xh = x.float() * rstd[:, None]
-        wdy = dy.float() * (w if w is not None else 1.0)
+        wdy = dy.float() * (_f(w) if w is not None else 1.0)
         dx = rstd[:, None] * (wdy - xh * (wdy * xh).mean(-1, keepdim=True))
-        dw = (dy.float() * xh).sum(0) if w is not None else None
+        dw = (dy.float() * xh).sum(0).to(wt) if w is not None else None
         return dx.to(x.dtype), dw
 
     @staticmethod
@@ -56,9 +70,9 @@ class ContractModel:
 
     @staticmethod
     def layer_norm_fwd(x, w, b, eps):
-        _rows(x), _f32(w, "weight"), _f32(b, "bias")
+        _rows(x), _affine(x, w, b)
         xh, mean, rstd = ContractModel._ln(x, w, b, eps)
-        y = xh * (w if w is not None else 1.0) + (b if b is not None else 0.0)
+        y = xh * (_f(w) if w is not None else 1.0) + (_f(b) if b is not None else 0.0)
         return y.to(x.dtype), mean, rstd
 
     @staticmethod
@@ -70,11 +84,12 @@ class ContractModel:
 
     @staticmethod
     def layer_norm_bwd(dy, x, w, mean, rstd, has_bias):
-        _rows(x), _f32(w, "weight")
+        _rows(x)
+        wt = _affine(x, w) if w is not None else torch.float32  # the bias's grad follows the weight's
         assert dy.shape == x.shape and dy.is_contiguous()
-        dx, xh = ContractModel._ln_bwd(dy, x, w if w is not None else 1.0, mean, rstd)
-        dw = (dy.float() * xh).sum(0) if w is not None else None
-        db = dy.float().sum(0) if has_bias else None
+        dx, xh = ContractModel._ln_bwd(dy, x, _f(w) if w is not None else 1.0, mean, rstd)
+        dw = (dy.float() * xh).sum(0).to(wt) if w is not None else None
+        db = dy.float().sum(0).to(wt) if has_bias else None
         return dx, dw, db
 
     @staticmethod
@@ -219,6 +234,10 @@ def test_functions_match_reference_through_the_contract(contract_as_cuda, dtype)
                        [r(2, 5, 16), torch.randn(16), torch.randn(16)]),
         "layer_norm_bias_only": (lambda x, b, backend: layer_norm(x, None, b, backend=backend),
                                  [r(4, 16), torch.randn(16)]),
+        # The model's own case: params in the activations' dtype (bf16 training), passed uncast.
+        "rms_norm_model_dtype": (lambda x, w, backend: rms_norm(x, w, backend=backend), [r(2, 5, 16), r(16)]),
+        "layer_norm_model_dtype": (lambda x, w, b, backend: layer_norm(x, w, b, backend=backend),
+                                   [r(2, 5, 16), r(16), r(16)]),
         "adaln": (lambda x, s, c, backend: adaln_layer_norm(x, s, c, backend=backend),
                   [r(2, 5, 16), r(2, 16), r(2, 16)]),
         "rope": (lambda q, k, backend: apply_rope(q, k, cos, sin, backend=backend),
@@ -234,6 +253,25 @@ def test_functions_match_reference_through_the_contract(contract_as_cuda, dtype)
         for a, b in zip(yk + gk, yr + gr):
             assert a.dtype == b.dtype and a.shape == b.shape, name
             torch.testing.assert_close(a.float(), b.float(), **tol, msg=name)
+
+
+def test_bf16_norm_params_reach_the_kernels_uncast(contract_as_cuda, monkeypatch):
+    """A bf16 model's norm weights go to the kernels as they are and their grads come back bf16: no
+    cast kernel per call each way (it was 2 per LayerNorm forward and 2 per backward)."""
+    seen = []
+    for name in ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"):
+        real = getattr(ContractModel, name)
+
+        def spy(*args, real=real, name=name):
+            seen.append((name, args[2 if name.endswith("bwd") else 1].dtype))
+            return real(*args)
+        monkeypatch.setattr(ContractModel, name, staticmethod(spy))
+    x = torch.randn(3, 16).bfloat16().requires_grad_()
+    w, b = (torch.randn(16).bfloat16().requires_grad_() for _ in range(2))
+    (layer_norm(x, w, b).sum() + rms_norm(x, w).sum()).backward()
+    assert sorted(seen) == sorted((n, torch.bfloat16) for n in
+                                  ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"))
+    assert w.grad.dtype == b.grad.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True),

@@ -169,17 +169,33 @@ def test_zero0_adamw_is_stepped_by_megalm():
                                          world_size=1)
 
 
-def test_bf16_zero0_checkpoint_of_deepspeeds_wrapper_is_refused_in_one_line():
+def test_zero0_checkpoints_megalm_cannot_step_are_refused_in_one_line():
     from megalm.train.build import ZERO0_OPTIMIZER, check_zero0_optimizer
 
-    cfg = cfg_of("parallel.zero_stage=0", world_size=1)
-    old = {"config": cfg.to_dict(), "megalm_version": "0.9"}  # saved before megalm stepped ZeRO-0 itself
-    with pytest.raises(UserError, match=r"^parallel.zero_stage: this ZeRO-0 bf16 checkpoint holds DeepSpeed's bf16 "
-                                        r"optimizer wrapper state \(saved by megalm 0.9\).*checkpoint.init_from="):
-        check_zero0_optimizer(cfg, old)
-    check_zero0_optimizer(cfg, {**old, ZERO0_OPTIMIZER: "megalm"})
-    check_zero0_optimizer(cfg_of("parallel.zero_stage=0", "precision.dtype=fp32", world_size=1),
-                          {"config": cfg_of("parallel.zero_stage=0", "precision.dtype=fp32", world_size=1).to_dict()})
+    bf16, fp32 = (cfg_of("parallel.zero_stage=0", f"precision.dtype={d}", world_size=1) for d in ("bf16", "fp32"))
+    old = {"config": bf16.to_dict(), "megalm_version": "0.9"}  # saved before megalm stepped ZeRO-0 itself
+    wrapper = (r"^parallel.zero_stage: this ZeRO-0 bf16 checkpoint holds DeepSpeed's bf16 optimizer wrapper state "
+               r"\(saved by megalm 0.9\).*checkpoint.init_from=")
+    for cfg in (bf16, fp32):  # resumed in bf16 or in fp32: the wrapper's state is not megalm's
+        with pytest.raises(UserError, match=wrapper):
+            check_zero0_optimizer(cfg, old)
+    ours = {**old, ZERO0_OPTIMIZER: "megalm"}
+    check_zero0_optimizer(bf16, ours)
+    check_zero0_optimizer(fp32, {"config": fp32.to_dict()})  # fp32 state never had a wrapper
+    # Another precision: bf16 state carries fp32 masters, fp32 state none.
+    with pytest.raises(UserError, match=r"^precision.dtype: this ZeRO-0 checkpoint was trained in bf16, .* "
+                                        r"resume with precision.dtype=bf16"):
+        check_zero0_optimizer(fp32, ours)
+    with pytest.raises(UserError, match=r"^precision.dtype: .* trained in fp32, .* to bf16"):
+        check_zero0_optimizer(bf16, {"config": fp32.to_dict(), ZERO0_OPTIMIZER: "megalm"})
+
+
+def test_raw_deepspeed_precision_sections_are_refused():
+    # ZeRO-0 bf16 writes no `bf16` section (megalm keeps the masters); a raw one would wrap megalm's AdamW.
+    for over in (["parallel.zero_stage=0"], ["precision.dtype=fp32"]):
+        for raw in ("bf16: {enabled: true}", "fp16: {enabled: true}", "torch_autocast: {enabled: true}"):
+            msg = error_of(*over, f"deepspeed={{{raw}}}", world_size=1)
+            assert f"deepspeed.{raw.split(':')[0]}" in msg and "set precision.dtype instead" in msg, (over, raw)
 
 
 def test_tokens_budget_sets_steps():

@@ -25,14 +25,25 @@ void check_same(const Tensor& a, const Tensor& b, const char* an, const char* bn
   TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " must be on the same device");
 }
 
-// An optional fp32 [C] (or [B, C]) affine parameter on x's device.
+// An optional [C] norm weight/bias on x's device, contiguous, in float32 or x's own dtype (read as
+// it is: a bf16 model's weights need no cast per call; host.cpp also checks weight and bias agree).
 void check_affine(const c10::optional<Tensor>& t, const Tensor& x, at::IntArrayRef shape,
                   const char* name) {
   if (!t.has_value()) return;
   check_cuda(*t, name);
-  TORCH_CHECK(t->scalar_type() == at::kFloat, name, " must be float32 (convert on the host)");
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == x.scalar_type(), name,
+              " must be float32 or x's dtype ", x.scalar_type(), ", got ", t->scalar_type());
   TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
+  TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t->device() == x.device(), name, " must be on the device of x");
+}
+
+// adaLN's per-sample scale/shift [B, C]: float32 (the Python side converts them).
+void check_adaln_param(const Tensor& t, const Tensor& x, const char* name) {
+  check_cuda(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32 (convert on the host)");
+  TORCH_CHECK(t.sizes() == at::IntArrayRef({x.size(0), x.size(2)}), name, " must have shape [B, C], got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on the device of x");
 }
 
 void check_rows(const Tensor& x, const char* name) {
@@ -92,13 +103,13 @@ void check_adaln(const Tensor& x, const Tensor& scale) {
   check_float_like(x, "x");
   TORCH_CHECK(x.dim() == 3, "x must be [B, T, D], got ", x.dim(), "-D");
   TORCH_CHECK(x.size(0) <= 65535, "adaln: batch size above 65535 is not supported");
-  check_affine(scale, x, {x.size(0), x.size(2)}, "scale");
+  check_adaln_param(scale, x, "scale");
 }
 
 std::tuple<Tensor, Tensor, Tensor> adaln_fwd(const Tensor& x, const Tensor& shift,
                                              const Tensor& scale, double eps) {
   check_adaln(x, scale);
-  check_affine(shift, x, {x.size(0), x.size(2)}, "shift");
+  check_adaln_param(shift, x, "shift");
   return megalm::adaln_fwd(x, shift, scale, eps);
 }
 

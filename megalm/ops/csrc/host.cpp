@@ -34,6 +34,23 @@ typename Cuda<T>::type* ptr(const at::Tensor& t) {
 }
 
 const float* fptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// An optional tensor of element type T (null when undefined).
+template <typename T>
+typename Cuda<T>::type* optr(const at::Tensor& t) {
+  return t.defined() ? ptr<T>(t) : nullptr;
+}
+
+// A norm's affine params (any of them may be undefined) are read as they are: fp32, or x's own
+// type (a bf16 model's weights then need no cast kernel per call). The dtype they share.
+at::ScalarType affine_type(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  const at::ScalarType t = w.defined() ? w.scalar_type() : b.defined() ? b.scalar_type() : at::kFloat;
+  TORCH_CHECK(!w.defined() || !b.defined() || w.scalar_type() == b.scalar_type(),
+              "norm: weight and bias must share a dtype, got ", w.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(t == at::kFloat || t == x.scalar_type(), "norm: affine params must be fp32 or x's dtype ",
+              x.scalar_type(), ", got ", t);
+  return t;
+}
 float* fptr_mut(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -52,9 +69,11 @@ int64_t partial_groups(int64_t rows, int64_t cols, int64_t elem_size) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, per_sm * static_cast<int64_t>(sms)));
 }
 
-void sum_groups(const at::Tensor& part, at::Tensor& out) {  // part [B, G, C] -> out [B, C]
-  C10_CUDA_CHECK(launch::column_sum(part.data_ptr<float>(), out.data_ptr<float>(), part.size(0),
-                                    part.size(1), part.size(2), stream()));
+void sum_groups(const at::Tensor& part, at::Tensor& out) {  // part [B, G, C] fp32 -> out [B, C], out's dtype
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sum_groups", [&] {
+    C10_CUDA_CHECK(launch::column_sum(part.data_ptr<float>(), ptr<scalar_t>(out), part.size(0), part.size(1),
+                                      part.size(2), stream()));
+  });
 }
 
 #define MEGALM_DISPATCH(TYPE, NAME, ...) \
@@ -69,10 +88,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::T
   auto y = at::empty_like(x);
   auto rstd = at::empty({R}, x.options().dtype(at::kFloat));
   if (R == 0) return {y, rstd};
+  const bool fp32_weight = affine_type(x, weight, at::Tensor()) == at::kFloat;
   MEGALM_DISPATCH(x.scalar_type(), "rms_norm_fwd", [&] {
-    C10_CUDA_CHECK(launch::rms_norm_fwd(ptr<scalar_t>(x), fptr(weight), ptr<scalar_t>(y),
-                                        rstd.data_ptr<float>(), R, C, static_cast<float>(eps),
-                                        stream()));
+    C10_CUDA_CHECK(fp32_weight ? launch::rms_norm_fwd(ptr<scalar_t>(x), fptr(weight), ptr<scalar_t>(y),
+                                                      rstd.data_ptr<float>(), R, C, static_cast<float>(eps),
+                                                      stream())
+                               : launch::rms_norm_fwd(ptr<scalar_t>(x), optr<scalar_t>(weight), ptr<scalar_t>(y),
+                                                      rstd.data_ptr<float>(), R, C, static_cast<float>(eps),
+                                                      stream()));
   });
   return {y, rstd};
 }
@@ -82,16 +105,22 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const int64_t R = x.size(0), C = x.size(1);
   const auto f32 = x.options().dtype(at::kFloat);
+  const at::ScalarType wt = affine_type(x, weight, at::Tensor());
+  const auto wopt = x.options().dtype(wt);  // dw comes back in the weight's dtype
   auto dx = at::empty_like(x);
-  if (R == 0) return {dx, weight.defined() ? at::zeros({C}, f32) : at::Tensor()};
+  if (R == 0) return {dx, weight.defined() ? at::zeros({C}, wopt) : at::Tensor()};
   // The kernel initialises every partial and the column sum writes every output: no memsets.
-  at::Tensor dw = weight.defined() ? at::empty({1, C}, f32) : at::Tensor();
+  at::Tensor dw = weight.defined() ? at::empty({1, C}, wopt) : at::Tensor();
   const int64_t G = partial_groups(R, C, x.element_size());
   at::Tensor part = weight.defined() ? at::empty({1, G, C}, f32) : at::Tensor();
   MEGALM_DISPATCH(x.scalar_type(), "rms_norm_bwd", [&] {
-    C10_CUDA_CHECK(launch::rms_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x), fptr(weight),
-                                        rstd.data_ptr<float>(), ptr<scalar_t>(dx), fptr_mut(part),
-                                        R, C, G, stream()));
+    C10_CUDA_CHECK(wt == at::kFloat
+                       ? launch::rms_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x), fptr(weight),
+                                              rstd.data_ptr<float>(), ptr<scalar_t>(dx), fptr_mut(part), R, C, G,
+                                              stream())
+                       : launch::rms_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x), optr<scalar_t>(weight),
+                                              rstd.data_ptr<float>(), ptr<scalar_t>(dx), fptr_mut(part), R, C, G,
+                                              stream()));
   });
   if (weight.defined()) sum_groups(part, dw);
   return {dx, weight.defined() ? dw.view({C}) : dw};
@@ -106,11 +135,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   auto mean = at::empty({R}, x.options().dtype(at::kFloat));
   auto rstd = at::empty({R}, x.options().dtype(at::kFloat));
   if (R == 0) return {y, mean, rstd};
+  const bool fp32_affine = affine_type(x, weight, bias) == at::kFloat;
   MEGALM_DISPATCH(x.scalar_type(), "layer_norm_fwd", [&] {
-    C10_CUDA_CHECK(launch::layer_norm_fwd(ptr<scalar_t>(x), fptr(weight), fptr(bias),
-                                          ptr<scalar_t>(y), mean.data_ptr<float>(),
-                                          rstd.data_ptr<float>(), R, C, R, 0, false,
-                                          static_cast<float>(eps), stream()));
+    C10_CUDA_CHECK(fp32_affine ? launch::layer_norm_fwd(ptr<scalar_t>(x), fptr(weight), fptr(bias),
+                                                        ptr<scalar_t>(y), mean.data_ptr<float>(),
+                                                        rstd.data_ptr<float>(), R, C, R, 0, false,
+                                                        static_cast<float>(eps), stream())
+                               : launch::layer_norm_fwd(ptr<scalar_t>(x), optr<scalar_t>(weight),
+                                                        optr<scalar_t>(bias), ptr<scalar_t>(y),
+                                                        mean.data_ptr<float>(), rstd.data_ptr<float>(), R, C, R,
+                                                        0, false, static_cast<float>(eps), stream()));
   });
   return {y, mean, rstd};
 }
@@ -124,25 +158,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const int64_t R = x.size(0), C = x.size(1);
   const auto f32 = x.options().dtype(at::kFloat);
+  // dw and db come back in the weight's dtype (the caller keeps the bias in it; fp32 without a weight).
+  const at::ScalarType wt = weight.defined() ? affine_type(x, weight, at::Tensor()) : at::kFloat;
+  const auto wopt = x.options().dtype(wt);
   auto dx = at::empty_like(x);
   auto flat = [C](const at::Tensor& t) { return t.defined() ? t.view({C}) : t; };
   if (R == 0) {
-    return {dx, weight.defined() ? at::zeros({C}, f32) : at::Tensor(), has_bias ? at::zeros({C}, f32) : at::Tensor()};
+    return {dx, weight.defined() ? at::zeros({C}, wopt) : at::Tensor(), has_bias ? at::zeros({C}, wopt) : at::Tensor()};
   }
-  // The kernel initialises every partial and the column sums write every output: no memsets.
-  at::Tensor dw = weight.defined() ? at::empty({1, C}, f32) : at::Tensor();
-  at::Tensor db = has_bias ? at::empty({1, C}, f32) : at::Tensor();
+  // The kernel initialises every partial and the column sum writes every output: no memsets.
+  // The weight's and the bias's partials lie in one [n, G, C] buffer: one column-sum launch for both.
   const int64_t G = partial_groups(R, C, x.element_size());
-  at::Tensor dw_part = weight.defined() ? at::empty({1, G, C}, f32) : at::Tensor();
-  at::Tensor db_part = has_bias ? at::empty({1, G, C}, f32) : at::Tensor();
+  const int64_t n = (weight.defined() ? 1 : 0) + (has_bias ? 1 : 0);
+  at::Tensor parts = n ? at::empty({n, G, C}, f32) : at::Tensor();
+  at::Tensor sums = n ? at::empty({n, C}, wopt) : at::Tensor();
+  at::Tensor dw_part = weight.defined() ? parts[0] : at::Tensor();
+  at::Tensor db_part = has_bias ? parts[n - 1] : at::Tensor();
   MEGALM_DISPATCH(x.scalar_type(), "layer_norm_bwd", [&] {
-    C10_CUDA_CHECK(launch::layer_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x), fptr(weight),
-                                          mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                                          ptr<scalar_t>(dx), fptr_mut(dw_part), fptr_mut(db_part),
-                                          1, G, C, R, 0, false, stream()));
+    C10_CUDA_CHECK(wt == at::kFloat
+                       ? launch::layer_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x), fptr(weight),
+                                                mean.data_ptr<float>(), rstd.data_ptr<float>(), ptr<scalar_t>(dx),
+                                                fptr_mut(dw_part), fptr_mut(db_part), 1, G, C, R, 0, false, stream())
+                       : launch::layer_norm_bwd(ptr<scalar_t>(dy), ptr<scalar_t>(x), optr<scalar_t>(weight),
+                                                mean.data_ptr<float>(), rstd.data_ptr<float>(), ptr<scalar_t>(dx),
+                                                fptr_mut(dw_part), fptr_mut(db_part), 1, G, C, R, 0, false,
+                                                stream()));
   });
-  if (weight.defined()) sum_groups(dw_part, dw);
-  if (has_bias) sum_groups(db_part, db);
+  if (n) sum_groups(parts, sums);
+  at::Tensor dw = weight.defined() ? sums[0] : at::Tensor();
+  at::Tensor db = has_bias ? sums[n - 1] : at::Tensor();
   return {dx, flat(dw), flat(db)};
 }
 

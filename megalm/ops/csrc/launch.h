@@ -13,27 +13,28 @@ namespace megalm::launch {
 // side of row_threads, to size the backward's row groups).
 int norm_row_threads(int64_t cols, int64_t elem_size);
 
-// out[b, c] = sum_g in[b, g, c] (fp32): reduces per-group partial weight grads.
-cudaError_t column_sum(const float* in, float* out, int64_t B, int64_t G, int64_t C,
-                       cudaStream_t s);
+// out[b, c] = sum_g in[b, g, c] (summed in fp32, written as O): reduces per-group partial weight grads.
+template <typename O>
+cudaError_t column_sum(const float* in, O* out, int64_t B, int64_t G, int64_t C, cudaStream_t s);
 
-template <typename T>
-cudaError_t rms_norm_fwd(const T* x, const float* w, T* y, float* rstd, int64_t R, int64_t C,
+// Weights W: float, or T itself.
+template <typename T, typename W>
+cudaError_t rms_norm_fwd(const T* x, const W* w, T* y, float* rstd, int64_t R, int64_t C,
                          float eps, cudaStream_t s);
 // G row groups; dw_part [G, C] (or null when no weight grad is wanted), initialised by the kernel.
-template <typename T>
-cudaError_t rms_norm_bwd(const T* dy, const T* x, const float* w, const float* rstd, T* dx,
+template <typename T, typename W>
+cudaError_t rms_norm_bwd(const T* dy, const T* x, const W* w, const float* rstd, T* dx,
                          float* dw_part, int64_t R, int64_t C, int64_t G, cudaStream_t s);
 
 // LayerNorm over rows [R, C] in batches of rows_per_batch rows; the affine params of batch b
 // start at b * affine_stride (0: one [C] vector); plus_one uses (1 + w) (adaLN's 1 + scale).
-template <typename T>
-cudaError_t layer_norm_fwd(const T* x, const float* w, const float* b, T* y, float* mean,
+template <typename T, typename W>
+cudaError_t layer_norm_fwd(const T* x, const W* w, const W* b, T* y, float* mean,
                            float* rstd, int64_t R, int64_t C, int64_t rows_per_batch,
                            int64_t affine_stride, bool plus_one, float eps, cudaStream_t s);
 // Grid (G, B); dw_part/db_part [B, G, C] or null, initialised by the kernel.
-template <typename T>
-cudaError_t layer_norm_bwd(const T* dy, const T* x, const float* w, const float* mean,
+template <typename T, typename W>
+cudaError_t layer_norm_bwd(const T* dy, const T* x, const W* w, const float* mean,
                            const float* rstd, T* dx, float* dw_part, float* db_part, int64_t B,
                            int64_t G, int64_t C, int64_t rows_per_batch, int64_t affine_stride,
                            bool plus_one, cudaStream_t s);

@@ -1,15 +1,16 @@
 // LayerNorm over rows [R, C], fp32 accumulation, two-pass variance. Also serves adaLN: rows come
 // in batches of T rows whose affine params start at batch * affine_stride, and plus_one turns
 // the weight into (1 + scale) — so norm(x) * (1 + scale[b]) + shift[b] is the same kernel.
-// N = elements per access (16-byte vectors when C and the pointers allow, else 1).
+// N = elements per access (16-byte vectors when C and the pointers allow, else 1). The affine
+// params W are fp32 or x's type (read as they are: a bf16 model's need no cast kernel per call).
 #include "kernels.cuh"
 #include "launch.h"
 
 namespace megalm {
 namespace {
 
-template <int N>
-__device__ __forceinline__ void gamma_at(const float* w, int64_t j, bool plus_one, float (&g)[N]) {
+template <int N, typename W>
+__device__ __forceinline__ void gamma_at(const W* w, int64_t j, bool plus_one, float (&g)[N]) {
   if (w == nullptr) {
 #pragma unroll
     for (int i = 0; i < N; ++i) g[i] = 1.f;
@@ -22,8 +23,8 @@ __device__ __forceinline__ void gamma_at(const float* w, int64_t j, bool plus_on
   }
 }
 
-template <typename T, int N>
-__device__ __forceinline__ void ln_write(const float (&v)[N], const float* w, const float* b, int64_t off,
+template <typename T, typename W, int N>
+__device__ __forceinline__ void ln_write(const float (&v)[N], const W* w, const W* b, int64_t off,
                                          int64_t j, bool plus_one, float mean, float rstd, T* yr) {
   float g[N], bb[N], o[N];
   gamma_at<N>(w != nullptr ? w + off : nullptr, j, plus_one, g);
@@ -36,9 +37,9 @@ __device__ __forceinline__ void ln_write(const float (&v)[N], const float* w, co
 // One block per row. A row that fits kRowCache vectors per thread (nearly every width, given
 // row_threads) is read from memory once and kept in registers for the three passes; wider rows
 // are re-read per pass. Both paths sum in the same order.
-template <typename T, int N>
+template <typename T, typename W, int N>
 __global__ void __launch_bounds__(kMaxThreads)
-    ln_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    ln_fwd_kernel(const T* __restrict__ x, const W* __restrict__ w, const W* __restrict__ b,
                   T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
                   int64_t C, int64_t rows_per_batch, int64_t affine_stride, bool plus_one,
                   float eps) {
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     rstd = rsqrtf(block_sum(var, smem) / static_cast<float>(C) + eps);
 #pragma unroll
     for (int k = 0; k < kRowCache; ++k)
-      if (j0 + k * step < C) ln_write<T, N>(v[k], w, b, off, j0 + k * step, plus_one, mean, rstd, yr);
+      if (j0 + k * step < C) ln_write<T, W, N>(v[k], w, b, off, j0 + k * step, plus_one, mean, rstd, yr);
   } else {
     float s = 0.f;
     for (int64_t j = j0; j < C; j += step) {
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int64_t j = j0; j < C; j += step) {
       float v[N];
       load_f<N>(xr + j, v);
-      ln_write<T, N>(v, w, b, off, j, plus_one, mean, rstd, yr);
+      ln_write<T, W, N>(v, w, b, off, j, plus_one, mean, rstd, yr);
     }
   }
   if (threadIdx.x == 0) {
@@ -105,9 +106,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 // Block (g, batch) handles rows g, g+G, ... of its batch: writes dx, and keeps its partial sums
 // of dy * xhat (dw) and dy (db) in shared memory — or, when C is too wide for it, directly in
 // dw_part/db_part — writing dw_part[batch, g, :] / db_part[batch, g, :] once at the end.
-template <typename T, int N>
+template <typename T, typename W, int N>
 __global__ void __launch_bounds__(kMaxThreads)
-    ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ w,
+    ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w,
                   const float* __restrict__ mean, const float* __restrict__ rstd,
                   T* __restrict__ dx, float* __restrict__ dw_part, float* __restrict__ db_part,
                   int64_t C, int64_t rows_per_batch, int64_t affine_stride, bool plus_one,
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ float red[kMaxThreads / kWarp];
   extern __shared__ float acc_smem[];
   const int64_t G = gridDim.x, g = blockIdx.x, batch = blockIdx.y;
-  const float* wb = w != nullptr ? w + batch * affine_stride : nullptr;
+  const W* wb = w != nullptr ? w + batch * affine_stride : nullptr;
   const int64_t part_off = (batch * G + g) * C;
   float* dwp = dw_part != nullptr ? dw_part + part_off : nullptr;
   float* dbp = db_part != nullptr ? db_part + part_off : nullptr;
@@ -195,21 +196,21 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 namespace launch {
 
-template <typename T>
-cudaError_t layer_norm_fwd(const T* x, const float* w, const float* b, T* y, float* mean,
+template <typename T, typename W>
+cudaError_t layer_norm_fwd(const T* x, const W* w, const W* b, T* y, float* mean,
                            float* rstd, int64_t R, int64_t C, int64_t rows_per_batch,
                            int64_t affine_stride, bool plus_one, float eps, cudaStream_t s) {
   // affine_stride is C or 0, so every batch's params stay 16-byte aligned when C allows.
   dispatch_vec<T>(vec_width<T>(C, {x, w, b, y}), [&](auto n) {
     constexpr int N = decltype(n)::value;
-    ln_fwd_kernel<T, N><<<static_cast<unsigned>(R), row_threads(C / N), 0, s>>>(
+    ln_fwd_kernel<T, W, N><<<static_cast<unsigned>(R), row_threads(C / N), 0, s>>>(
         x, w, b, y, mean, rstd, C, rows_per_batch, affine_stride, plus_one, eps);
   });
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t layer_norm_bwd(const T* dy, const T* x, const float* w, const float* mean,
+template <typename T, typename W>
+cudaError_t layer_norm_bwd(const T* dy, const T* x, const W* w, const float* mean,
                            const float* rstd, T* dx, float* dw_part, float* db_part, int64_t B,
                            int64_t G, int64_t C, int64_t rows_per_batch, int64_t affine_stride,
                            bool plus_one, cudaStream_t s) {
@@ -223,26 +224,32 @@ cudaError_t layer_norm_bwd(const T* dy, const T* x, const float* w, const float*
     const bool smem_acc = want && bytes + 1024 <= max_dynamic_smem();
     const size_t smem = smem_acc ? static_cast<size_t>(bytes) : 0;
     if (smem > 48 * 1024) {
-      err = cudaFuncSetAttribute(ln_bwd_kernel<T, N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      err = cudaFuncSetAttribute(ln_bwd_kernel<T, W, N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  static_cast<int>(smem));
       if (err != cudaSuccess) return;
     }
     dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
-    ln_bwd_kernel<T, N><<<grid, threads, smem, s>>>(dy, x, w, mean, rstd, dx, dw_part, db_part, C,
+    ln_bwd_kernel<T, W, N><<<grid, threads, smem, s>>>(dy, x, w, mean, rstd, dx, dw_part, db_part, C,
                                                     rows_per_batch, affine_stride, plus_one,
                                                     smem_acc, slots);
   });
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-#define INSTANTIATE(T)                                                                          \
-  template cudaError_t layer_norm_fwd<T>(const T*, const float*, const float*, T*, float*,     \
-                                         float*, int64_t, int64_t, int64_t, int64_t, bool,     \
-                                         float, cudaStream_t);                                 \
-  template cudaError_t layer_norm_bwd<T>(const T*, const T*, const float*, const float*,       \
-                                         const float*, T*, float*, float*, int64_t, int64_t,   \
-                                         int64_t, int64_t, int64_t, bool, cudaStream_t);
-MEGALM_FOR_EACH_TYPE(INSTANTIATE)
+#define INSTANTIATE(T, W)                                                                       \
+  template cudaError_t layer_norm_fwd<T, W>(const T*, const W*, const W*, T*, float*, float*,  \
+                                            int64_t, int64_t, int64_t, int64_t, bool, float,   \
+                                            cudaStream_t);                                     \
+  template cudaError_t layer_norm_bwd<T, W>(const T*, const T*, const W*, const float*,        \
+                                            const float*, T*, float*, float*, int64_t, int64_t, \
+                                            int64_t, int64_t, int64_t, bool, cudaStream_t);
+// Affine params in fp32 (any x; adaLN's scale/shift) or in x's own type.
+#define INSTANTIATE_FP32_WEIGHT(T) INSTANTIATE(T, float)
+MEGALM_FOR_EACH_TYPE(INSTANTIATE_FP32_WEIGHT)
+INSTANTIATE(double, double)
+INSTANTIATE(__half, __half)
+INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
+#undef INSTANTIATE_FP32_WEIGHT
 #undef INSTANTIATE
 
 }  // namespace launch

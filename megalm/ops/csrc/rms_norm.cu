@@ -1,4 +1,5 @@
-// RMSNorm over rows [R, C]: one block per row, fp32 accumulation; weight is fp32 [C].
+// RMSNorm over rows [R, C]: one block per row, fp32 accumulation; weight W [C] is fp32 or x's type
+// (read as it is: a bf16 model's weight needs no cast kernel per call).
 // N = elements per access (16-byte vectors when C and the pointers allow, else 1).
 #include "kernels.cuh"
 #include "launch.h"
@@ -6,8 +7,8 @@
 namespace megalm {
 namespace {
 
-template <typename T, int N>
-__device__ __forceinline__ void rms_write(const float (&v)[N], const float* w, int64_t j, float rstd, T* yr) {
+template <typename T, typename W, int N>
+__device__ __forceinline__ void rms_write(const float (&v)[N], const W* w, int64_t j, float rstd, T* yr) {
   float g[N], o[N];
   if (w != nullptr) load_f<N>(w + j, g);
 #pragma unroll
@@ -17,9 +18,9 @@ __device__ __forceinline__ void rms_write(const float (&v)[N], const float* w, i
 
 // One block per row; a row of up to kRowCache vectors per thread is read once (registers), a
 // wider one twice. Both paths sum in the same order.
-template <typename T, int N>
+template <typename T, typename W, int N>
 __global__ void __launch_bounds__(kMaxThreads)
-    rms_norm_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y,
+    rms_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ w, T* __restrict__ y,
                         float* __restrict__ rstd_out, int64_t C, float eps) {
   __shared__ float smem[kMaxThreads / kWarp];
   const int64_t row = blockIdx.x;
@@ -41,7 +42,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (threadIdx.x == 0) rstd_out[row] = rstd;
 #pragma unroll
     for (int k = 0; k < kRowCache; ++k)
-      if (j0 + k * step < C) rms_write<T, N>(v[k], w, j0 + k * step, rstd, yr);
+      if (j0 + k * step < C) rms_write<T, W, N>(v[k], w, j0 + k * step, rstd, yr);
     return;
   }
   for (int64_t j = j0; j < C; j += step) {
@@ -55,16 +56,16 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t j = j0; j < C; j += step) {
     float v[N];
     load_f<N>(xr + j, v);
-    rms_write<T, N>(v, w, j, rstd, yr);
+    rms_write<T, W, N>(v, w, j, rstd, yr);
   }
 }
 
 // Block g handles rows g, g+G, ...: dx per row; its partial dw stays in shared memory (or, when C
 // is too wide for shared memory, in dw_part directly) and is written to dw_part[g, :] once.
-template <typename T, int N>
+template <typename T, typename W, int N>
 __global__ void __launch_bounds__(kMaxThreads)
     rms_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                        const float* __restrict__ w, const float* __restrict__ rstd,
+                        const W* __restrict__ w, const float* __restrict__ rstd,
                         T* __restrict__ dx, float* __restrict__ dw_part, int64_t R, int64_t C,
                         bool smem_acc) {
   __shared__ float red[kMaxThreads / kWarp];
@@ -135,8 +136,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 // up to 16 groups per SM, so a sum over groups must not be one thread's serial loop.
 constexpr int kSumSlices = 32;
 
+template <typename O>
 __global__ void __launch_bounds__(kWarp * kSumSlices)
-    column_sum_kernel(const float* __restrict__ in, float* __restrict__ out, int64_t groups,
+    column_sum_kernel(const float* __restrict__ in, O* __restrict__ out, int64_t groups,
                       int64_t cols) {
   __shared__ float part[kSumSlices][kWarp + 1];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(kWarp * kSumSlices)
   if (threadIdx.y == 0 && c < cols) {
     float total = 0.f;
     for (int s = 0; s < kSumSlices; ++s) total += part[s][threadIdx.x];
-    out[b * cols + c] = total;
+    out[b * cols + c] = from_f<O>(total);  // rounded once, like a cast of the fp32 sum
   }
 }
 
@@ -164,26 +166,26 @@ int norm_row_threads(int64_t cols, int64_t elem_size) {
   return row_threads(cols % vec == 0 ? cols / vec : cols);
 }
 
-cudaError_t column_sum(const float* in, float* out, int64_t B, int64_t G, int64_t C,
-                       cudaStream_t s) {
+template <typename O>
+cudaError_t column_sum(const float* in, O* out, int64_t B, int64_t G, int64_t C, cudaStream_t s) {
   dim3 grid(static_cast<unsigned>((C + kWarp - 1) / kWarp), static_cast<unsigned>(B));
-  column_sum_kernel<<<grid, dim3(kWarp, kSumSlices), 0, s>>>(in, out, G, C);
+  column_sum_kernel<O><<<grid, dim3(kWarp, kSumSlices), 0, s>>>(in, out, G, C);
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t rms_norm_fwd(const T* x, const float* w, T* y, float* rstd, int64_t R, int64_t C,
+template <typename T, typename W>
+cudaError_t rms_norm_fwd(const T* x, const W* w, T* y, float* rstd, int64_t R, int64_t C,
                          float eps, cudaStream_t s) {
   dispatch_vec<T>(vec_width<T>(C, {x, w, y}), [&](auto n) {
     constexpr int N = decltype(n)::value;
-    rms_norm_fwd_kernel<T, N><<<static_cast<unsigned>(R), row_threads(C / N), 0, s>>>(x, w, y, rstd,
+    rms_norm_fwd_kernel<T, W, N><<<static_cast<unsigned>(R), row_threads(C / N), 0, s>>>(x, w, y, rstd,
                                                                                    C, eps);
   });
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t rms_norm_bwd(const T* dy, const T* x, const float* w, const float* rstd, T* dx,
+template <typename T, typename W>
+cudaError_t rms_norm_bwd(const T* dy, const T* x, const W* w, const float* rstd, T* dx,
                          float* dw_part, int64_t R, int64_t C, int64_t G, cudaStream_t s) {
   cudaError_t err = cudaSuccess;
   dispatch_vec<T>(vec_width<T>(C, {dy, x, w, dx}), [&](auto n) {
@@ -193,23 +195,34 @@ cudaError_t rms_norm_bwd(const T* dy, const T* x, const float* w, const float* r
     const bool smem_acc = dw_part != nullptr && bytes + 1024 <= max_dynamic_smem();
     const size_t smem = smem_acc ? static_cast<size_t>(bytes) : 0;
     if (smem > 48 * 1024) {
-      err = cudaFuncSetAttribute(rms_norm_bwd_kernel<T, N>,
+      err = cudaFuncSetAttribute(rms_norm_bwd_kernel<T, W, N>,
                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       if (err != cudaSuccess) return;
     }
-    rms_norm_bwd_kernel<T, N><<<static_cast<unsigned>(G), threads, smem, s>>>(
+    rms_norm_bwd_kernel<T, W, N><<<static_cast<unsigned>(G), threads, smem, s>>>(
         dy, x, w, rstd, dx, dw_part, R, C, smem_acc);
   });
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-#define INSTANTIATE(T)                                                                          \
-  template cudaError_t rms_norm_fwd<T>(const T*, const float*, T*, float*, int64_t, int64_t,   \
-                                       float, cudaStream_t);                                   \
-  template cudaError_t rms_norm_bwd<T>(const T*, const T*, const float*, const float*, T*,     \
-                                       float*, int64_t, int64_t, int64_t, cudaStream_t);
-MEGALM_FOR_EACH_TYPE(INSTANTIATE)
+#define INSTANTIATE(T, W)                                                                       \
+  template cudaError_t rms_norm_fwd<T, W>(const T*, const W*, T*, float*, int64_t, int64_t,    \
+                                          float, cudaStream_t);                                \
+  template cudaError_t rms_norm_bwd<T, W>(const T*, const T*, const W*, const float*, T*,      \
+                                          float*, int64_t, int64_t, int64_t, cudaStream_t);
+// Weights in fp32 (any x) or in x's own type.
+#define INSTANTIATE_FP32_WEIGHT(T) INSTANTIATE(T, float)
+MEGALM_FOR_EACH_TYPE(INSTANTIATE_FP32_WEIGHT)
+INSTANTIATE(double, double)
+INSTANTIATE(__half, __half)
+INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
+#undef INSTANTIATE_FP32_WEIGHT
 #undef INSTANTIATE
+template cudaError_t column_sum<float>(const float*, float*, int64_t, int64_t, int64_t, cudaStream_t);
+template cudaError_t column_sum<double>(const float*, double*, int64_t, int64_t, int64_t, cudaStream_t);
+template cudaError_t column_sum<__half>(const float*, __half*, int64_t, int64_t, int64_t, cudaStream_t);
+template cudaError_t column_sum<__nv_bfloat16>(const float*, __nv_bfloat16*, int64_t, int64_t, int64_t,
+                                               cudaStream_t);
 
 }  // namespace launch
 }  // namespace megalm
