@@ -39,6 +39,7 @@ from megalm.train.peak_flops import peak_flops
 from megalm.train.signals import STOP_SIGNALS, StopRequests
 from megalm.train.task import Batch, Task
 
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
