@@ -14,7 +14,10 @@ D64, bf16, documents ~256 tokens; and the Llama-style 1B's: B8 H32 KV8 T2048 D64
   (SDPA picks its backend: cuDNN on Hopper with torch 2.11);
 - `sdpa_dense_mask_efficient`: the same mask forced onto the memory-efficient kernel;
 - `varlen`: torch.nn.attention.varlen.varlen_attn (FlashAttention varlen) over cu_seqlens, which
-  megalm's loader can compute on the host with the batch (precomputed here, outside the timing).
+  megalm's loader can compute on the host with the batch (precomputed here, outside the timing);
+- `megalm_document_kernel`: megalm.ops.doc_attention's CUDA kernel (tensor cores, block skipping:
+  only the key tiles from a query tile's first document start on), which the model runs whenever
+  it passed its self-test (the row says whether it did); on --smoke its reference.
 
 Per candidate: median fwd+bwd ms, peak memory above the inputs (the dense mask, built once per
 forward for all layers, is reported apart as mask_mib), the largest difference from the fp64
@@ -40,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megalm.fsio import atomic_write  # noqa: E402
 from megalm.models.llm import document_mask  # noqa: E402
+from megalm.ops.doc_attention import document_attention, document_starts  # noqa: E402
 
 SHAPES = {"gpt2-124m": dict(B=16, H=12, KV=12, T=1024, D=64), "llama-1b": dict(B=8, H=32, KV=8, T=2048, D=64)}
 SMOKE = {"tiny": dict(B=2, H=2, KV=1, T=64, D=16)}
@@ -123,6 +127,10 @@ def candidates(doc_ids: torch.Tensor, device: torch.device) -> dict[str, tuple[C
         return varlen_attn(*flat, cu, cu, longest, longest, window_size=(-1, 0), **kw).reshape(B, T, H, D)
 
     out["varlen"] = (varlen, False)
+    starts = document_starts(doc_ids.to(device))
+    backend = "cuda" if device.type == "cuda" else "auto"
+    out["megalm_document_kernel"] = (lambda q, k, v: document_attention(q, k, v, starts, backend=backend),
+                                     device.type != "cuda")
     return out
 
 
@@ -181,6 +189,11 @@ def measure(shape: dict[str, int], dtype: torch.dtype, device: torch.device, ite
             row = {"ms": round(seconds * 1e3, 4), "materialises_txt_mask": dense, "max_abs_error_vs_fp64": err}
             if dense:  # built once per forward, outside the timing (shared by every layer)
                 row["mask_mib"] = round(B * T * T / 2**20, 1)
+            if name == "megalm_document_kernel" and device.type == "cuda":
+                from megalm.ops import selftest
+
+                ok, detail = selftest.verdict("document_attention", device)
+                row["self_test"] = "passed" if ok else f"FAILED: {detail}"
             if device.type == "cuda":
                 row["peak_memory_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
         except (RuntimeError, NotImplementedError, ImportError, TypeError) as exc:

@@ -12,11 +12,16 @@ megalm.train.sequence applies it to an LLM; `parallel.sequence_parallel` turns i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from megalm.engine.tensor import new_groups
+
+if TYPE_CHECKING:  # annotation only: the engine does not import the models
+    from megalm.models.llm import DocumentMask
 
 
 class UlyssesCore(nn.Module):
@@ -31,7 +36,7 @@ class UlyssesCore(nn.Module):
 
         super().__init__()
         self.core = core
-        self.full_mask: torch.Tensor | None = None
+        self.full_mask: torch.Tensor | DocumentMask | None = None
         # scatter the heads (dim 2), gather the positions (dim 1); the batch is dim 0
         self.exchange = DistributedAttention(self._local, group, scatter_idx=2, gather_idx=1)
 

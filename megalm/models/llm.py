@@ -25,8 +25,10 @@ from torch.utils.checkpoint import checkpoint
 from megalm.models.config import LLMConfig
 from megalm.models.generate import generate
 from megalm.ops import apply_rope, cross_entropy, fused_linear_cross_entropy, layer_norm, rms_norm, rope_cos_sin, swiglu
+from megalm.ops.doc_attention import document_attention, document_starts, kernel_will_run
 
-__all__ = ["LLM", "LLMConfig", "Block", "default_position_ids", "document_mask", "head_logits", "head_loss"]
+__all__ = ["LLM", "LLMConfig", "Block", "DocumentMask", "default_position_ids", "document_mask", "head_logits",
+           "head_loss"]
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [B or 1, T, head_dim // 2]
 
@@ -42,6 +44,28 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same_doc & causal).unsqueeze(1)
+
+
+class DocumentMask:
+    """Causal AND same-document attention of packed rows, made on first use in the form the
+    attention runs and then shared by every layer of the forward: per-token document starts for
+    the document-masked CUDA kernel (megalm.ops.doc_attention, no T x T mask), or else the dense
+    `document_mask` that SDPA takes."""
+
+    def __init__(self, doc_ids: torch.Tensor):
+        self.doc_ids = doc_ids
+        self._starts: torch.Tensor | None = None
+        self._dense: torch.Tensor | None = None
+
+    def starts(self) -> torch.Tensor:
+        if self._starts is None:
+            self._starts = document_starts(self.doc_ids)
+        return self._starts
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = document_mask(self.doc_ids)
+        return self._dense
 
 
 def rope_for(config: LLMConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope | None:
@@ -94,7 +118,12 @@ class AttentionCore(nn.Module):
         super().__init__()
         self.dropout = dropout
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | DocumentMask | None) -> torch.Tensor:
+        if isinstance(mask, DocumentMask):
+            if not (self.training and self.dropout) and kernel_will_run(q, k, v):
+                return document_attention(q, k, v, mask.starts())
+            mask = mask.dense()
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         T = q.shape[2]
         gqa = k.shape[1] != q.shape[1]
@@ -272,7 +301,7 @@ class LLM(nn.Module):
             position_ids = default_position_ids(input_ids)
         h = self.embed(input_ids, position_ids)
         rope = rope_for(self.config, position_ids, h.dtype)
-        mask = document_mask(doc_ids) if doc_ids is not None else None
+        mask = DocumentMask(doc_ids) if doc_ids is not None else None
         for block, ve in zip(self.layers, self.layer_value_embeds(input_ids)):
             h = block(h, rope, mask, ve=ve)
         h = self.norm(h)

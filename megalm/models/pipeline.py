@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from megalm.errors import UserError
 from megalm.models.config import LLMConfig
-from megalm.models.llm import LLM, Block, default_position_ids, document_mask, head_logits, head_loss, rope_for
+from megalm.models.llm import LLM, Block, DocumentMask, default_position_ids, head_logits, head_loss, rope_for
 from megalm.ops import cross_entropy
 
 Activations = tuple[torch.Tensor, ...]
@@ -61,7 +61,7 @@ class BlockPipe(nn.Module):
 
     def forward(self, inputs) -> Activations:
         hidden, position_ids, *rest = _as_tuple(inputs)
-        mask = document_mask(rest[0]) if rest else None
+        mask = DocumentMask(rest[0]) if rest else None
         rope = rope_for(self.config, position_ids, hidden.dtype)
         return (self.block(hidden, rope, mask), position_ids, *rest)
 

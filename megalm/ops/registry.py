@@ -17,4 +17,5 @@ KERNELS: tuple[Kernel, ...] = (
            "megalm.ops.fused_linear_cross_entropy"),
     Kernel("FusedAdamW", ("multi_tensor_adamw",), "megalm.ops.adamw"),
     Kernel("newton_schulz", ("newton_schulz",), "megalm.ops.newton_schulz"),
+    Kernel("document_attention", ("doc_attention_fwd", "doc_attention_bwd"), "megalm.ops.doc_attention"),
 )

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megalm.data.batch import IGNORE_INDEX
 from megalm.engine.sequence import UlyssesCore
 from megalm.errors import UserError
-from megalm.models.llm import LLM, default_position_ids, document_mask
+from megalm.models.llm import LLM, DocumentMask, default_position_ids
 
 _FORWARD = inspect.signature(LLM.forward)
 
@@ -60,7 +60,7 @@ class SequenceParallel:
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         doc_ids = a.get("doc_ids")
-        mask = document_mask(doc_ids) if doc_ids is not None else None
+        mask = DocumentMask(doc_ids) if doc_ids is not None else None
         for core in self.cores:
             core.full_mask = mask
         self._share = None

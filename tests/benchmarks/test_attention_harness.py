@@ -33,12 +33,15 @@ def test_smoke_run(tmp_path):
                            str(out)], env=cpu_env(), capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["shapes"]["tiny"]["candidates"]
-    assert set(rows) == {"causal", "sdpa_dense_mask", "sdpa_dense_mask_efficient", "varlen"}
+    assert set(rows) == {"causal", "sdpa_dense_mask", "sdpa_dense_mask_efficient", "varlen", "megalm_document_kernel"}
     assert rows["causal"]["ms"] > 0
     dense = rows["sdpa_dense_mask"]
     assert dense["materialises_txt_mask"] and dense["causal_ratio"] > 0
     assert max(dense["max_abs_error_vs_fp64"].values()) < 1e-5  # fp32 on the CPU
     assert rows["varlen"]["unavailable"]  # FlashAttention has no CPU kernel: said, not faked
+    # On the CPU megalm's op runs its reference (the dense mask): exact, and labelled as dense.
+    ours = rows["megalm_document_kernel"]
+    assert ours["materialises_txt_mask"] and max(ours["max_abs_error_vs_fp64"].values()) < 1e-5
 
 
 def test_varlen_offsets_describe_the_document_mask():

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from megalm.ops import (FusedAdamW, adaln_layer_norm, apply_rope, cross_entropy,
                         fused_linear_cross_entropy, layer_norm, rms_norm, rope_cos_sin, swiglu)
+from megalm.ops.doc_attention import document_attention, starts_of_lengths
 
 MODULES = ["rms_norm", "layer_norm", "rope", "swiglu", "cross_entropy",
-           "fused_linear_cross_entropy", "adaln", "adamw", "newton_schulz"]
+           "fused_linear_cross_entropy", "adaln", "adamw", "newton_schulz", "doc_attention"]
 
 
 def _f32(t, name):
@@ -193,6 +194,39 @@ class ContractModel:
             x = torch.addmm(x, torch.addmm(m, m, m, beta=b, alpha=c), x, beta=a, alpha=1.0)
         return x.t() if tall else x
 
+    @staticmethod
+    def _attention_args(q, k, v, starts):
+        # bindings.cpp check_doc_attention: contiguous, 16-byte aligned half/bf16 [B, T, H, D].
+        for t in (q, k, v):
+            assert t.dim() == 4 and t.is_contiguous() and t.data_ptr() % 16 == 0
+            assert t.dtype == q.dtype and t.dtype in (torch.float16, torch.bfloat16)
+        assert k.shape == v.shape and q.shape[2] % k.shape[2] == 0 and q.shape[-1] in (64, 128)
+        assert starts.dtype == torch.int32 and starts.shape == q.shape[:2] and starts.is_contiguous()
+
+    @staticmethod
+    def _attention(q, k, v, starts):
+        from megalm.ops.doc_attention import reference
+
+        return reference(q.float(), k.float(), v.float(), starts)
+
+    @staticmethod
+    def doc_attention_fwd(q, k, v, starts):
+        ContractModel._attention_args(q, k, v, starts)
+        o = ContractModel._attention(q, k, v, starts)
+        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1])  # read only by the backward
+        return o.to(q.dtype), lse
+
+    @staticmethod
+    def doc_attention_bwd(dout, q, k, v, out, lse, starts):
+        ContractModel._attention_args(q, k, v, starts)
+        assert dout.shape == out.shape == q.shape and dout.dtype == out.dtype == q.dtype
+        assert dout.is_contiguous() and dout.data_ptr() % 16 == 0
+        assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+        with torch.enable_grad():
+            xs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            torch.autograd.backward(ContractModel._attention(*xs, starts), dout.float())
+        return tuple(x.grad.to(q.dtype) for x in xs)
+
 
 @pytest.fixture
 def contract_as_cuda(monkeypatch):
@@ -247,12 +281,28 @@ def test_functions_match_reference_through_the_contract(contract_as_cuda, dtype)
         "fused_linear_ce": (lambda h, w, backend: fused_linear_cross_entropy(
             h, w, labels, chunk_size=3, backend=backend), [r(10, 6), r(11, 6)]),
     }
+    if dtype == torch.bfloat16:  # the attention kernel takes half/bf16 only (fp32: the reference)
+        starts = starts_of_lengths([[3, 1, 6], [10]], torch.device("cpu"))
+        cases["document_attention"] = (
+            lambda q, k, v, backend: document_attention(q, k, v, starts, backend=backend),
+            [r(2, 10, 4, 64), r(2, 10, 2, 64), r(2, 10, 2, 64)])
     for name, (fn, inputs) in cases.items():
         (yk, gk), (yr, gr) = _both(fn, inputs)
         assert len(gk) == len(gr) == len(inputs), name
         for a, b in zip(yk + gk, yr + gr):
             assert a.dtype == b.dtype and a.shape == b.shape, name
             torch.testing.assert_close(a.float(), b.float(), **tol, msg=name)
+
+
+def test_document_attention_hands_the_kernel_aligned_views(contract_as_cuda):
+    # A view one element into its storage (as a slice of a fused QKV projection could be): the
+    # Function copies it to a 16-byte boundary; the contract asserts the alignment.
+    starts = starts_of_lengths([[4, 4]], torch.device("cpu"))
+    flat = torch.randn(8 * 2 * 64 * 3 + 1).bfloat16()
+    q, k, v = (flat[1 + i * 1024:1 + (i + 1) * 1024].view(1, 8, 2, 64).requires_grad_() for i in range(3))
+    assert q.data_ptr() % 16 != 0
+    document_attention(q, k, v, starts).float().sum().backward()
+    assert q.grad.shape == q.shape
 
 
 def test_bf16_norm_params_reach_the_kernels_uncast(contract_as_cuda, monkeypatch):

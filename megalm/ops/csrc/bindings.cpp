@@ -230,6 +230,54 @@ void multi_tensor_adamw(const std::vector<Tensor>& params, const std::vector<Ten
                              weight_decay, bias_correction1, bias_correction2);
 }
 
+// q [B, T, Hq, D] (half/bfloat16, D 64 or 128), k/v [B, T, Hk, D] with Hk dividing Hq, doc_start
+// int32 [B, T], all contiguous on one device; the kernels read 16-byte vectors.
+void check_doc_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& doc_start) {
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    check_cuda(*t, name);
+    TORCH_CHECK(t->dim() == 4, name, " must be 4-D [B, T, heads, D], got ", t->dim(), "-D");
+    TORCH_CHECK(t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16, name,
+                " must be float16/bfloat16, got ", t->scalar_type());
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+  }
+  check_same(k, v, "k", "v");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.device() == k.device(),
+              "q and k must share a dtype and device");
+  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "head dim must be 64 or 128, got ", q.size(3));
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "k must be [B, T, Hk, D] matching q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "KV heads ", k.size(2),
+              " must divide query heads ", q.size(2));
+  TORCH_CHECK(q.size(0) <= 65535 && q.size(2) <= 65535 && q.size(1) < (int64_t(1) << 30),
+              "q is too large for the launch grid: ", q.sizes());
+  check_cuda(doc_start, "doc_start");
+  TORCH_CHECK(doc_start.scalar_type() == at::kInt, "doc_start must be int32, got ", doc_start.scalar_type());
+  TORCH_CHECK(doc_start.sizes() == q.sizes().slice(0, 2), "doc_start must be [B, T], got ", doc_start.sizes());
+  TORCH_CHECK(doc_start.device() == q.device(), "doc_start must be on the device of q");
+}
+
+std::tuple<Tensor, Tensor> doc_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const Tensor& doc_start) {
+  check_doc_attention(q, k, v, doc_start);
+  return megalm::doc_attention_fwd(q, k, v, doc_start);
+}
+
+std::tuple<Tensor, Tensor, Tensor> doc_attention_bwd(const Tensor& dout, const Tensor& q,
+                                                     const Tensor& k, const Tensor& v,
+                                                     const Tensor& out, const Tensor& lse,
+                                                     const Tensor& doc_start) {
+  check_doc_attention(q, k, v, doc_start);
+  check_cuda(dout, "dout");
+  check_same(dout, q, "dout", "q");
+  check_cuda(out, "out");
+  check_same(out, q, "out", "q");
+  check_cuda(lse, "lse");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat &&
+                  lse.sizes() == at::IntArrayRef({q.size(0), q.size(2), q.size(1)}),
+              "lse must be float32 [B, Hq, T], got ", lse.scalar_type(), " ", lse.sizes());
+  return megalm::doc_attention_bwd(dout, q, k, v, out, lse, doc_start);
+}
+
 Tensor newton_schulz(const Tensor& g, int64_t steps, double a, double b, double c, double eps) {
   check_cuda(g, "g");
   check_float_like(g, "g");
@@ -256,4 +304,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_cast", &scale_cast);
   m.def("multi_tensor_adamw", &multi_tensor_adamw);
   m.def("newton_schulz", &newton_schulz);
+  m.def("doc_attention_fwd", &doc_attention_fwd);
+  m.def("doc_attention_bwd", &doc_attention_bwd);
 }

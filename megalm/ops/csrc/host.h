@@ -62,4 +62,14 @@ void multi_tensor_adamw(const std::vector<at::Tensor>& params,
 at::Tensor newton_schulz(const at::Tensor& g, int64_t steps, double a, double b, double c,
                          double eps);
 
+// Document-masked causal attention (doc_attention_host.cpp): q [B, T, Hq, D], k/v [B, T, Hk, D]
+// (half/bfloat16, D 64 or 128, Hk dividing Hq), doc_start int32 [B, T]: query i sees keys
+// doc_start[i] <= j <= i. Forward: (out like q, lse fp32 [B, Hq, T]); backward: (dq, dk, dv).
+std::tuple<at::Tensor, at::Tensor> doc_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v,
+                                                     const at::Tensor& doc_start);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> doc_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& doc_start);
+
 }  // namespace megalm

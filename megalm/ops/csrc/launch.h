@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "doc_attention_params.h"
+
 namespace megalm::launch {
 
 // Threads per block the norm kernels use for a row of `cols` elements of `elem_size` bytes (host
@@ -89,5 +91,13 @@ cudaError_t adamw(const AdamBatch& batch, AdamHyper h, cudaStream_t s);
 // Newton–Schulz prologue: buf (2 zeroed floats) -> buf[0] = 1 / (||x||_F + eps), on the device.
 template <typename T>
 cudaError_t inverse_frobenius_norm(const T* x, float* buf, float eps, int64_t n, cudaStream_t s);
+
+// Document-masked attention (doc_attention.cuh), T = __half or __nv_bfloat16, p.D 64 or 128: the
+// forward writes p.o and p.lse; the backward writes p.delta, adds into p.dq (zeroed fp32) and
+// writes p.dk and p.dv.
+template <typename T>
+cudaError_t doc_attention_fwd(const attn::Params& p, cudaStream_t s);
+template <typename T>
+cudaError_t doc_attention_bwd(const attn::Params& p, cudaStream_t s);
 
 }  // namespace megalm::launch

@@ -1,0 +1,312 @@
+// A CPU emulation of the small CUDA subset the attention kernels use, so their exact source runs
+// in the CPU test suite (tests/ops/test_doc_attention_emu.py), where no GPU is.
+//
+// Every CUDA thread of a block is a coroutine (ucontext) on ONE OS thread: the schedule is
+// deterministic (warp by warp, see run_warp), so a result never depends on timing, and a missing
+// barrier shows as a wrong result. __shfl_xor_sync exchanges through block memory between two
+// warp barriers, so all lanes must reach it (the kernels' control flow is uniform). WMMA fragments hold the whole 16x16 tile in every lane, so only the tile ops
+// (load, store, mma, fill) may touch them — code reading fragment elements would not port; the
+// real API's alignment rules (32-byte pointers, ldm a multiple of 16 bytes) are checked.
+#pragma once
+
+#include <ucontext.h>
+
+#include <math.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <functional>
+#include <string>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct int4 {
+  int x, y, z, w;
+};
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+using cudaStream_t = void*;
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+
+namespace megalm::emu {
+
+// The first failure (alignment, shared memory size, a thread leaving while others wait): the
+// entry points return it instead of aborting the test process.
+inline std::string& failure() {
+  static std::string msg;
+  return msg;
+}
+inline void fail(const std::string& msg) {
+  if (failure().empty()) failure() = msg;
+}
+
+struct Block {
+  std::vector<unsigned char> smem;
+  std::vector<float> exchange;  // one slot per thread for __shfl_xor_sync
+};
+
+struct Scheduler {
+  ucontext_t main{};
+  std::vector<ucontext_t> ctx;
+  std::vector<std::vector<char>> stacks;
+  std::vector<int> state;  // 0 ready, 1 waiting at a barrier, 2 finished
+  int current = 0;
+  Block* block = nullptr;
+  const std::function<void()>* body = nullptr;
+};
+inline Scheduler& sched() {
+  static Scheduler s;
+  return s;
+}
+
+}  // namespace megalm::emu
+
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace megalm::emu {
+
+enum State { kReady = 0, kAtBlockBarrier = 1, kDone = 2, kAtWarpBarrier = 3 };
+
+inline void wait(State st) {
+  Scheduler& s = sched();
+  s.state[s.current] = st;
+  swapcontext(&s.ctx[s.current], &s.main);
+}
+inline void barrier() { wait(kAtBlockBarrier); }
+inline void warp_barrier() { wait(kAtWarpBarrier); }
+
+inline void trampoline() {
+  Scheduler& s = sched();
+  (*s.body)();
+  s.state[s.current] = kDone;  // uc_link returns to the scheduler
+}
+
+constexpr size_t kMaxSmem = 227 * 1024;  // sm_90's opt-in maximum per block
+constexpr size_t kStack = 512 * 1024;
+
+// Runs warp w's lanes until each waits at a block barrier or is done: lanes meet at warp
+// barriers. Warp-major on purpose: warp 0 runs ahead of the others up to the next __syncthreads,
+// so a read of another warp's shared memory that lacks one sees stale data and the result breaks.
+inline bool run_warp(Scheduler& s, int w, const dim3& block) {
+  const int lo = w * 32, hi = std::min<int>(lo + 32, int(s.state.size()));
+  for (;;) {
+    bool ran = false;
+    for (int t = lo; t < hi; ++t) {
+      if (s.state[t] != kReady) continue;
+      s.current = t;
+      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      swapcontext(&s.main, &s.ctx[t]);
+      ran = true;
+    }
+    int at_warp = 0;
+    for (int t = lo; t < hi; ++t) at_warp += s.state[t] == kAtWarpBarrier;
+    if (at_warp == hi - lo) {
+      for (int t = lo; t < hi; ++t) s.state[t] = kReady;
+      continue;
+    }
+    if (at_warp != 0 && !ran) {
+      fail("lanes of a warp wait at different barriers (non-uniform __syncwarp or shuffle)");
+      return false;
+    }
+    if (!ran) return true;
+  }
+}
+
+// Runs `body` as every thread of every block of `grid`, one block after the other.
+inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+  if (smem_bytes > kMaxSmem) {
+    fail("launch: " + std::to_string(smem_bytes) + " bytes of shared memory > the 227 KiB limit");
+    return;
+  }
+  Scheduler& s = sched();
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  s.ctx.assign(n, ucontext_t{});
+  s.stacks.resize(n);
+  for (auto& st : s.stacks) st.resize(kStack);
+  s.state.assign(n, kReady);
+  s.body = &body;
+  gridDim = grid;
+  blockDim = block;
+  Block b;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        b.smem.assign(smem_bytes + 128, 0xAB);  // garbage, as on a GPU: reads before writes show
+        b.exchange.assign(n, 0.f);
+        s.block = &b;
+        blockIdx = dim3(x, y, z);
+        for (int t = 0; t < n; ++t) {
+          getcontext(&s.ctx[t]);
+          s.ctx[t].uc_stack.ss_sp = s.stacks[t].data();
+          s.ctx[t].uc_stack.ss_size = kStack;
+          s.ctx[t].uc_link = &s.main;
+          makecontext(&s.ctx[t], trampoline, 0);
+          s.state[t] = kReady;
+        }
+        for (;;) {
+          for (int w = 0; w * 32 < n; ++w)
+            if (!run_warp(s, w, block)) return;
+          int waiting = 0, done = 0;
+          for (int st : s.state) (st == kAtBlockBarrier ? waiting : done) += 1;
+          if (waiting == 0) break;
+          if (done != 0) {
+            fail("a thread finished while others wait at a barrier (non-uniform __syncthreads)");
+            return;
+          }
+          for (int& st : s.state) st = kReady;
+        }
+      }
+}
+
+// Dynamic shared memory of the running block, 128-byte aligned like the kernels declare it.
+inline unsigned char* dynamic_smem() {
+  auto p = reinterpret_cast<uintptr_t>(sched().block->smem.data());
+  return reinterpret_cast<unsigned char*>((p + 127) & ~uintptr_t(127));
+}
+
+}  // namespace megalm::emu
+
+inline void __syncthreads() { megalm::emu::barrier(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { megalm::emu::warp_barrier(); }
+
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  auto& x = megalm::emu::sched().block->exchange;
+  const int t = static_cast<int>(threadIdx.x);
+  x[t] = v;
+  megalm::emu::warp_barrier();
+  const float r = x[(t & ~31) | ((t & 31) ^ lane_mask)];
+  megalm::emu::warp_barrier();
+  return r;
+}
+
+// One OS thread runs every CUDA thread: a plain add is atomic.
+template <typename T>
+inline T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+
+template <typename T>
+inline T min(T a, T b) { return a < b ? a : b; }
+template <typename T>
+inline T max(T a, T b) { return a > b ? a : b; }
+
+namespace megalm::emu {
+
+// bfloat16 as its bits; conversions round to nearest even, like __float2bfloat16_rn.
+struct bf16 {
+  uint16_t bits;
+};
+inline float to_float(bf16 x) {
+  uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline bf16 bf16_from_float(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return {uint16_t((u >> 16) | 0x40)};
+  u += 0x7FFF + ((u >> 16) & 1);
+  return {uint16_t(u >> 16)};
+}
+
+}  // namespace megalm::emu
+
+namespace megalm::emu::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  float v[16][16];
+};
+
+inline void check(const void* p, unsigned ldm, size_t elem, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+    fail(std::string(what) + ": pointer not 32-byte aligned");
+  if ((ldm * elem) % 16 != 0) fail(std::string(what) + ": ldm not a multiple of 16 bytes");
+}
+
+template <typename T>
+inline float as_float(T x) { return to_float(x); }
+inline float as_float(float x) { return x; }
+
+template <typename T>
+void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  check(p, ldm, sizeof(T), "load matrix_a");
+  for (int m = 0; m < 16; ++m)
+    for (int k = 0; k < 16; ++k) f.v[m][k] = as_float(p[m * ldm + k]);
+}
+template <typename T>
+void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
+  check(p, ldm, sizeof(T), "load matrix_a");
+  for (int m = 0; m < 16; ++m)
+    for (int k = 0; k < 16; ++k) f.v[m][k] = as_float(p[k * ldm + m]);
+}
+template <typename T>
+void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  check(p, ldm, sizeof(T), "load matrix_b");
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 16; ++n) f.v[k][n] = as_float(p[k * ldm + n]);
+}
+template <typename T>
+void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
+  check(p, ldm, sizeof(T), "load matrix_b");
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 16; ++n) f.v[k][n] = as_float(p[n * ldm + k]);
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
+                             unsigned ldm, layout_t layout) {
+  check(p, ldm, sizeof(float), "load accumulator");
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n)
+      f.v[m][n] = layout == mem_row_major ? p[m * ldm + n] : p[n * ldm + m];
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t layout) {
+  check(p, ldm, sizeof(float), "store accumulator");
+  // Every lane holds the same tile: the last lane to run writes it, so a lane that reads it back
+  // without a __syncwarp first sees stale data.
+  if (threadIdx.x % 32 != 31) return;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) (layout == mem_row_major ? p[m * ldm + n] : p[n * ldm + m]) = f.v[m][n];
+}
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float x) {
+  for (auto& row : f.v)
+    for (float& e : row) e = x;
+}
+template <typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+              const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LB>& b,
+              const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[16][16];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float acc = c.v[m][n];
+      for (int k = 0; k < 16; ++k) acc += a.v[m][k] * b.v[k][n];
+      out[m][n] = acc;
+    }
+  std::memcpy(d.v, out, sizeof(out));
+}
+
+}  // namespace megalm::emu::wmma
