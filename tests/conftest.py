@@ -65,8 +65,37 @@ def _scope(nodeid: str) -> str:
     return "/".join(parts[:2]) if len(parts) > 2 and parts[1] in _WHOLE_FOLDERS else path
 
 
+# Seconds each heavy unit took (setup + calls) on 2 cores, 2026-12-08 (`--durations=0`). The
+# workers take units in collection order, so longest first (after Slurm) keeps a long unit from
+# starting last and running alone at the end; xdist's own reordering (by number of tests) is off.
+# A unit not listed counts ~0.3 s per test: a stale figure only costs balance, never coverage.
+_SECONDS = {
+    "tests/diffusion": 88, "tests/distributed/test_model_parallel.py": 76,
+    "tests/checkpoint/test_train_cli.py": 66, "tests/data_prep": 62, "tests/ops/test_cuda_build.py": 95,
+    "tests/plan/test_plan.py": 49, "tests/checkpoint/test_manager.py": 49,
+    "tests/distributed/test_muon.py": 47, "tests/export": 44, "tests/train/test_cli_claims.py": 38,
+    "tests/distributed/test_muon_world.py": 34, "tests/distributed/test_train_modes.py": 32,
+    "tests/checkpoint/test_sigkill.py": 28, "tests/launcher/test_mpirun_train.py": 20,
+    "tests/test_cpu_capabilities.py": 20, "tests/distributed/test_resume_world.py": 19,
+    "tests/train/test_sft.py": 19, "tests/ops/test_selftest.py": 16,
+    "tests/benchmarks/test_train_gpu_harness.py": 15,
+}
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: _scope(item.nodeid) != f"tests/{_FIRST}")  # stable sort
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[_scope(item.nodeid)] = counts.get(_scope(item.nodeid), 0) + 1
+
+    def order(item) -> tuple[bool, float]:
+        scope = _scope(item.nodeid)
+        return scope != f"tests/{_FIRST}", -_SECONDS.get(scope, 0.3 * counts[scope])
+    items.sort(key=order)  # stable: a unit's tests keep their order
 
 
 @pytest.hookimpl(optionalhook=True)
