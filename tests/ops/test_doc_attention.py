@@ -72,3 +72,13 @@ def test_attention_dropout_in_training_keeps_the_dense_mask(monkeypatch):
     monkeypatch.setattr(llm, "kernel_will_run", lambda q, k, v: True)
     monkeypatch.setattr(llm, "document_attention", lambda *a: pytest.fail("kernel without dropout used"))
     model(ids, pos, docs)
+
+
+def test_head_dim_128_only_where_the_gpu_has_the_shared_memory(monkeypatch):
+    # sm_86/sm_89 (A10, L4, L40S) give a block 99 KiB: D=128's 121 KiB would fail to launch there.
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(doc_attention, "smem_per_block", lambda index: 101_376)
+    assert doc_attention.head_dim_fits(64, cuda0) and not doc_attention.head_dim_fits(128, cuda0)
+    monkeypatch.setattr(doc_attention, "smem_per_block", lambda index: 232_448)  # H100/H200
+    assert doc_attention.head_dim_fits(64, cuda0) and doc_attention.head_dim_fits(128, cuda0)
+    assert [c.name.split()[3] for c in doc_attention.selftest_cases(torch.device("cpu"))].count("D128") == 2

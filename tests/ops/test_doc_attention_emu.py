@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from megalm.models.llm import document_mask
-from megalm.ops.doc_attention import SELFTEST_DOCS, dense_mask, document_starts, reference, starts_of_lengths
+from megalm.ops.doc_attention import (SELFTEST_DOCS, SMEM_BYTES, dense_mask, document_starts, reference,
+                                      starts_of_lengths)
 from megalm.ops.selftest import assert_as_good_as_eager
 
 CSRC = Path(__file__).resolve().parents[2] / "megalm" / "ops" / "csrc"
@@ -118,6 +119,12 @@ def test_block_skipping_reads_under_half_of_causal():
     causal = 2 * sum(range(1, 1024 // TILE + 1))
     assert tiles_to_visit(starts, 1, 1) == (40 + 77, 40 + 77)
     assert (40 + 77) / causal < 0.45
+
+
+@pytest.mark.parametrize("d", sorted(SMEM_BYTES))
+def test_python_knows_the_kernels_shared_memory(emu, d):
+    # What megalm.ops.doc_attention gates head dims by (per GPU) is what the kernels launch with.
+    assert SMEM_BYTES[d] == max(emu.megalm_emu_smem_bytes(d, 0), emu.megalm_emu_smem_bytes(d, 1))
 
 
 def test_starts_give_the_models_document_mask():

@@ -248,7 +248,8 @@ void check_doc_attention(const Tensor& q, const Tensor& k, const Tensor& v, cons
               "k must be [B, T, Hk, D] matching q ", q.sizes(), ", got ", k.sizes());
   TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "KV heads ", k.size(2),
               " must divide query heads ", q.size(2));
-  TORCH_CHECK(q.size(0) <= 65535 && q.size(2) <= 65535 && q.size(1) < (int64_t(1) << 30),
+  TORCH_CHECK(q.size(0) <= 65535 && q.size(2) <= 65535 && q.size(1) < (int64_t(1) << 30) &&
+                  q.numel() / q.size(3) < (int64_t(1) << 32),
               "q is too large for the launch grid: ", q.sizes());
   check_cuda(doc_start, "doc_start");
   TORCH_CHECK(doc_start.scalar_type() == at::kInt, "doc_start must be int32, got ", doc_start.scalar_type());
@@ -269,6 +270,7 @@ std::tuple<Tensor, Tensor, Tensor> doc_attention_bwd(const Tensor& dout, const T
   check_doc_attention(q, k, v, doc_start);
   check_cuda(dout, "dout");
   check_same(dout, q, "dout", "q");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0, "dout must be 16-byte aligned");
   check_cuda(out, "out");
   check_same(out, q, "out", "q");
   check_cuda(lse, "lse");

@@ -70,45 +70,110 @@ struct BwdSmem {
   static constexpr size_t bytes = rows + 3 * sizeof(float) * kTile + sizeof(int) * 4;
 };
 
-// Rows t0 .. t0+63 of head h of a [B, T, H, D] tensor into a [64][LD] smem tile, zeros past T
-// (the kernels mask those rows, but 0 * garbage could be NaN).
+// Rows t0 .. t0+63 of head h of a [B, T, H, D] tensor into a [64][LD] smem tile, zeros outside
+// [0, T) (the kernels mask those rows, but 0 * garbage could be NaN). Every load is issued before
+// the first store, so a thread's loads are in flight together.
 template <typename T, int D>
 MEGALM_DEV void load_rows(T* dst, const T* src, int b, int t0, int h, int T_, int H) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kChunks = D / kVec;
-  for (int i = threadIdx.x; i < kTile * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = (i % kChunks) * kVec, t = t0 + r;
-    int4 val = make_int4(0, 0, 0, 0);
-    if (t < T_) val = *reinterpret_cast<const int4*>(src + ((int64_t(b) * T_ + t) * H + h) * D + c);
-    *reinterpret_cast<int4*>(dst + r * Dims<D>::LD + c) = val;
+  constexpr int kPer = kTile * kChunks / kThreads;
+  static_assert(kTile * kChunks % kThreads == 0, "whole chunks per thread");
+  int4 val[kPer];
+  MEGALM_UNROLL
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * kThreads, r = i / kChunks, c = (i % kChunks) * kVec, t = t0 + r;
+    val[j] = make_int4(0, 0, 0, 0);
+    if (t >= 0 && t < T_) val[j] = *reinterpret_cast<const int4*>(src + ((int64_t(b) * T_ + t) * H + h) * D + c);
+  }
+  MEGALM_UNROLL
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * kThreads, r = i / kChunks, c = (i % kChunks) * kVec;
+    *reinterpret_cast<int4*>(dst + r * Dims<D>::LD + c) = val[j];
   }
 }
 
-// C[16][16 * NT] (fp32, row stride ldc) = A[16][16 * KT] · B, where B is read as [KT*16][NT*16]
-// from `b` with the given layout: row_major b[k * ldb + n], col_major b[n * ldb + k].
+// A warp's 16 fp32 rows (row stride ld, row rr scaled by scale[rr]) to rows t0 .. t0+15 of head h
+// of a [B, T, H, D] tensor in T, rows past T skipped: lanes run along the rows in 16-byte vectors,
+// so a warp writes whole lines.
+template <typename T, int D>
+MEGALM_DEV void store_rows(T* dst, const float* src, int ld, const float* scale, int b, int t0, int h,
+                           int T_, int H) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int lane = threadIdx.x % 32;
+  for (int i = lane; i < 16 * (D / kVec); i += 32) {
+    const int rr = i / (D / kVec), c = (i % (D / kVec)) * kVec, t = t0 + rr;
+    if (t >= T_) continue;
+    alignas(16) T v[kVec];
+    MEGALM_UNROLL
+    for (int e = 0; e < kVec; ++e) v[e] = from_float<T>(src[rr * ld + c + e] * scale[rr]);
+    int4 packed;
+    memcpy(&packed, v, sizeof(packed));
+    *reinterpret_cast<int4*>(dst + ((int64_t(b) * T_ + t) * H + h) * D + c) = packed;
+  }
+}
+
+// The column lane (r, half) visits at step c of a walk over its half of a row of 2 * n: rotated
+// by the row so that the 32 lanes hit 32 different banks of the padded fp32 rows (row stride
+// = 4 mod 32 words) instead of 4 lanes per bank.
+template <int n>
+MEGALM_DEV int rotated(int c, int r, int half) {
+  return half * n + ((c + (r >> 2) + 16 * half) & (n - 1));
+}
+
+// C[16][16 * NT] (fp32, row stride ldc) (+)= A[16][16 * KT] · B, where B is read as
+// [KT*16][NT*16] from `b` with the given layout: row_major b[k * ldb + n], col_major
+// b[n * ldb + k]. k-outer over groups of 4 output tiles: each A fragment is loaded once per group.
 template <typename T, typename LA, typename LB, int KT, int NT>
 MEGALM_DEV void warp_gemm(float* c, int ldc, const T* a, int lda, const T* b, int ldb,
                           bool accumulate) {
+  constexpr int kGroup = NT < 4 ? NT : 4;
+  static_assert(NT % kGroup == 0, "output tiles in whole groups");
   MEGALM_UNROLL
-  for (int nt = 0; nt < NT; ++nt) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    if (accumulate) {
-      wmma::load_matrix_sync(acc, c + nt * 16, ldc, wmma::mem_row_major);
-    } else {
-      wmma::fill_fragment(acc, 0.f);
+  for (int g = 0; g < NT; g += kGroup) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kGroup];
+    MEGALM_UNROLL
+    for (int n = 0; n < kGroup; ++n) {
+      if (accumulate) {
+        wmma::load_matrix_sync(acc[n], c + (g + n) * 16, ldc, wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(acc[n], 0.f);
+      }
     }
     MEGALM_UNROLL
     for (int kt = 0; kt < KT; ++kt) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
-      const T* pa = std::is_same<LA, wmma::row_major>::value ? a + kt * 16 : a + kt * 16 * lda;
-      const T* pb = std::is_same<LB, wmma::row_major>::value ? b + kt * 16 * ldb + nt * 16
-                                                             : b + nt * 16 * ldb + kt * 16;
-      wmma::load_matrix_sync(fa, pa, lda);
-      wmma::load_matrix_sync(fb, pb, ldb);
-      wmma::mma_sync(acc, fa, fb, acc);
+      wmma::load_matrix_sync(fa, std::is_same<LA, wmma::row_major>::value ? a + kt * 16 : a + kt * 16 * lda, lda);
+      MEGALM_UNROLL
+      for (int n = 0; n < kGroup; ++n) {
+        const int nt = g + n;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
+        wmma::load_matrix_sync(fb, std::is_same<LB, wmma::row_major>::value ? b + kt * 16 * ldb + nt * 16
+                                                                            : b + nt * 16 * ldb + kt * 16, ldb);
+        wmma::mma_sync(acc[n], fa, fb, acc[n]);
+      }
     }
-    wmma::store_matrix_sync(c + nt * 16, acc, ldc, wmma::mem_row_major);
+    MEGALM_UNROLL
+    for (int n = 0; n < kGroup; ++n)
+      wmma::store_matrix_sync(c + (g + n) * 16, acc[n], ldc, wmma::mem_row_major);
+  }
+}
+
+// acc[NT] += A[16][16 * KT] (row-major smem) · B[KT*16][NT*16] (row-major smem), A loaded once
+// per k step: the backward's dK / dV, whose accumulators live in registers for the whole kernel.
+template <typename T, int KT, int NT>
+MEGALM_DEV void warp_gemm_regs(wmma::fragment<wmma::accumulator, 16, 16, 16, float>* acc, const T* a,
+                               int lda, const T* b, int ldb) {
+  MEGALM_UNROLL
+  for (int kt = 0; kt < KT; ++kt) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, a + kt * 16, lda);
+    MEGALM_UNROLL
+    for (int nt = 0; nt < NT; ++nt) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+      wmma::load_matrix_sync(fb, b + kt * 16 * ldb + nt * 16, ldb);
+      wmma::mma_sync(acc[nt], fa, fb, acc[nt]);
+    }
   }
 }
 
@@ -140,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) doc_attn_fwd_kernel(Params p) {
   float* o_w = os + warp * 16 * Dm::LO;
   float m = -INFINITY, l = 0.f;
   // doc_start is non-decreasing along a row: the first query's document starts first.
-  const int kt_lo = starts[q0] / kTile, kt_hi = (min(q0 + kTile, p.T) - 1) / kTile;
+  const int kt_lo = max(starts[q0], 0) / kTile, kt_hi = (min(q0 + kTile, p.T) - 1) / kTile;
   for (int kt = kt_lo; kt <= kt_hi; ++kt) {
     const int k0 = kt * kTile;
     if (p.tiles != nullptr && threadIdx.x == 0) atomicAdd(p.tiles, 1);
@@ -156,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) doc_attn_fwd_kernel(Params p) {
     float mx = -INFINITY;
     MEGALM_UNROLL
     for (int c = 0; c < 32; ++c) {
-      const int col = half * 32 + c, kj = k0 + col;
+      const int col = rotated<32>(c, r, half), kj = k0 + col;
       const bool ok = qi < p.T && kj <= qi && kj >= q_start;
       sv[c] = ok ? s_w[r * Dm::LS + col] * p.scale_log2 : -INFINITY;
       mx = fmaxf(mx, sv[c]);
@@ -170,25 +235,26 @@ __global__ void __launch_bounds__(kThreads) doc_attn_fwd_kernel(Params p) {
     for (int c = 0; c < 32; ++c) {
       const float pr = exp2f(sv[c] - base);
       sum += pr;
-      p_w[r * Dm::LP + half * 32 + c] = from_float<T>(pr);
+      p_w[r * Dm::LP + rotated<32>(c, r, half)] = from_float<T>(pr);
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     l = l * alpha + sum;
     m = m_new;
-    for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d) o_w[r * Dm::LO + d] *= alpha;
+    for (int c = 0; c < D / 2; ++c) o_w[r * Dm::LO + rotated<D / 2>(c, r, half)] *= alpha;
     __syncwarp();
     // O_w += P_w V
     warp_gemm<T, wmma::row_major, wmma::row_major, kTile / 16, D / 16>(
         o_w, Dm::LO, p_w, Dm::LP, vs, Dm::LD, true);
     __syncwarp();
   }
-  if (qi < p.T) {
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* o = static_cast<T*>(p.o) + ((int64_t(b) * p.T + qi) * p.Hq + h) * D;
-    for (int d = half * (D / 2); d < (half + 1) * (D / 2); ++d)
-      o[d] = from_float<T>(o_w[r * Dm::LO + d] * inv);
-    if (half == 0) p.lse[(int64_t(b) * p.Hq + h) * p.T + qi] = m + log2f(l);
+  // 1 / l per row through the warp's (now free) score rows, then O out in 16-byte vectors.
+  float* inv = s_w;
+  if (half == 0) {
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    if (qi < p.T) p.lse[(int64_t(b) * p.Hq + h) * p.T + qi] = m + log2f(l);
   }
+  __syncwarp();
+  store_rows<T, D>(static_cast<T*>(p.o), o_w, Dm::LO, inv, b, q0 + warp * 16, h, p.T, p.Hq);
 }
 
 // delta[b, h, t] = sum_d dO * O, one warp per (b, t, h) row.
@@ -288,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) doc_attn_bwd_kernel(Params p) {
       __syncwarp();
       MEGALM_UNROLL
       for (int c = 0; c < 32; ++c) {
-        const int col = half * 32 + c, qi = q0 + col;
+        const int col = rotated<32>(c, r, half), qi = q0 + col;
         const bool ok = kj < p.T && qi < p.T && kj <= qi && qstart_s[col] <= kj;
         const float pr = ok ? exp2f(st_w[r * Dm::LS + col] * p.scale_log2 - lse_s[col]) : 0.f;
         // dS = P (dP - delta), times the softmax scale here so dQ and dK need no pass of their own
@@ -298,20 +364,8 @@ __global__ void __launch_bounds__(kThreads) doc_attn_bwd_kernel(Params p) {
       }
       __syncwarp();
       // dV_w += P^T_w dO and dK_w += dS^T_w Q, in registers across all query tiles and heads
-      MEGALM_UNROLL
-      for (int nt = 0; nt < D / 16; ++nt) {
-        MEGALM_UNROLL
-        for (int kt = 0; kt < kTile / 16; ++kt) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-          wmma::load_matrix_sync(fa, pt_w + kt * 16, Dm::LP);
-          wmma::load_matrix_sync(fb, dos + kt * 16 * Dm::LD + nt * 16, Dm::LD);
-          wmma::mma_sync(dv_acc[nt], fa, fb, dv_acc[nt]);
-          wmma::load_matrix_sync(fa, dst_w + kt * 16, Dm::LP);
-          wmma::load_matrix_sync(fb, qs + kt * 16 * Dm::LD + nt * 16, Dm::LD);
-          wmma::mma_sync(dk_acc[nt], fa, fb, dk_acc[nt]);
-        }
-      }
+      warp_gemm_regs<T, kTile / 16, D / 16>(dv_acc, pt_w, Dm::LP, dos, Dm::LD);
+      warp_gemm_regs<T, kTile / 16, D / 16>(dk_acc, dst_w, Dm::LP, qs, Dm::LD);
       __syncthreads();  // all of dS^T is written; S^T / dP^T are no longer read (tile reuses them)
       // dQ rows of this warp = dS K: dS[q][key] is dS^T read column-major
       warp_gemm<T, wmma::col_major, wmma::row_major, kTile / 16, D / 16>(
@@ -327,18 +381,17 @@ __global__ void __launch_bounds__(kThreads) doc_attn_bwd_kernel(Params p) {
   }
   // dK and dV of the warp's 16 keys, through the (now free) tile, out in T.
   __syncthreads();
+  float* ones = lse_s + warp * 16;  // a row scale of 1 (the softmax scale is already in dS)
+  if (lane < 16) ones[lane] = 1.f;
+  float* tile_w = tile + warp * 16 * Dm::LO;
   for (int which = 0; which < 2; ++which) {
     MEGALM_UNROLL
     for (int nt = 0; nt < D / 16; ++nt)
-      wmma::store_matrix_sync(tile + warp * 16 * Dm::LO + nt * 16, which == 0 ? dk_acc[nt] : dv_acc[nt],
-                              Dm::LO, wmma::mem_row_major);
+      wmma::store_matrix_sync(tile_w + nt * 16, which == 0 ? dk_acc[nt] : dv_acc[nt], Dm::LO,
+                              wmma::mem_row_major);
     __syncwarp();
-    T* out = static_cast<T*>(which == 0 ? p.dk : p.dv);
-    for (int i = lane; i < 16 * D; i += 32) {
-      const int rr = i / D, d = i % D, key = k0 + warp * 16 + rr;
-      if (key < p.T)
-        out[((int64_t(b) * p.T + key) * p.Hk + hk) * D + d] = from_float<T>(tile[(warp * 16 + rr) * Dm::LO + d]);
-    }
+    store_rows<T, D>(static_cast<T*>(which == 0 ? p.dk : p.dv), tile_w, Dm::LO, ones, b,
+                     k0 + warp * 16, hk, p.T, p.Hk);
     __syncwarp();
   }
 }

@@ -7,6 +7,14 @@ extern "C" {
 
 const char* megalm_emu_error() { return megalm::emu::failure().c_str(); }
 
+// Dynamic shared memory per block of the forward / backward kernel (16-bit types).
+int megalm_emu_smem_bytes(int D, int backward) {
+  using megalm::dev::bf16;
+  using namespace megalm::attn;
+  if (D == 64) return int(backward ? BwdSmem<bf16, 64>::bytes : FwdSmem<bf16, 64>::bytes);
+  return int(backward ? BwdSmem<bf16, 128>::bytes : FwdSmem<bf16, 128>::bytes);
+}
+
 int megalm_emu_doc_attention_fwd(const void* q, const void* k, const void* v,
                                  const int32_t* doc_start, void* o, float* lse, int* tiles, int B,
                                  int T, int Hq, int Hk, int D) {
