@@ -9,9 +9,6 @@ self-test (megalm.ops.doc_attention.selftest_cases) then checks the real tensor 
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,26 +17,15 @@ from megalm.models.llm import document_mask
 from megalm.ops.doc_attention import (SELFTEST_DOCS, SMEM_BYTES, dense_mask, document_starts, reference,
                                       starts_of_lengths)
 from megalm.ops.selftest import assert_as_good_as_eager
+from tests.ops.emu import build
+from tests.ops.emu import ptr as _p
 
-CSRC = Path(__file__).resolve().parents[2] / "megalm" / "ops" / "csrc"
 TILE = 64
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory) -> ctypes.CDLL:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    assert cxx, "the emulation tests need a C++ compiler (g++) on PATH"
-    lib = tmp_path_factory.mktemp("emu") / "doc_attention_emu.so"
-    subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Werror", f"-I{CSRC}",
-                    str(CSRC / "emu" / "doc_attention_emu.cpp"), "-o", str(lib)], check=True)
-    dll = ctypes.CDLL(str(lib))
-    dll.megalm_emu_error.restype = ctypes.c_char_p
-    return dll
-
-
-def _p(t: torch.Tensor) -> ctypes.c_void_p:
-    assert t.is_contiguous()
-    return ctypes.c_void_p(t.data_ptr())
+    return build("doc_attention_emu", tmp_path_factory.mktemp("emu"))
 
 
 def emu_forward(emu, q, k, v, starts):
@@ -135,7 +121,7 @@ def test_starts_give_the_models_document_mask():
     assert torch.equal(dense_mask(starts), document_mask(doc_ids))
 
 
-@pytest.mark.parametrize("what,message", [(0, "not 32-byte aligned"), (1, "non-uniform __syncthreads")])
+@pytest.mark.parametrize("what,message", [(0, "not 32-byte aligned"), (1, "non-uniform __syncwarp")])
 def test_emulation_reports_what_would_fault_on_a_gpu(emu, what, message):
     assert emu.megalm_emu_selfcheck(what) == 1
     assert message in emu.megalm_emu_error().decode()

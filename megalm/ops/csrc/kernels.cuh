@@ -10,6 +10,14 @@
 #include <initializer_list>
 #include <type_traits>
 
+// kernel<<<grid, block, smem, stream>>>(args) is spelled MEGALM_KERNEL(grid, block, smem,
+// stream, kernel)(args) and `extern __shared__ T name[]` MEGALM_EXTERN_SMEM(T, name), so the CPU
+// emulation (emu/cuda_emu.h, which defines both its own way) runs these very sources in the tests.
+#ifndef MEGALM_KERNEL
+#define MEGALM_KERNEL(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define MEGALM_EXTERN_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 namespace megalm {
 
 constexpr int kWarp = 32;

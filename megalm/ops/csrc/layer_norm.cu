@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                   int64_t C, int64_t rows_per_batch, int64_t affine_stride, bool plus_one,
                   bool smem_acc, int64_t slots) {
   __shared__ float red[kMaxThreads / kWarp];
-  extern __shared__ float acc_smem[];
+  MEGALM_EXTERN_SMEM(float, acc_smem);
   const int64_t G = gridDim.x, g = blockIdx.x, batch = blockIdx.y;
   const W* wb = w != nullptr ? w + batch * affine_stride : nullptr;
   const int64_t part_off = (batch * G + g) * C;
@@ -203,7 +203,7 @@ cudaError_t layer_norm_fwd(const T* x, const W* w, const W* b, T* y, float* mean
   // affine_stride is C or 0, so every batch's params stay 16-byte aligned when C allows.
   dispatch_vec<T>(vec_width<T>(C, {x, w, b, y}), [&](auto n) {
     constexpr int N = decltype(n)::value;
-    ln_fwd_kernel<T, W, N><<<static_cast<unsigned>(R), row_threads(C / N), 0, s>>>(
+    MEGALM_KERNEL(static_cast<unsigned>(R), row_threads(C / N), 0, s, ln_fwd_kernel<T, W, N>)(
         x, w, b, y, mean, rstd, C, rows_per_batch, affine_stride, plus_one, eps);
   });
   return cudaGetLastError();
@@ -229,9 +229,9 @@ cudaError_t layer_norm_bwd(const T* dy, const T* x, const W* w, const float* mea
       if (err != cudaSuccess) return;
     }
     dim3 grid(static_cast<unsigned>(G), static_cast<unsigned>(B));
-    ln_bwd_kernel<T, W, N><<<grid, threads, smem, s>>>(dy, x, w, mean, rstd, dx, dw_part, db_part, C,
-                                                    rows_per_batch, affine_stride, plus_one,
-                                                    smem_acc, slots);
+    MEGALM_KERNEL(grid, threads, smem, s, ln_bwd_kernel<T, W, N>)(
+        dy, x, w, mean, rstd, dx, dw_part, db_part, C, rows_per_batch, affine_stride, plus_one,
+        smem_acc, slots);
   });
   return err != cudaSuccess ? err : cudaGetLastError();
 }

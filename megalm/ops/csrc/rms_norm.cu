@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                         T* __restrict__ dx, float* __restrict__ dw_part, int64_t R, int64_t C,
                         bool smem_acc) {
   __shared__ float red[kMaxThreads / kWarp];
-  extern __shared__ float acc_smem[];
+  MEGALM_EXTERN_SMEM(float, acc_smem);
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
   float* part = dw_part != nullptr ? dw_part + blockIdx.x * C : nullptr;
   // Each thread owns the same columns in every row: no atomics, no barriers on the accumulators,
@@ -169,7 +169,7 @@ int norm_row_threads(int64_t cols, int64_t elem_size) {
 template <typename O>
 cudaError_t column_sum(const float* in, O* out, int64_t B, int64_t G, int64_t C, cudaStream_t s) {
   dim3 grid(static_cast<unsigned>((C + kWarp - 1) / kWarp), static_cast<unsigned>(B));
-  column_sum_kernel<O><<<grid, dim3(kWarp, kSumSlices), 0, s>>>(in, out, G, C);
+  MEGALM_KERNEL(grid, dim3(kWarp, kSumSlices), 0, s, column_sum_kernel<O>)(in, out, G, C);
   return cudaGetLastError();
 }
 
@@ -178,8 +178,8 @@ cudaError_t rms_norm_fwd(const T* x, const W* w, T* y, float* rstd, int64_t R, i
                          float eps, cudaStream_t s) {
   dispatch_vec<T>(vec_width<T>(C, {x, w, y}), [&](auto n) {
     constexpr int N = decltype(n)::value;
-    rms_norm_fwd_kernel<T, W, N><<<static_cast<unsigned>(R), row_threads(C / N), 0, s>>>(x, w, y, rstd,
-                                                                                   C, eps);
+    MEGALM_KERNEL(static_cast<unsigned>(R), row_threads(C / N), 0, s, rms_norm_fwd_kernel<T, W, N>)(
+        x, w, y, rstd, C, eps);
   });
   return cudaGetLastError();
 }
@@ -199,7 +199,7 @@ cudaError_t rms_norm_bwd(const T* dy, const T* x, const W* w, const float* rstd,
                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       if (err != cudaSuccess) return;
     }
-    rms_norm_bwd_kernel<T, W, N><<<static_cast<unsigned>(G), threads, smem, s>>>(
+    MEGALM_KERNEL(static_cast<unsigned>(G), threads, smem, s, rms_norm_bwd_kernel<T, W, N>)(
         dy, x, w, rstd, dx, dw_part, R, C, smem_acc);
   });
   return err != cudaSuccess ? err : cudaGetLastError();

@@ -1,12 +1,13 @@
-// A CPU emulation of the small CUDA subset the attention kernels use, so their exact source runs
-// in the CPU test suite (tests/ops/test_doc_attention_emu.py), where no GPU is.
+// A CPU emulation of the CUDA subset megalm's kernels use, so their exact sources run in the CPU
+// test suite (tests/ops/test_*_emu.py), where no GPU is; emu/include/ stands in for CUDA's headers.
 //
 // Every CUDA thread of a block is a coroutine (ucontext) on ONE OS thread: the schedule is
 // deterministic (warp by warp, see run_warp), so a result never depends on timing, and a missing
-// barrier shows as a wrong result. __shfl_xor_sync exchanges through block memory between two
-// warp barriers, so all lanes must reach it (the kernels' control flow is uniform). WMMA fragments hold the whole 16x16 tile in every lane, so only the tile ops
-// (load, store, mma, fill) may touch them — code reading fragment elements would not port; the
-// real API's alignment rules (32-byte pointers, ldm a multiple of 16 bytes) are checked.
+// barrier shows as a wrong result. Threads that exited no longer count at __syncthreads, as on
+// the GPU. __shfl_xor_sync exchanges through block memory between two warp barriers, so all
+// lanes must reach it. WMMA fragments hold the whole 16x16 tile in every lane, so only the tile
+// ops (load, store, mma, fill) may touch them (code reading fragment elements would not port);
+// the real API's alignment rules (32-byte pointers, ldm a multiple of 16 bytes) are checked.
 #pragma once
 
 #include <ucontext.h>
@@ -94,7 +95,7 @@ inline void trampoline() {
 }
 
 constexpr size_t kMaxSmem = 227 * 1024;  // sm_90's opt-in maximum per block
-constexpr size_t kStack = 512 * 1024;
+constexpr size_t kStack = 128 * 1024;  // x 1024 threads at most: 128 MiB
 
 // Runs warp w's lanes until each waits at a block barrier or is done: lanes meet at warp
 // barriers. Warp-major on purpose: warp 0 runs ahead of the others up to the next __syncthreads,
@@ -158,14 +159,12 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
         for (;;) {
           for (int w = 0; w * 32 < n; ++w)
             if (!run_warp(s, w, block)) return;
-          int waiting = 0, done = 0;
-          for (int st : s.state) (st == kAtBlockBarrier ? waiting : done) += 1;
+          // As on the GPU, threads that have exited no longer count at a block barrier.
+          int waiting = 0;
+          for (int st : s.state) waiting += st == kAtBlockBarrier;
           if (waiting == 0) break;
-          if (done != 0) {
-            fail("a thread finished while others wait at a barrier (non-uniform __syncthreads)");
-            return;
-          }
-          for (int& st : s.state) st = kReady;
+          for (int& st : s.state)
+            if (st == kAtBlockBarrier) st = kReady;
         }
       }
 }
@@ -225,6 +224,81 @@ inline bf16 bf16_from_float(float f) {
 }
 
 }  // namespace megalm::emu
+
+namespace megalm::emu {
+
+// IEEE half as its bits; conversions round to nearest even, like __float2half_rn.
+struct half {
+  uint16_t bits;
+};
+inline float to_float(half h) {
+  const uint32_t sign = uint32_t(h.bits & 0x8000) << 16, e = (h.bits >> 10) & 0x1f, m = h.bits & 0x3ff;
+  if (e == 0) {  // zero or subnormal: m * 2^-24
+    const float f = std::ldexp(float(m), -24);
+    return sign ? -f : f;
+  }
+  const uint32_t u = sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112) << 23) | (m << 13));
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline half half_from_float(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000, a = u & 0x7fffffff;
+  if (a > 0x7f800000) return {uint16_t(sign | 0x7e00)};  // NaN
+  if (a >= 0x477ff000) return {uint16_t(sign | 0x7c00)};  // >= 65520 rounds to inf
+  if (a < 0x38800000) {                                   // below 2^-14: subnormal, m = f * 2^24
+    float af;
+    std::memcpy(&af, &a, 4);
+    return {uint16_t(sign | uint32_t(std::nearbyint(af * 16777216.0f)))};
+  }
+  uint32_t h = (((a >> 23) - 112) << 10) | ((a & 0x7fffff) >> 13);
+  const uint32_t rest = a & 0x1fff;
+  if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h += 1;
+  return {uint16_t(sign | h)};
+}
+
+// Launch through MEGALM_KERNEL(grid, block, smem, stream, kernel)(args...).
+struct Launcher {
+  dim3 grid, block;
+  size_t smem;
+  template <typename F>
+  auto with(F* kernel) const {
+    return [*this, kernel](auto... args) { launch(grid, block, smem, [&] { kernel(args...); }); };
+  }
+};
+
+}  // namespace megalm::emu
+
+// What the kernels use of cuda_runtime.h, cuda_bf16.h and cuda_fp16.h (emu/include/ forwards
+// those names here).
+using __nv_bfloat16 = megalm::emu::bf16;
+using __half = megalm::emu::half;
+inline float __bfloat162float(__nv_bfloat16 x) { return megalm::emu::to_float(x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) { return megalm::emu::bf16_from_float(x); }
+inline float __half2float(__half x) { return megalm::emu::to_float(x); }
+inline __half __float2half_rn(float x) { return megalm::emu::half_from_float(x); }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline cudaError_t cudaGetLastError() { return megalm::emu::failure().empty() ? cudaSuccess : 1; }
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? int(megalm::emu::kMaxSmem) : 132;
+  return cudaSuccess;
+}
+// Static __shared__ arrays: one copy per kernel, which the block's coroutines share (blocks run
+// one after the other).
+#define __shared__ static
+#define MEGALM_EXTERN_SMEM(T, name) T* name = reinterpret_cast<T*>(megalm::emu::dynamic_smem())
+#define MEGALM_KERNEL(grid, block, smem, stream, ...) \
+  ((void)(stream), megalm::emu::Launcher{dim3(grid), dim3(block), size_t(smem)}.with(__VA_ARGS__))
 
 namespace megalm::emu::wmma {
 

@@ -60,9 +60,9 @@ int megalm_emu_selfcheck(int what) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> f;
       wmma::load_matrix_sync(f, reinterpret_cast<const bf16*>(smem + 16), 16);
     });
-  } else {  // a barrier that only one warp reaches
+  } else {  // a warp barrier that half the warp's lanes never reach
     megalm::emu::launch(dim3(1), dim3(64), 0, [] {
-      if (threadIdx.x < 32) __syncthreads();
+      if (threadIdx.x % 32 < 16) __syncwarp();
     });
   }
   return megalm::emu::failure().empty() ? 0 : 1;

@@ -1,0 +1,40 @@
+"""Builds the CPU emulation of megalm's CUDA kernels (megalm/ops/csrc/emu/): the kernels' own
+sources compiled by g++ against csrc/emu/cuda_emu.h, loaded with ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "megalm" / "ops" / "csrc"
+
+
+def build(entry: str, out_dir: Path) -> ctypes.CDLL:
+    """Compile csrc/emu/<entry>.cpp (which includes the kernel sources) into a shared library."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    assert cxx, "the emulation tests need a C++ compiler (g++) on PATH"
+    lib = out_dir / f"{entry}.so"
+    # -Wno-maybe-uninitialized: g++ cannot see that `w != nullptr` guards both the load and the
+    # use of a weight. -fno-strict-aliasing: the kernels' 16-byte vector accesses reinterpret element arrays, which
+    # CUDA allows; the CUDA headers of emu/include/ forward to the emulation.
+    subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized",
+                    "-fno-strict-aliasing", f"-I{CSRC / 'emu' / 'include'}", f"-I{CSRC}",
+                    str(CSRC / "emu" / f"{entry}.cpp"), "-o", str(lib)], check=True)
+    dll = ctypes.CDLL(str(lib))
+    dll.megalm_emu_error.restype = ctypes.c_char_p
+    return dll
+
+
+def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    if t is None:
+        return ctypes.c_void_p(0)
+    assert t.is_contiguous()
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def check(lib: ctypes.CDLL, rc: int) -> None:
+    assert rc == 0, lib.megalm_emu_error().decode()
