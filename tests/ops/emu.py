@@ -13,8 +13,9 @@ import torch
 CSRC = Path(__file__).resolve().parents[2] / "megalm" / "ops" / "csrc"
 
 
-def build(entry: str, out_dir: Path) -> ctypes.CDLL:
-    """Compile csrc/emu/<entry>.cpp (which includes the kernel sources) into a shared library."""
+def build(entry: str, out_dir: Path, kernels: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile csrc/emu/<entry>.cpp and the kernel sources `kernels` (csrc/<name>.cu, each its own
+    translation unit, as in the CUDA build) into one shared library."""
     cxx = shutil.which("g++") or shutil.which("c++")
     assert cxx, "the emulation tests need a C++ compiler (g++) on PATH"
     lib = out_dir / f"{entry}.so"
@@ -23,7 +24,8 @@ def build(entry: str, out_dir: Path) -> ctypes.CDLL:
     # CUDA allows; the CUDA headers of emu/include/ forward to the emulation.
     subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized",
                     "-fno-strict-aliasing", f"-I{CSRC / 'emu' / 'include'}", f"-I{CSRC}",
-                    str(CSRC / "emu" / f"{entry}.cpp"), "-o", str(lib)], check=True)
+                    str(CSRC / "emu" / f"{entry}.cpp"), "-x", "c++", *(str(CSRC / f"{k}.cu") for k in kernels),
+                    "-o", str(lib)], check=True)
     dll = ctypes.CDLL(str(lib))
     dll.megalm_emu_error.restype = ctypes.c_char_p
     return dll

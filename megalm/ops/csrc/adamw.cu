@@ -72,7 +72,7 @@ namespace launch {
 
 template <typename P, typename S>
 cudaError_t adamw(const AdamBatch& batch, AdamHyper h, cudaStream_t s) {
-  adamw_kernel<P, S><<<static_cast<unsigned>(batch.nblocks), kThreads, 0, s>>>(batch, h);
+  MEGALM_KERNEL(static_cast<unsigned>(batch.nblocks), kThreads, 0, s, adamw_kernel<P, S>)(batch, h);
   return cudaGetLastError();
 }
 

@@ -93,8 +93,8 @@ cudaError_t cross_entropy_fwd(const T* logits, const int64_t* labels, T* grad, f
                               int64_t N, int64_t V, int64_t ignore_index, cudaStream_t s) {
   dispatch_vec<T>(vec_width<T>(V, {logits, grad}), [&](auto v) {
     constexpr int W = decltype(v)::value;
-    ce_kernel<T, W><<<static_cast<unsigned>(N), row_threads(V / W), 0, s>>>(logits, labels, grad,
-                                                                           loss, V, ignore_index);
+    MEGALM_KERNEL(static_cast<unsigned>(N), row_threads(V / W), 0, s, ce_kernel<T, W>)(
+        logits, labels, grad, loss, V, ignore_index);
   });
   return cudaGetLastError();
 }

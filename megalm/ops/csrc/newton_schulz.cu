@@ -55,7 +55,8 @@ cudaError_t inverse_frobenius_norm(const T* x, float* buf, float eps, int64_t n,
   dispatch_vec<T>(vec_width<T>(0, {x}), [&](auto v) {
     constexpr int N = decltype(v)::value;
     const int blocks = grid_1d((n + N - 1) / N, kThreads);
-    inverse_norm_kernel<T, N><<<blocks < kMaxBlocks ? blocks : kMaxBlocks, kThreads, 0, s>>>(x, buf, eps, n);
+    MEGALM_KERNEL(blocks < kMaxBlocks ? blocks : kMaxBlocks, kThreads, 0, s, inverse_norm_kernel<T, N>)(
+        x, buf, eps, n);
   });
   return cudaGetLastError();
 }

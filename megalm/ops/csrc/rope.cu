@@ -75,12 +75,12 @@ cudaError_t rope(const T* q, const T* k, T* qo, T* ko, const float* cos, const f
     constexpr int N = decltype(v)::value;
     if (small) {
       using I = uint32_t;
-      rope_kernel<T, N, I><<<grid, kThreads, 0, s>>>(
+      MEGALM_KERNEL(grid, kThreads, 0, s, rope_kernel<T, N, I>)(
           q, k, qo, ko, cos, sin, static_cast<I>(items_q), static_cast<I>(items_k),
           static_cast<I>(hq), static_cast<I>(hk), static_cast<I>(T_), static_cast<I>(half),
           static_cast<I>(bstride), sign);
     } else {
-      rope_kernel<T, N, int64_t><<<grid, kThreads, 0, s>>>(
+      MEGALM_KERNEL(grid, kThreads, 0, s, rope_kernel<T, N, int64_t>)(
           q, k, qo, ko, cos, sin, items_q, items_k, hq, hk, T_, half, bstride, sign);
     }
   });

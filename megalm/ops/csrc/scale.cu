@@ -38,7 +38,8 @@ template <typename In, typename Out>
 cudaError_t scale(const In* x, const float* factor, Out* y, int64_t n, cudaStream_t s) {
   dispatch_vec<Out>(vec_width<Out>(0, {x, y}), [&](auto v) {
     constexpr int N = decltype(v)::value;
-    scale_kernel<In, Out, N><<<grid_1d((n + N - 1) / N, kThreads), kThreads, 0, s>>>(x, factor, y, n);
+    MEGALM_KERNEL(grid_1d((n + N - 1) / N, kThreads), kThreads, 0, s, scale_kernel<In, Out, N>)(
+        x, factor, y, n);
   });
   return cudaGetLastError();
 }

@@ -88,7 +88,7 @@ template <typename T>
 cudaError_t swiglu_fwd(const T* gate, const T* up, T* y, int64_t n, cudaStream_t s) {
   dispatch_vec<T>(width<T>({gate, up, y}), [&](auto v) {
     constexpr int N = decltype(v)::value;
-    swiglu_fwd_kernel<T, N><<<grid_for(n, N), kThreads, 0, s>>>(gate, up, y, n);
+    MEGALM_KERNEL(grid_for(n, N), kThreads, 0, s, swiglu_fwd_kernel<T, N>)(gate, up, y, n);
   });
   return cudaGetLastError();
 }
@@ -98,7 +98,7 @@ cudaError_t swiglu_bwd(const T* dy, const T* gate, const T* up, T* dgate, T* dup
                        cudaStream_t s) {
   dispatch_vec<T>(width<T>({dy, gate, up, dgate, dup}), [&](auto v) {
     constexpr int N = decltype(v)::value;
-    swiglu_bwd_kernel<T, N><<<grid_for(n, N), kThreads, 0, s>>>(dy, gate, up, dgate, dup, n);
+    MEGALM_KERNEL(grid_for(n, N), kThreads, 0, s, swiglu_bwd_kernel<T, N>)(dy, gate, up, dgate, dup, n);
   });
   return cudaGetLastError();
 }
