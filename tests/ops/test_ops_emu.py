@@ -1,7 +1,8 @@
-"""The cross-entropy, SwiGLU, RoPE and scale kernels' own sources run on the CPU through the CUDA
-emulation (csrc/emu/cuda_emu.h; see test_doc_attention_emu.py), against their references with the
-self-test's accuracy rule: vector and scalar paths, ignored and out-of-range labels, a vocab
-wider than a block's pass, grouped RoPE heads with per-sample tables, the inverse rotation."""
+"""The cross-entropy, SwiGLU, RoPE, scale, AdamW and Newton-Schulz-prologue kernels' own sources run
+on the CPU through the CUDA emulation (csrc/emu/cuda_emu.h; see test_doc_attention_emu.py), against
+their references with the self-test's accuracy rule: vector and scalar paths, ignored and
+out-of-range labels, grouped RoPE heads with per-sample tables, the inverse rotation, AdamW over
+several tensors and chunks with and without fp32 masters, the last-block norm over many blocks."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ DTYPES = [torch.bfloat16, torch.float32]
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory) -> ctypes.CDLL:
-    return build("ops_emu", tmp_path_factory.mktemp("emu"), ("cross_entropy", "swiglu", "rope", "scale"))
+    return build("ops_emu", tmp_path_factory.mktemp("emu"),
+                 ("cross_entropy", "swiglu", "rope", "scale", "adamw", "newton_schulz"))
 
 
 def _randn(*shape, seed, scale=1.0):
@@ -112,3 +114,59 @@ def test_scale_to_bf16(emu, x_dtype, n):
     check(emu, emu.megalm_emu_scale_to_bf16(int(x_dtype == torch.float32), ptr(x), ptr(factor), ptr(y), I64(n)))
     # One rounding, of the fp32 product: exactly what torch gives for the same computation.
     assert torch.equal(y, (x.float() * factor).to(torch.bfloat16))
+
+
+def _adam_reference(w, g, m, v, lr, b1, b2, eps, wd, step):
+    """torch.optim.AdamW's update in fp64 (decoupled decay first)."""
+    w, g, m, v = (t.double() for t in (w, g, m, v))
+    w = w * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    return w - lr / bc1 * m / (v.sqrt() / bc2 ** 0.5 + eps), m, v
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16_master", "bf16"])
+def test_adamw_multi_tensor(emu, mode):
+    # Two chunks and a tail, a tensor one element off 16 bytes (scalar path), a tiny one.
+    numels = [2 * 65536 + 37, 1001, 3]
+    dt = torch.float32 if mode == "fp32" else torch.bfloat16
+    sdt = torch.bfloat16 if mode == "bf16" else torch.float32
+    g_ = torch.Generator().manual_seed(9)
+    masters = [torch.randn(n, generator=g_) for n in numels]
+    params = [w.to(dt) for w in masters]
+    params[1] = torch.cat([torch.zeros(1, dtype=dt), params[1]])[1:]  # misaligned view
+    grads = [torch.randn(n, generator=g_).to(dt) for n in numels]
+    ms = [torch.randn(n, generator=g_).mul(0.1).to(sdt) for n in numels]
+    vs = [torch.rand(n, generator=g_).mul(0.01).to(sdt) for n in numels]
+    before = [(w.clone(), g.clone(), m.clone(), v.clone()) for w, g, m, v in
+              zip(masters if mode == "bf16_master" else params, grads, ms, vs)]
+    lr, b1, b2, eps, wd, step = 0.1, 0.9, 0.95, 1e-8, 0.1, 3
+    arr = lambda ts: (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
+    mst = (ctypes.POINTER(ctypes.c_float) * 3)(*[ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
+                                                  for t in masters]) if mode == "bf16_master" else None
+    F = ctypes.c_float
+    check(emu, emu.megalm_emu_adamw(CODE[dt], 3, arr(params), arr(grads), arr(ms), arr(vs), mst,
+                                    (ctypes.c_int64 * 3)(*numels), F(lr), F(b1), F(b2), F(eps), F(wd),
+                                    F(1 - b1 ** step), F((1 - b2 ** step) ** 0.5)))
+    for i, (w0, g0, m0, v0) in enumerate(before):
+        w, m, v = _adam_reference(w0, g0, m0, v0, lr, b1, b2, eps, wd, step)
+        tol = dict(rtol=1e-5, atol=1e-6) if sdt == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(ms[i].double(), m, **tol)
+        torch.testing.assert_close(vs[i].double(), v, **tol)
+        if mode == "bf16_master":
+            torch.testing.assert_close(masters[i].double(), w, rtol=1e-5, atol=1e-6)
+            assert torch.equal(params[i], masters[i].to(torch.bfloat16))  # the param is its master, rounded
+        else:
+            torch.testing.assert_close(params[i].double(), w, **(tol if dt == torch.float32 else
+                                                                 dict(rtol=1e-2, atol=1e-2)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [256 * 8 * 1024 * 2 + 5, 77])
+def test_inverse_frobenius_norm_over_many_blocks(emu, dtype, n):
+    x = _randn(n, seed=10).to(dtype)
+    buf = torch.zeros(2)
+    check(emu, emu.megalm_emu_inverse_frobenius_norm(CODE[dtype], ptr(x), ptr(buf), ctypes.c_float(1e-7), I64(n)))
+    want = 1 / (x.double().pow(2).sum().sqrt() + 1e-7)
+    torch.testing.assert_close(buf[0].double(), want, rtol=1e-5, atol=0)

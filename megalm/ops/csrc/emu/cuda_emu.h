@@ -280,6 +280,7 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) { return megalm::emu::bf16_fro
 inline float __half2float(__half x) { return megalm::emu::to_float(x); }
 inline __half __float2half_rn(float x) { return megalm::emu::half_from_float(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline void __threadfence() {}  // one OS thread: every write is already visible
 inline cudaError_t cudaGetLastError() { return megalm::emu::failure().empty() ? cudaSuccess : 1; }
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 template <typename F>
