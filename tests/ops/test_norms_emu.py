@@ -15,7 +15,7 @@ import torch
 from megalm.ops.layer_norm import layer_norm_reference
 from megalm.ops.rms_norm import rms_norm_reference
 from megalm.ops.selftest import assert_as_good_as_eager
-from tests.ops.emu import build, check, ptr
+from tests.ops.emu import build, check, nan_like, ptr, reversed_order
 
 I64, F32 = ctypes.c_int64, ctypes.c_float
 CODE = {torch.float32: 0, torch.bfloat16: 1}
@@ -34,18 +34,18 @@ def groups(emu, rows: int, cols: int, elem: int) -> int:
 
 def column_sum(emu, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     B, G, C = part.shape
-    out = torch.empty(B, C, dtype=dtype)
+    out = torch.full((B, C), float("nan"), dtype=dtype)
     check(emu, emu.megalm_emu_column_sum(int(dtype == torch.float32), ptr(part), ptr(out), I64(B), I64(G), I64(C)))
     return out
 
 
 def emu_rms(emu, x, w, dy, G):
     R, C = x.shape
-    y, rstd, dx = torch.empty_like(x), torch.empty(R), torch.empty_like(x)
+    y, rstd, dx = nan_like(x), torch.full((R,), float("nan")), nan_like(x)
     w32 = int(w.dtype == torch.float32)
     check(emu, emu.megalm_emu_rms_norm_fwd(CODE[x.dtype], w32, ptr(x), ptr(w), ptr(y), ptr(rstd), I64(R), I64(C),
                                            F32(1e-5)))
-    part = torch.empty(1, G, C)
+    part = torch.full((1, G, C), float("nan"))  # the kernel initialises every partial
     check(emu, emu.megalm_emu_rms_norm_bwd(CODE[x.dtype], w32, ptr(dy), ptr(x), ptr(w), ptr(rstd), ptr(dx),
                                            ptr(part), I64(R), I64(C), I64(G)))
     return y, dx, column_sum(emu, part, w.dtype)[0]
@@ -53,11 +53,12 @@ def emu_rms(emu, x, w, dy, G):
 
 def emu_ln(emu, x, w, b, dy, G):
     R, C = x.shape
-    y, mean, rstd, dx = torch.empty_like(x), torch.empty(R), torch.empty(R), torch.empty_like(x)
+    y, dx = nan_like(x), nan_like(x)
+    mean, rstd = torch.full((R,), float("nan")), torch.full((R,), float("nan"))
     w32 = int(w.dtype == torch.float32)
     check(emu, emu.megalm_emu_layer_norm_fwd(CODE[x.dtype], w32, ptr(x), ptr(w), ptr(b), ptr(y), ptr(mean),
                                              ptr(rstd), I64(R), I64(C), F32(1e-5)))
-    parts = torch.empty(2, G, C)  # weight's and bias's partials in one buffer: one column sum
+    parts = torch.full((2, G, C), float("nan"))  # weight's and bias's partials: one column sum
     check(emu, emu.megalm_emu_layer_norm_bwd(CODE[x.dtype], w32, ptr(dy), ptr(x), ptr(w), ptr(mean), ptr(rstd),
                                              ptr(dx), ptr(parts[0]), ptr(parts[1]), I64(R), I64(C), I64(G)))
     dw, db = column_sum(emu, parts, w.dtype)
@@ -84,14 +85,26 @@ def _reference(fn, inputs, dy):
 
 
 # (rows, cols): GPT-2's width (16-byte vectors, one warp per row), an odd width (scalar path), a
-# wide row (several warps), one past the 4 x 1024-vector register cache with more weight-grad
-# columns than shared memory holds (re-read rows, partials straight to memory).
-SHAPES = [(37, 768), (9, 77), (5, 4096), (2, 4 * 1024 * 8 + 8)]
+# wide row (several warps), one whose weight-grad partials need more than 48 KiB of shared memory
+# (the opt-in), one past the 4 x 1024-vector register cache (re-read rows; LayerNorm's two partial
+# rows no longer fit shared memory), and one where RMSNorm's do not either (partials straight to
+# memory for both).
+SHAPES = [(37, 768), (9, 77), (5, 4096), (3, 16384)]
 MODES = [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)]
+BF16, MIXED, FP32 = MODES
+# The wide rows (a 1024-thread block each, the slow part of the emulation) in two modes each, on
+# the path they are there for: LayerNorm's partials leave shared memory at 32776 columns,
+# RMSNorm's at 57352.
+LN_CASES = [(shape, *mode) for shape in SHAPES for mode in MODES] + [((2, 32776), *BF16), ((2, 32776), *MIXED)]
+RMS_CASES = [(shape, *mode) for shape in SHAPES for mode in MODES] + [((2, 57352), *BF16), ((2, 57352), *FP32)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("dtype,wdtype", MODES, ids=lambda d: str(d).replace("torch.", ""))
+def _ids(case):
+    (r, c), x, w = case
+    return f"{r}x{c}-{str(x)[6:]}-{str(w)[6:]}"
+
+
+@pytest.mark.parametrize("shape,dtype,wdtype", RMS_CASES, ids=[_ids(c) for c in RMS_CASES])
 def test_rms_norm_kernels(emu, shape, dtype, wdtype):
     R, C = shape
     x, w, _, dy = _inputs(R, C, dtype, wdtype, seed=C)
@@ -103,8 +116,7 @@ def test_rms_norm_kernels(emu, shape, dtype, wdtype):
             assert_as_good_as_eager(got, eager.to(got.dtype), oracle, dtype, f"rms {name} G={G}")
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("dtype,wdtype", MODES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape,dtype,wdtype", LN_CASES, ids=[_ids(c) for c in LN_CASES])
 def test_layer_norm_kernels(emu, shape, dtype, wdtype):
     R, C = shape
     x, w, b, dy = _inputs(R, C, dtype, wdtype, seed=C + 1)
@@ -115,3 +127,12 @@ def test_layer_norm_kernels(emu, shape, dtype, wdtype):
         for name, got, eager, oracle in (("y", y, ye, yo), ("dx", dx, ge[0], go[0]), ("dw", dw, ge[1], go[1]),
                                          ("db", db, ge[2], go[2])):
             assert_as_good_as_eager(got, eager.to(got.dtype), oracle, dtype, f"ln {name} G={G}")
+
+
+@pytest.mark.parametrize("shape", [(37, 768), (5, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_norm_kernels_on_the_reversed_schedule(emu, shape):
+    # Lanes and warps in decreasing order: a barrier missing between a lane's write and another's
+    # read shows on one schedule or the other.
+    with reversed_order(emu):
+        test_rms_norm_kernels(emu, shape, torch.bfloat16, torch.bfloat16)
+        test_layer_norm_kernels(emu, shape, torch.bfloat16, torch.float32)

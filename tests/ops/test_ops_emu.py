@@ -15,7 +15,7 @@ from megalm.ops.cross_entropy import ce_rows_reference
 from megalm.ops.rope import apply_rope_reference, rope_cos_sin
 from megalm.ops.selftest import assert_as_good_as_eager
 from megalm.ops.swiglu import swiglu_reference
-from tests.ops.emu import build, check, ptr
+from tests.ops.emu import build, check, nan_like, ptr, reversed_order
 
 I64 = ctypes.c_int64
 CODE = {torch.float32: 0, torch.bfloat16: 1}
@@ -36,18 +36,21 @@ def _rule(got, eager, oracle, dtype, what):
     assert_as_good_as_eager(got, eager.to(got.dtype), oracle, dtype, what)
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["lanes_up", "lanes_down"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,v", [(6, 20000), (5, 1001), (3, 77)])
-def test_cross_entropy_rows(emu, dtype, n, v):
-    x = _randn(n, v, seed=v, scale=4).to(dtype)
+def test_cross_entropy_rows(emu, dtype, n, v, reverse):
+    # Unit-scale logits: every element's share of the softmax matters to the loss.
+    x = _randn(n, v, seed=v).to(dtype)
     labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(1))
     labels[1] = -100  # ignored: loss 0, grad 0
-    loss, grad = torch.empty(n), torch.empty_like(x)
-    check(emu, emu.megalm_emu_cross_entropy_fwd(CODE[dtype], ptr(x), ptr(labels), ptr(grad), ptr(loss), I64(n),
-                                                I64(v), I64(-100)))
+    loss, grad = torch.full((n,), float("nan")), nan_like(x)
+    with reversed_order(emu, reverse):
+        check(emu, emu.megalm_emu_cross_entropy_fwd(CODE[dtype], ptr(x), ptr(labels), ptr(grad), ptr(loss),
+                                                    I64(n), I64(v), I64(-100)))
     want_loss, want_grad = ce_rows_reference(x.double(), labels, -100)
     eager_loss, eager_grad = ce_rows_reference(x, labels, -100)
-    _rule(loss, eager_loss, want_loss, dtype, "ce loss")
+    _rule(loss, eager_loss, want_loss, torch.float32, "ce loss")  # the loss is fp32 in every dtype
     _rule(grad, eager_grad, want_grad, dtype, "ce grad")
     # In place and loss only (the fused LM head's and evaluation's calls).
     inplace, loss2 = x.clone(), torch.empty(n)
@@ -63,7 +66,7 @@ def test_cross_entropy_rows(emu, dtype, n, v):
 def test_cross_entropy_out_of_range_label_is_nan_not_a_fault(emu):
     x = _randn(2, 64, seed=3).float()
     labels = torch.tensor([5, 64 + 9])
-    loss, grad = torch.empty(2), torch.empty_like(x)
+    loss, grad = torch.full((2,), float("nan")), nan_like(x)
     check(emu, emu.megalm_emu_cross_entropy_fwd(0, ptr(x), ptr(labels), ptr(grad), ptr(loss), I64(2), I64(64),
                                                 I64(-100)))
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
@@ -73,7 +76,7 @@ def test_cross_entropy_out_of_range_label_is_nan_not_a_fault(emu):
 @pytest.mark.parametrize("n", [4096 * 3, 1001])
 def test_swiglu(emu, dtype, n):
     gate, up, dy = (_randn(n, seed=s, scale=3).to(dtype) for s in (1, 2, 3))
-    y, dgate, dup = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(gate)
+    y, dgate, dup = nan_like(gate), nan_like(gate), nan_like(gate)
     check(emu, emu.megalm_emu_swiglu_fwd(CODE[dtype], ptr(gate), ptr(up), ptr(y), I64(n)))
     check(emu, emu.megalm_emu_swiglu_bwd(CODE[dtype], ptr(dy), ptr(gate), ptr(up), ptr(dgate), ptr(dup), I64(n)))
     runs = []
@@ -95,7 +98,7 @@ def test_rope_forward_and_inverse(emu, dtype, batched):
     cos, sin = rope_cos_sin(pos, D)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     for inverse in (0, 1):
-        qo, ko = torch.empty_like(q), torch.empty_like(k)
+        qo, ko = nan_like(q), nan_like(k)
         check(emu, emu.megalm_emu_rope(CODE[dtype], ptr(q), ptr(k), ptr(qo), ptr(ko), ptr(cos), ptr(sin), I64(B),
                                        I64(T), I64(hq), I64(hk), I64(D), int(batched), inverse))
         sgn = -1.0 if inverse else 1.0
@@ -110,7 +113,7 @@ def test_rope_forward_and_inverse(emu, dtype, batched):
 def test_scale_to_bf16(emu, x_dtype, n):
     x = _randn(n, seed=6, scale=100).to(x_dtype)
     factor = torch.tensor([1 / 3.0])
-    y = torch.empty(n, dtype=torch.bfloat16)
+    y = torch.full((n,), float("nan"), dtype=torch.bfloat16)
     check(emu, emu.megalm_emu_scale_to_bf16(int(x_dtype == torch.float32), ptr(x), ptr(factor), ptr(y), I64(n)))
     # One rounding, of the fp32 product: exactly what torch gives for the same computation.
     assert torch.equal(y, (x.float() * factor).to(torch.bfloat16))
@@ -126,8 +129,9 @@ def _adam_reference(w, g, m, v, lr, b1, b2, eps, wd, step):
     return w - lr / bc1 * m / (v.sqrt() / bc2 ** 0.5 + eps), m, v
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["lanes_up", "lanes_down"])
 @pytest.mark.parametrize("mode", ["fp32", "bf16_master", "bf16"])
-def test_adamw_multi_tensor(emu, mode):
+def test_adamw_multi_tensor(emu, mode, reverse):
     # Two chunks and a tail, a tensor one element off 16 bytes (scalar path), a tiny one.
     numels = [2 * 65536 + 37, 1001, 3]
     dt = torch.float32 if mode == "fp32" else torch.bfloat16
@@ -146,9 +150,10 @@ def test_adamw_multi_tensor(emu, mode):
     mst = (ctypes.POINTER(ctypes.c_float) * 3)(*[ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
                                                   for t in masters]) if mode == "bf16_master" else None
     F = ctypes.c_float
-    check(emu, emu.megalm_emu_adamw(CODE[dt], 3, arr(params), arr(grads), arr(ms), arr(vs), mst,
-                                    (ctypes.c_int64 * 3)(*numels), F(lr), F(b1), F(b2), F(eps), F(wd),
-                                    F(1 - b1 ** step), F((1 - b2 ** step) ** 0.5)))
+    with reversed_order(emu, reverse):
+        check(emu, emu.megalm_emu_adamw(CODE[dt], 3, arr(params), arr(grads), arr(ms), arr(vs), mst,
+                                        (ctypes.c_int64 * 3)(*numels), F(lr), F(b1), F(b2), F(eps), F(wd),
+                                        F(1 - b1 ** step), F((1 - b2 ** step) ** 0.5)))
     for i, (w0, g0, m0, v0) in enumerate(before):
         w, m, v = _adam_reference(w0, g0, m0, v0, lr, b1, b2, eps, wd, step)
         tol = dict(rtol=1e-5, atol=1e-6) if sdt == torch.float32 else dict(rtol=1e-2, atol=1e-3)

@@ -25,6 +25,7 @@ template <> __device__ __forceinline__ fp16 from_float<fp16>(float x) { return _
 #define MEGALM_DEV __device__ __forceinline__
 #define MEGALM_UNROLL _Pragma("unroll")
 #define MEGALM_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#define MEGALM_ASSERT_ALIGNED16(p)
 // Launch with `smem` bytes of dynamic shared memory (above 48 KiB needs the opt-in attribute).
 #define MEGALM_LAUNCH(kernel, grid, block, smem, stream, ...)                                   \
   do {                                                                                          \
@@ -47,7 +48,10 @@ template <> inline bf16 from_float<bf16>(float x) { return megalm::emu::bf16_fro
 #define MEGALM_DEV inline
 #define MEGALM_UNROLL
 #define MEGALM_DYNAMIC_SMEM(name) unsigned char* name = megalm::emu::dynamic_smem()
-#define MEGALM_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ((void)(stream), megalm::emu::launch(grid, block, smem, [&] { kernel(__VA_ARGS__); }))
+#define MEGALM_LAUNCH(kernel, grid, block, smem, stream, ...)                                  \
+  do {                                                                                         \
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));     \
+    MEGALM_KERNEL(grid, block, smem, stream, kernel)(__VA_ARGS__);                             \
+  } while (0)
 
 #endif

@@ -39,7 +39,11 @@ MEGALM_DEV void load_rows(T* dst, const T* src, int b, int t0, int h, int T_, in
   for (int j = 0; j < kPer; ++j) {
     const int i = threadIdx.x + j * kThreads, r = i / kChunks, c = (i % kChunks) * kVec, t = t0 + r;
     val[j] = make_int4(0, 0, 0, 0);
-    if (t >= 0 && t < T_) val[j] = *reinterpret_cast<const int4*>(src + ((int64_t(b) * T_ + t) * H + h) * D + c);
+    if (t >= 0 && t < T_) {
+      const T* row = src + ((int64_t(b) * T_ + t) * H + h) * D + c;
+      MEGALM_ASSERT_ALIGNED16(row);
+      val[j] = *reinterpret_cast<const int4*>(row);
+    }
   }
   MEGALM_UNROLL
   for (int j = 0; j < kPer; ++j) {
@@ -64,7 +68,9 @@ MEGALM_DEV void store_rows(T* dst, const float* src, int ld, const float* scale,
     for (int e = 0; e < kVec; ++e) v[e] = from_float<T>(src[rr * ld + c + e] * scale[rr]);
     int4 packed;
     memcpy(&packed, v, sizeof(packed));
-    *reinterpret_cast<int4*>(dst + ((int64_t(b) * T_ + t) * H + h) * D + c) = packed;
+    T* row = dst + ((int64_t(b) * T_ + t) * H + h) * D + c;
+    MEGALM_ASSERT_ALIGNED16(row);
+    *reinterpret_cast<int4*>(row) = packed;
   }
 }
 

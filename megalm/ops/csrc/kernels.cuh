@@ -16,6 +16,7 @@
 #ifndef MEGALM_KERNEL
 #define MEGALM_KERNEL(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define MEGALM_EXTERN_SMEM(T, name) extern __shared__ T name[]
+#define MEGALM_ASSERT_ALIGNED16(p)  // the emulation checks what would fault here
 #endif
 
 namespace megalm {
@@ -93,6 +94,7 @@ template <int N, typename T>
 __device__ __forceinline__ void load_f(const T* p, float (&out)[N]) {
   constexpr int E = kVec16<T>;
   if constexpr (N % E == 0) {
+    MEGALM_ASSERT_ALIGNED16(p);
 #pragma unroll
     for (int c = 0; c < N / E; ++c) {
       const Vec<T, E> v = reinterpret_cast<const Vec<T, E>*>(p)[c];
@@ -109,6 +111,7 @@ template <int N, typename T>
 __device__ __forceinline__ void store_f(T* p, const float (&in)[N]) {
   constexpr int E = kVec16<T>;
   if constexpr (N % E == 0) {
+    MEGALM_ASSERT_ALIGNED16(p);
 #pragma unroll
     for (int c = 0; c < N / E; ++c) {
       Vec<T, E> v;

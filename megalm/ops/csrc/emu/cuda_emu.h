@@ -20,6 +20,7 @@
 #include <cstring>
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -33,7 +34,7 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct int4 {
+struct alignas(16) int4 {
   int x, y, z, w;
 };
 inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
@@ -51,6 +52,13 @@ inline std::string& failure() {
 }
 inline void fail(const std::string& msg) {
   if (failure().empty()) failure() = msg;
+}
+
+// Lanes and warps run in increasing order, or (set by the tests for a second pass) decreasing:
+// a missing barrier shows whichever side of it runs first.
+inline bool& reverse_order() {
+  static bool r = false;
+  return r;
 }
 
 struct Block {
@@ -104,7 +112,8 @@ inline bool run_warp(Scheduler& s, int w, const dim3& block) {
   const int lo = w * 32, hi = std::min<int>(lo + 32, int(s.state.size()));
   for (;;) {
     bool ran = false;
-    for (int t = lo; t < hi; ++t) {
+    for (int i = lo; i < hi; ++i) {
+      const int t = reverse_order() ? lo + hi - 1 - i : i;
       if (s.state[t] != kReady) continue;
       s.current = t;
       threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
@@ -133,6 +142,10 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
   }
   Scheduler& s = sched();
   const int n = static_cast<int>(block.x * block.y * block.z);
+  if (n % 32 != 0 || n > 1024 || n == 0) {
+    fail("launch: " + std::to_string(n) + " threads per block (a multiple of 32 up to 1024 here)");
+    return;
+  }
   s.ctx.assign(n, ucontext_t{});
   s.stacks.resize(n);
   for (auto& st : s.stacks) st.resize(kStack);
@@ -144,7 +157,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
-        b.smem.assign(smem_bytes + 128, 0xAB);  // garbage, as on a GPU: reads before writes show
+        b.smem.assign(smem_bytes + 128, 0xFF);  // NaN in fp32, bf16 and fp16: a read before a write shows
         b.exchange.assign(n, 0.f);
         s.block = &b;
         blockIdx = dim3(x, y, z);
@@ -157,8 +170,9 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
           s.state[t] = kReady;
         }
         for (;;) {
-          for (int w = 0; w * 32 < n; ++w)
-            if (!run_warp(s, w, block)) return;
+          const int warps = n / 32;
+          for (int i = 0; i < warps; ++i)
+            if (!run_warp(s, reverse_order() ? warps - 1 - i : i, block)) return;
           // As on the GPU, threads that have exited no longer count at a block barrier.
           int waiting = 0;
           for (int st : s.state) waiting += st == kAtBlockBarrier;
@@ -259,12 +273,26 @@ inline half half_from_float(float f) {
   return {uint16_t(sign | h)};
 }
 
+inline std::map<const void*, int>& smem_opt_in() {  // kernel -> bytes it opted into
+  static std::map<const void*, int> m;
+  return m;
+}
+
+inline void check_aligned16(const void* p, const char* file, int line) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    fail(std::string(file) + ":" + std::to_string(line) + ": 16-byte access to a misaligned address");
+}
+
 // Launch through MEGALM_KERNEL(grid, block, smem, stream, kernel)(args...).
 struct Launcher {
   dim3 grid, block;
   size_t smem;
   template <typename F>
   auto with(F* kernel) const {
+    // Above 48 KiB of dynamic shared memory a GPU launch fails unless the kernel opted in.
+    const auto opted = smem_opt_in().find(reinterpret_cast<const void*>(kernel));
+    if (smem > 48 * 1024 && (opted == smem_opt_in().end() || size_t(opted->second) < smem))
+      fail("launch: " + std::to_string(smem) + " bytes of dynamic shared memory without cudaFuncSetAttribute");
     return [*this, kernel](auto... args) { launch(grid, block, smem, [&] { kernel(args...); }); };
   }
 };
@@ -281,10 +309,15 @@ inline float __half2float(__half x) { return megalm::emu::to_float(x); }
 inline __half __float2half_rn(float x) { return megalm::emu::half_from_float(x); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline void __threadfence() {}  // one OS thread: every write is already visible
+// 16-byte vector accesses fault on a GPU when misaligned: the kernels' helpers check here.
+#define MEGALM_ASSERT_ALIGNED16(p) megalm::emu::check_aligned16(p, __FILE__, __LINE__)
 inline cudaError_t cudaGetLastError() { return megalm::emu::failure().empty() ? cudaSuccess : 1; }
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 template <typename F>
-inline cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
+inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute, int bytes) {
+  megalm::emu::smem_opt_in()[reinterpret_cast<const void*>(kernel)] = bytes;
+  return cudaSuccess;
+}
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
 inline cudaError_t cudaGetDevice(int* d) {
   *d = 0;
@@ -359,11 +392,13 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ldm, layout_t layout) {
   check(p, ldm, sizeof(float), "store accumulator");
-  // Every lane holds the same tile: the last lane to run writes it, so a lane that reads it back
-  // without a __syncwarp first sees stale data.
-  if (threadIdx.x % 32 != 31) return;
+  // Every lane holds the whole tile and writes its share of it (element e by lane e % 32), so a
+  // lane that reads the tile back before a __syncwarp sees stale data where later lanes write.
+  const unsigned lane = threadIdx.x % 32;
   for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 16; ++n) (layout == mem_row_major ? p[m * ldm + n] : p[n * ldm + m]) = f.v[m][n];
+    for (int n = 0; n < 16; ++n)
+      if (unsigned(m * 16 + n) % 32 == lane)
+        (layout == mem_row_major ? p[m * ldm + n] : p[n * ldm + m]) = f.v[m][n];
 }
 inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float x) {
   for (auto& row : f.v)

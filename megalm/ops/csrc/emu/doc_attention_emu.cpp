@@ -2,10 +2,10 @@
 // over raw bf16 buffers for tests/ops/test_doc_attention_emu.py (ctypes). Not part of the CUDA
 // build (megalm.ops.build compiles csrc/ only).
 #include "../doc_attention.cuh"
+#include "entry.h"
 
 extern "C" {
 
-const char* megalm_emu_error() { return megalm::emu::failure().c_str(); }
 
 // Dynamic shared memory per block of the forward / backward kernel (16-bit types).
 int megalm_emu_smem_bytes(int D, int backward) {

@@ -2,6 +2,7 @@
 // built for the CPU emulation: C entry points over raw buffers for tests/ops/test_norms_emu.py.
 // dtype codes: 0 float32, 1 bfloat16 (x and y); the affine params are fp32 or x's own type.
 #include "../layer_norm.cu"
+#include "entry.h"
 #include "../rms_norm.cu"
 
 namespace {
@@ -23,7 +24,6 @@ int by_dtype(int x_dtype, int w_fp32, F&& f) {
 
 extern "C" {
 
-const char* megalm_emu_error() { return failure().c_str(); }
 
 int megalm_emu_rms_norm_fwd(int dt, int w32, const void* x, const void* w, void* y, float* rstd,
                             int64_t R, int64_t C, float eps) {

@@ -3,6 +3,7 @@
 // this one: C entry points over raw buffers for tests/ops/test_ops_emu.py. dtype codes: 0 float32,
 // 1 bfloat16.
 #include "../launch.h"
+#include "entry.h"
 
 namespace {
 
@@ -20,7 +21,6 @@ int by_dtype(int dtype, F&& f) {
 
 extern "C" {
 
-const char* megalm_emu_error() { return failure().c_str(); }
 
 int megalm_emu_cross_entropy_fwd(int dt, const void* logits, const int64_t* labels, void* grad,
                                  float* loss, int64_t N, int64_t V, int64_t ignore_index) {
